@@ -1,0 +1,139 @@
+"""The one seam between the orchestrator and a provider.
+
+The pipeline, debate, data and evaluation code only ever talk to a `Backend`. Everything a provider needs to
+know (how to batch, how to retry, where adapters live, what a model id looks like) stays behind it, so a new
+provider is a new module here and nothing else changes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Literal, Protocol, runtime_checkable
+
+from pydantic import BaseModel, ConfigDict, Field
+
+Role = Literal["system", "user", "assistant"]
+JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
+TERMINAL_STATUSES: frozenset[str] = frozenset({"succeeded", "failed", "cancelled"})
+
+# The model id a backend uses for "the untouched base model". Finetuned agents get the id the provider returns
+# (an adapter directory for local, `ft:...` for OpenAI).
+BASE_MODEL_ID = "base"
+
+
+class ChatMessage(BaseModel):
+    """One chat turn; `weight` follows OpenAI's finetuning format (0 = do not learn this assistant turn)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    role: Role
+    content: str
+    weight: int | None = None
+
+
+class ChatRequest(BaseModel):
+    """One independent conversation to continue. `key` is ours: unique per request, stable across resumes."""
+
+    model_config = ConfigDict(frozen=True)
+
+    key: str
+    model: str = BASE_MODEL_ID
+    messages: tuple[ChatMessage, ...]
+    max_tokens: int = 256
+    temperature: float = 0.7
+    top_p: float = 0.9
+    seed: int | None = None
+
+
+class Usage(BaseModel):
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached_tokens: int = 0
+
+
+class ChatResult(BaseModel):
+    key: str
+    text: str
+    finish_reason: str = "stop"
+    usage: Usage = Field(default_factory=Usage)
+
+
+class TrainingParams(BaseModel):
+    """Hyper-parameters of one finetune. Hosted backends map what they support and ignore LoRA-only fields."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    epochs: int = Field(2, ge=1, le=100)
+    batch_size: int = Field(8, ge=1, le=1024)
+    learning_rate: float = Field(2e-4, gt=0, le=1.0)
+    lora_rank: int = Field(8, ge=1, le=1024)
+    lora_alpha: int = Field(16, ge=1, le=4096)
+    lora_dropout: float = Field(0.05, ge=0.0, lt=1.0)
+    max_length: int = Field(512, ge=16, le=131072)
+    target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
+
+
+class FinetuneSpec(BaseModel):
+    """What to train. `key` makes the job idempotent: starting the same key twice must not train twice."""
+
+    key: str
+    base_model: str  # the model id to start from: BASE_MODEL_ID or an earlier finetuned id (strategy `continue`)
+    training_file: Path
+    suffix: str
+    params: TrainingParams = Field(default_factory=TrainingParams)
+    seed: int = 0
+
+
+class JobEvent(BaseModel):
+    created_at: float
+    level: str = "info"
+    message: str
+
+
+class JobRef(BaseModel):
+    key: str
+    provider_job_id: str
+
+
+class JobState(BaseModel):
+    status: JobStatus
+    model_id: str | None = None  # set only when status == "succeeded"
+    trained_tokens: int | None = None
+    train_loss: float | None = None
+    error: str | None = None
+    events: list[JobEvent] = Field(default_factory=list)
+
+
+class BackendInfo(BaseModel):
+    name: str
+    base_model: str
+    device: str | None = None
+    supports_finetuning: bool = True
+    supports_batch: bool = False
+    pricing_source: str | None = None
+
+
+ResultCallback = Callable[[ChatResult], None]
+
+
+@runtime_checkable
+class Backend(Protocol):
+    """What every provider implements. Calls are synchronous; a backend may be concurrent inside."""
+
+    name: str
+
+    def describe(self) -> BackendInfo: ...
+
+    def chat(self, requests: Sequence[ChatRequest], on_result: ResultCallback | None = None) -> list[ChatResult]:
+        """Answer every request, in the order given. `on_result` is called as each one finishes, so the caller
+        can store it at once and a crash loses at most what was in flight."""
+        ...
+
+    def start_finetune(self, spec: FinetuneSpec) -> JobRef: ...
+
+    def poll(self, job: JobRef) -> JobState: ...
+
+    def cancel(self, job: JobRef) -> None: ...
+
+    def close(self) -> None: ...

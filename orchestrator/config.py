@@ -1,0 +1,126 @@
+"""Run configuration: one pydantic model, filled from a TOML file and CLI flags, validated before any work.
+
+Only what changes the *result* of a run lives here; where things are written (`--db`, the work folder) and the
+run's name are invocation settings. The run identity hash leaves out `iterations`, so the same command with a
+larger `--iterations` extends a finished run instead of starting a new one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from backends.base import TrainingParams
+from orchestrator.errors import UserError
+
+DEFAULT_MODEL = "SmolLM2-135M-Instruct"
+
+
+class GenerationConfig(BaseModel):
+    """Sampling for every agent and the summarizer (the paper's code: temperature 1, top_p 0.9)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    temperature: float = Field(0.7, ge=0.0, le=2.0)
+    top_p: float = Field(0.9, gt=0.0, le=1.0)
+    max_tokens: int = Field(96, ge=1, le=32768)
+    summary_max_tokens: int = Field(128, ge=1, le=32768)
+
+
+class LocalConfig(BaseModel):
+    """Settings only the local backend reads."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    batch_size: int = Field(48, ge=1, le=4096)
+
+
+def _default_training() -> TrainingParams:
+    # Small sets of short answers: a few more epochs and a higher rate than the paper's 7B settings.
+    return TrainingParams(epochs=3, batch_size=8, learning_rate=3e-4, max_length=512)
+
+
+class RunConfig(BaseModel):
+    """Everything that decides what a run computes. Defaults are the small CPU job of `orchestrator run`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    backend: Literal["local"] = "local"
+    model: str = DEFAULT_MODEL
+    task: str = "arithmetic:easy"
+    agents: int = Field(3, ge=1, le=64)
+    rounds: int = Field(2, ge=1, le=16)
+    iterations: int = Field(1, ge=1, le=100)
+    train_size: int = Field(24, ge=1)
+    eval_size: int = Field(24, ge=1)
+    seed: int = 0
+    strategy: Literal["continue", "restart"] = "continue"
+    summarize: bool = True
+    critic_mix: float = Field(0.5, ge=0.0, le=1.0, description="w: share of corrected examples in critic data")
+    critic_train_all_turns: bool = False
+    generation: GenerationConfig = Field(default_factory=GenerationConfig)
+    training: TrainingParams = Field(default_factory=_default_training)
+    local: LocalConfig = Field(default_factory=LocalConfig)
+
+    @model_validator(mode="after")
+    def _debate_needs_peers(self) -> RunConfig:
+        if self.rounds > 1 and self.agents < 2:
+            raise ValueError("a debate with rounds > 1 needs at least 2 agents (set agents >= 2 or rounds = 1)")
+        return self
+
+    def identity(self) -> str:
+        """A short hash of what decides the results, minus `iterations` (a run may be extended)."""
+        data = self.model_dump(mode="json", exclude={"iterations"})
+        return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:8]
+
+    def default_name(self) -> str:
+        slug = "".join(c if c.isalnum() else "-" for c in Path(self.task).name.lower()).strip("-")
+        return f"{slug}-{self.backend}-{self.identity()}"
+
+
+def _describe_error(err: ValidationError, source: str) -> str:
+    first = err.errors()[0]
+    where = ".".join(str(p) for p in first["loc"]) or "config"
+    if first["type"] == "extra_forbidden":
+        return f"config key '{where}' does not exist ({source}): see `orchestrator run --help` for the valid keys"
+    value = first.get("input")
+    shown = "" if isinstance(value, dict) else f" (got {value!r})"
+    return f"invalid config value for '{where}': {first['msg']}{shown} ({source}): fix it and run again"
+
+
+def read_toml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise UserError(f"config file {path} does not exist: check the path given to --config")
+    try:
+        return tomllib.loads(path.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as exc:
+        raise UserError(f"config file {path} is not valid TOML: {exc}; fix that line") from None
+
+
+def _merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def build_config(file_values: dict[str, Any], flag_values: dict[str, Any], source: str) -> RunConfig:
+    """File values, then flags on top (flags given as None are not set)."""
+    flags = {k: v for k, v in flag_values.items() if v is not None}
+    try:
+        return RunConfig.model_validate(_merge(file_values, flags))
+    except ValidationError as exc:
+        raise UserError(_describe_error(exc, source)) from None
+
+
+def config_from_json(text: str) -> RunConfig:
+    return RunConfig.model_validate_json(text)

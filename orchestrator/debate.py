@@ -1,0 +1,246 @@
+"""Multiagent debate over many problems at once, one round at a time, resumable response by response.
+
+Round 1: each generator answers the task prompt. Round m > 1: for agent n, the *other* agents' answers of round
+m − 1 (never the current round: a bug of the research code) are summarized by the base model (or concatenated),
+and critic n answers in its own conversation. All requests of a round go to the backend together, so a local
+backend can batch every agent through one forward pass and a hosted one can run them concurrently.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+from collections.abc import Sequence
+
+from pydantic import BaseModel
+from rich.progress import Progress
+
+import prompts
+from backends.base import BASE_MODEL_ID, Backend, ChatMessage, ChatRequest, ChatResult
+from orchestrator.config import GenerationConfig
+from orchestrator.store import DebateRow, ResponseRow, Store
+from orchestrator.tasks import Problem, Task
+from orchestrator.voting import Vote, majority_vote
+
+
+class Society(BaseModel):
+    """The model id of each agent's generator and critic."""
+
+    generators: list[str]
+    critics: list[str]
+
+    @classmethod
+    def base(cls, agents: int) -> Society:
+        return cls(generators=[BASE_MODEL_ID] * agents, critics=[BASE_MODEL_ID] * agents)
+
+
+class DebateSettings(BaseModel):
+    rounds: int
+    summarize: bool
+    generation: GenerationConfig
+    seed: int
+
+
+class AgentTranscript(BaseModel):
+    """Agent n's whole conversation on one problem: user and assistant turns alternate, one pair per round."""
+
+    messages: list[ChatMessage]
+    answers: list[str | None]  # the parsed answer of each round
+
+
+class DebateOutcome(BaseModel):
+    problem: Problem
+    agents: list[AgentTranscript]
+    vote: Vote
+
+
+class _Pending(BaseModel):
+    request: ChatRequest
+    problem_id: str
+    round: int
+    agent: int
+    kind: str  # answer | summary
+
+
+def request_seed(seed: int, key: str) -> int:
+    """A per-request seed that does not depend on the run's name, so equal configs sample equally."""
+    return int.from_bytes(hashlib.sha256(f"{seed}:{key}".encode()).digest()[:4], "big") & 0x7FFFFFFF
+
+
+class DebateRunner:
+    """Runs one named debate (e.g. "train-1", "eval-0") and stores every response the moment it arrives."""
+
+    def __init__(
+        self,
+        *,
+        run_id: str,
+        name: str,
+        task: Task,
+        backend: Backend,
+        store: Store,
+        settings: DebateSettings,
+        progress: Progress | None = None,
+    ) -> None:
+        self.run_id = run_id
+        self.name = name
+        self.task = task
+        self.backend = backend
+        self.store = store
+        self.settings = settings
+        self.progress = progress
+
+    # public ----------------------------------------------------------------------------------------------
+
+    def run(self, problems: Sequence[Problem], society: Society) -> list[DebateOutcome]:
+        n_agents = len(society.generators)
+        stored = self.store.get_responses(self.run_id, self.name)
+        transcripts = {(p.id, n): AgentTranscript(messages=[], answers=[]) for p in problems for n in range(n_agents)}
+        for rnd in range(1, self.settings.rounds + 1):
+            if rnd == 1:
+                pending = [self._round1(p, n, society) for p in problems for n in range(n_agents)]
+            else:
+                summaries: dict[tuple[str, int], str] = {}
+                if self.settings.summarize:
+                    asks = [self._summary(p, n, rnd, transcripts, n_agents) for p in problems for n in range(n_agents)]
+                    done = self._execute(asks, stored, f"round {rnd} summaries")
+                    summaries = {(a.problem_id, a.agent): done[a.request.key].text for a in asks}
+                pending = [
+                    self._critic(p, n, rnd, transcripts, summaries, society) for p in problems for n in range(n_agents)
+                ]
+            done = self._execute(pending, stored, f"round {rnd} answers")
+            for item in pending:
+                row = done[item.request.key]
+                transcript = transcripts[(item.problem_id, item.agent)]
+                transcript.messages = [*item.request.messages, ChatMessage(role="assistant", content=row.text)]
+                transcript.answers.append(row.answer)
+        return self._vote(problems, transcripts, n_agents)
+
+    # requests --------------------------------------------------------------------------------------------
+
+    def _key(self, problem_id: str, rnd: int, agent: int, kind: str) -> str:
+        return f"{self.name}/{problem_id}/r{rnd}/a{agent}/{kind}"
+
+    def _request(self, local_key: str, model: str, messages: list[ChatMessage], max_tokens: int) -> ChatRequest:
+        gen = self.settings.generation
+        return ChatRequest(
+            key=f"{self.run_id}/{local_key}",
+            model=model,
+            messages=tuple(messages),
+            max_tokens=max_tokens,
+            temperature=gen.temperature,
+            top_p=gen.top_p,
+            seed=request_seed(self.settings.seed, local_key),
+        )
+
+    def _round1(self, problem: Problem, agent: int, society: Society) -> _Pending:
+        text = prompts.render(f"{self.task.family}/round1.txt", question=problem.question)
+        key = self._key(problem.id, 1, agent, "answer")
+        request = self._request(
+            key, society.generators[agent], [ChatMessage(role="user", content=text)],
+            self.settings.generation.max_tokens,
+        )
+        return _Pending(request=request, problem_id=problem.id, round=1, agent=agent, kind="answer")
+
+    def _others(self, problem: Problem, agent: int, transcripts: dict[tuple[str, int], AgentTranscript],
+                n_agents: int) -> str:
+        """The other agents' answers of the previous round, as one block of the response-item template."""
+        return "".join(
+            prompts.render("response_item.txt", response=transcripts[(problem.id, k)].messages[-1].content)
+            for k in range(n_agents)
+            if k != agent
+        )
+
+    def _summary(self, problem: Problem, agent: int, rnd: int, transcripts: dict[tuple[str, int], AgentTranscript],
+                 n_agents: int) -> _Pending:
+        text = prompts.render("summarize.txt", responses=self._others(problem, agent, transcripts, n_agents))
+        key = self._key(problem.id, rnd, agent, "summary")
+        request = self._request(
+            key, BASE_MODEL_ID, [ChatMessage(role="user", content=text)], self.settings.generation.summary_max_tokens
+        )
+        return _Pending(request=request, problem_id=problem.id, round=rnd, agent=agent, kind="summary")
+
+    def _critic(self, problem: Problem, agent: int, rnd: int, transcripts: dict[tuple[str, int], AgentTranscript],
+                summaries: dict[tuple[str, int], str], society: Society) -> _Pending:
+        family = self.task.family
+        if self.settings.summarize:
+            text = prompts.render(
+                f"{family}/critic_summary.txt", summary=summaries[(problem.id, agent)], question=problem.question
+            )
+        else:
+            text = prompts.render(
+                f"{family}/critic_concat.txt",
+                responses=self._others(problem, agent, transcripts, len(society.generators)),
+                question=problem.question,
+            )
+        history = transcripts[(problem.id, agent)].messages
+        key = self._key(problem.id, rnd, agent, "answer")
+        request = self._request(
+            key, society.critics[agent], [*history, ChatMessage(role="user", content=text)],
+            self.settings.generation.max_tokens,
+        )
+        return _Pending(request=request, problem_id=problem.id, round=rnd, agent=agent, kind="answer")
+
+    # execution -------------------------------------------------------------------------------------------
+
+    def _execute(self, pending: list[_Pending], stored: dict[str, ResponseRow], what: str) -> dict[str, ResponseRow]:
+        """Ask the backend for what is not stored yet; store each answer as it arrives."""
+        by_key = {p.request.key: p for p in pending}
+        missing = [p.request for p in pending if p.request.key not in stored]
+        if missing:
+            task_id = (
+                self.progress.add_task(f"{self.name} · {what}", total=len(missing)) if self.progress else None
+            )
+
+            def keep(result: ChatResult) -> None:
+                item = by_key[result.key]
+                row = ResponseRow(
+                    key=result.key,
+                    run_id=self.run_id,
+                    debate=self.name,
+                    problem_id=item.problem_id,
+                    round=item.round,
+                    agent=item.agent,
+                    kind=item.kind,
+                    model_id=item.request.model,
+                    messages=json.dumps([m.model_dump(exclude_none=True) for m in item.request.messages]),
+                    text=result.text,
+                    answer=self.task.extract_answer(result.text) if item.kind == "answer" else None,
+                    finish_reason=result.finish_reason,
+                    prompt_tokens=result.usage.prompt_tokens,
+                    completion_tokens=result.usage.completion_tokens,
+                    cached_tokens=result.usage.cached_tokens,
+                )
+                self.store.save_response(row)
+                stored[row.key] = row
+                if self.progress is not None and task_id is not None:
+                    self.progress.advance(task_id)
+
+            self.backend.chat(missing, on_result=keep)
+        return {key: stored[key] for key in by_key}
+
+    # voting ----------------------------------------------------------------------------------------------
+
+    def _vote(self, problems: Sequence[Problem], transcripts: dict[tuple[str, int], AgentTranscript],
+              n_agents: int) -> list[DebateOutcome]:
+        outcomes: list[DebateOutcome] = []
+        rows: list[DebateRow] = []
+        for problem in problems:
+            agents = [transcripts[(problem.id, n)] for n in range(n_agents)]
+            finals = [a.answers[-1] for a in agents]
+            rng = random.Random(f"{self.settings.seed}:{self.name}:{problem.id}")
+            vote = majority_vote(finals, self.task.equivalent, rng)
+            outcomes.append(DebateOutcome(problem=problem, agents=agents, vote=vote))
+            rows.append(
+                DebateRow(
+                    run_id=self.run_id,
+                    debate=self.name,
+                    problem_id=problem.id,
+                    final_answer=vote.final,
+                    correct=int(self.task.is_correct(vote.final, problem)),
+                    votes=json.dumps(finals),
+                    consensus=vote.consensus,
+                )
+            )
+        self.store.save_debates(rows)
+        return outcomes

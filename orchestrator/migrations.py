@@ -1,0 +1,178 @@
+"""Named schema migrations, applied once each and recorded in `_migrations` (the pattern of simonw/llm).
+
+Never edit a migration that has shipped: add a new one. A database that records a migration this code does not
+know was written by a newer version, and is refused rather than silently misread.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import sqlite_utils
+
+from orchestrator.errors import UserError
+
+Migration = Callable[[sqlite_utils.Database], None]
+
+
+def m001_initial(db: sqlite_utils.Database) -> None:
+    db["runs"].create(
+        {
+            "id": str,
+            "config": str,
+            "status": str,
+            "backend": str,
+            "model": str,
+            "task": str,
+            "iterations_done": int,
+            "created_at": float,
+            "updated_at": float,
+            "error": str,
+        },
+        pk="id",
+    )
+    db["problems"].create(
+        {"run_id": str, "split": str, "position": int, "problem_id": str, "question": str, "answer": str},
+        pk=("run_id", "split", "problem_id"),
+        foreign_keys=[("run_id", "runs", "id")],
+    )
+    db["agents"].create(
+        {
+            "run_id": str,
+            "iteration": int,
+            "agent": int,
+            "role": str,
+            "model_id": str,
+            "parent_model_id": str,
+            "job_key": str,
+            "created_at": float,
+        },
+        pk=("run_id", "iteration", "agent", "role"),
+        foreign_keys=[("run_id", "runs", "id")],
+    )
+    db["responses"].create(
+        {
+            "key": str,
+            "run_id": str,
+            "debate": str,
+            "problem_id": str,
+            "round": int,
+            "agent": int,
+            "kind": str,
+            "model_id": str,
+            "messages": str,
+            "text": str,
+            "answer": str,
+            "finish_reason": str,
+            "prompt_tokens": int,
+            "completion_tokens": int,
+            "cached_tokens": int,
+            "created_at": float,
+        },
+        pk="key",
+        foreign_keys=[("run_id", "runs", "id")],
+    )
+    db["responses"].create_index(["run_id", "debate"])
+    db["debates"].create(
+        {
+            "run_id": str,
+            "debate": str,
+            "problem_id": str,
+            "final_answer": str,
+            "correct": int,
+            "votes": str,
+            "consensus": float,
+            "created_at": float,
+        },
+        pk=("run_id", "debate", "problem_id"),
+        foreign_keys=[("run_id", "runs", "id")],
+    )
+    db["datasets"].create(
+        {
+            "run_id": str,
+            "iteration": int,
+            "agent": int,
+            "role": str,
+            "path": str,
+            "sha256": str,
+            "n_examples": int,
+            "n_generation": int,
+            "n_critic_neg": int,
+            "n_critic_pos": int,
+            "n_critic_neg_available": int,
+            "n_critic_pos_available": int,
+            "problem_ids": str,
+            "created_at": float,
+        },
+        pk=("run_id", "iteration", "agent", "role"),
+        foreign_keys=[("run_id", "runs", "id")],
+    )
+    db["jobs"].create(
+        {
+            "key": str,
+            "run_id": str,
+            "iteration": int,
+            "agent": int,
+            "role": str,
+            "backend": str,
+            "provider_job_id": str,
+            "base_model_id": str,
+            "dataset_sha256": str,
+            "status": str,
+            "model_id": str,
+            "train_loss": float,
+            "trained_tokens": int,
+            "error": str,
+            "created_at": float,
+            "updated_at": float,
+            "finished_at": float,
+        },
+        pk="key",
+        foreign_keys=[("run_id", "runs", "id")],
+    )
+    db["jobs"].create_index(["run_id", "iteration"])
+    db["job_events"].create(
+        {"job_key": str, "created_at": float, "level": str, "message": str},
+        pk=("job_key", "created_at", "message"),
+        foreign_keys=[("job_key", "jobs", "key")],
+    )
+    db["evaluations"].create(
+        {
+            "run_id": str,
+            "iteration": int,
+            "method": str,
+            "n": int,
+            "correct": int,
+            "accuracy": float,
+            "stderr": float,
+            "unparseable": int,
+            "created_at": float,
+        },
+        pk=("run_id", "iteration", "method"),
+        foreign_keys=[("run_id", "runs", "id")],
+    )
+
+
+MIGRATIONS: list[Migration] = [m001_initial]
+
+
+def migrate(db: sqlite_utils.Database) -> None:
+    """Apply every migration not yet recorded, each in its own transaction."""
+    if not db["_migrations"].exists():
+        db["_migrations"].create({"name": str, "applied_at": float}, pk="name")
+    applied = {row["name"] for row in db["_migrations"].rows}
+    known = {m.__name__ for m in MIGRATIONS}
+    unknown = sorted(applied - known)
+    if unknown:
+        raise UserError(
+            f"database {db.conn.execute('PRAGMA database_list').fetchone()[2]} was written by a newer "
+            f"maft-orchestrator (migration {unknown[-1]}): upgrade with `pip install -U maft-orchestrator` "
+            "or use another --db"
+        )
+    for migration in MIGRATIONS:
+        if migration.__name__ in applied:
+            continue
+        with db.atomic():
+            migration(db)
+            db["_migrations"].insert({"name": migration.__name__, "applied_at": time.time()})

@@ -1,0 +1,143 @@
+"""What `status` and `report` show: plain dicts for `--json`, rich tables for people. Read-only on the store."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from rich.table import Table
+
+from orchestrator.config import RunConfig
+from orchestrator.store import RunRow, Store
+
+METHOD_LABELS = {"single": "single agent", "majority": "majority vote", "debate": "debate"}
+
+
+def society_label(iteration: int) -> str:
+    return "base" if iteration == 0 else f"multiagent FT, iteration {iteration}"
+
+
+def expected_responses(config: RunConfig) -> int:
+    """How many responses a finished run stores: answers plus (in summary mode) one summary per critic turn."""
+    per_problem = config.agents * config.rounds
+    if config.summarize:
+        per_problem += config.agents * (config.rounds - 1)
+    evals = (config.iterations + 1) * config.eval_size
+    trains = config.iterations * config.train_size
+    return per_problem * (evals + trains)
+
+
+def _when(ts: float | None) -> str | None:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts)) if ts else None
+
+
+# data ------------------------------------------------------------------------------------------------------
+
+
+def runs_data(store: Store) -> list[dict[str, Any]]:
+    out = []
+    for run in store.list_runs():
+        config = RunConfig.model_validate_json(run.config)
+        out.append({
+            "id": run.id, "status": run.status, "backend": run.backend, "model": run.model, "task": run.task,
+            "iterations_done": run.iterations_done, "iterations": config.iterations,
+            "created_at": _when(run.created_at), "updated_at": _when(run.updated_at),
+        })
+    return out
+
+
+def status_data(store: Store, run: RunRow) -> dict[str, Any]:
+    config = RunConfig.model_validate_json(run.config)
+    jobs = store.get_jobs(run.id)
+    return {
+        "run": {
+            "id": run.id, "status": run.status, "error": run.error, "iterations_done": run.iterations_done,
+            "created_at": _when(run.created_at), "updated_at": _when(run.updated_at),
+        },
+        "config": config.model_dump(mode="json"),
+        "progress": {"responses_stored": store.count_responses(run.id), "responses_expected": expected_responses(config)},
+        "agents": [a.model_dump(exclude={"run_id", "created_at"}) for a in store.get_agents(run.id)],
+        "jobs": [
+            {
+                **j.model_dump(exclude={"run_id", "created_at", "updated_at", "finished_at"}),
+                "elapsed_s": round((j.finished_at or j.updated_at) - j.created_at, 1),
+                "last_event": (events[-1].message if (events := store.get_job_events(j.key)) else None),
+            }
+            for j in jobs
+        ],
+    }
+
+
+def report_data(store: Store, run: RunRow) -> dict[str, Any]:
+    config = RunConfig.model_validate_json(run.config)
+    return {
+        "run": {"id": run.id, "status": run.status, "iterations_done": run.iterations_done},
+        "config": config.model_dump(mode="json"),
+        "evaluations": [e.model_dump(exclude={"run_id", "created_at"}) for e in store.get_evaluations(run.id)],
+        "datasets": [
+            d.model_dump(exclude={"run_id", "created_at", "problem_ids"}) for d in store.get_datasets(run.id)
+        ],
+    }
+
+
+# tables ----------------------------------------------------------------------------------------------------
+
+
+def runs_table(rows: list[dict[str, Any]]) -> Table:
+    table = Table(title="runs")
+    for col in ("run", "status", "task", "backend", "model", "iterations", "updated"):
+        table.add_column(col)
+    for r in rows:
+        table.add_row(r["id"], r["status"], r["task"], r["backend"], r["model"],
+                      f"{r['iterations_done']}/{r['iterations']}", r["updated_at"] or "")
+    return table
+
+
+def accuracy_table(evaluations: list[dict[str, Any]], title: str) -> Table:
+    table = Table(title=title)
+    table.add_column("society")
+    table.add_column("method")
+    table.add_column("accuracy", justify="right")
+    table.add_column("n", justify="right")
+    table.add_column("no answer", justify="right")
+    for e in evaluations:
+        table.add_row(society_label(e["iteration"]), METHOD_LABELS.get(e["method"], e["method"]),
+                      f"{100 * e['accuracy']:.1f} ± {100 * e['stderr']:.1f} %", str(e["n"]), str(e["unparseable"]))
+    return table
+
+
+def datasets_table(datasets: list[dict[str, Any]]) -> Table:
+    table = Table(title="finetuning data per agent and role")
+    for col in ("iteration", "agent", "role", "examples", "corrected (D^C−) used/available",
+                "kept right (D^C+) used/available", "sha256"):
+        table.add_column(col, justify="right" if col not in ("role", "sha256") else "left")
+    for d in datasets:
+        critic = d["role"] == "critic"
+        table.add_row(
+            str(d["iteration"]), str(d["agent"] + 1), d["role"], str(d["n_examples"]),
+            f"{d['n_critic_neg']}/{d['n_critic_neg_available']}" if critic else "",
+            f"{d['n_critic_pos']}/{d['n_critic_pos_available']}" if critic else "",
+            d["sha256"][:12],
+        )
+    return table
+
+
+def agents_table(agents: list[dict[str, Any]]) -> Table:
+    table = Table(title="agents")
+    for col in ("iteration", "agent", "role", "model id"):
+        table.add_column(col)
+    for a in agents:
+        table.add_row(str(a["iteration"]), str(a["agent"] + 1), a["role"], a["model_id"])
+    return table
+
+
+def jobs_table(jobs: list[dict[str, Any]]) -> Table:
+    table = Table(title="finetuning jobs")
+    for col in ("iteration", "agent", "role", "status", "job id", "elapsed", "train loss", "tokens", "last event"):
+        table.add_column(col)
+    for j in jobs:
+        loss = f"{j['train_loss']:.3f}" if j["train_loss"] is not None else ""
+        table.add_row(str(j["iteration"]), str(j["agent"] + 1), j["role"], j["status"], j["provider_job_id"] or "",
+                      f"{j['elapsed_s']:.0f} s", loss, str(j["trained_tokens"] or ""),
+                      j["error"] or j["last_event"] or "")
+    return table

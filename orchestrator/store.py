@@ -1,0 +1,289 @@
+"""The SQLite store: every step of a run writes here before the next begins, and a resumed run reads it back.
+
+Rows cross this boundary as pydantic models, so the rest of the code never sees a raw dict from SQL. The file
+is plain SQLite (WAL mode) that users can open with `sqlite-utils` or Datasette.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, TypeVar
+
+import sqlite_utils
+from pydantic import BaseModel, Field
+
+from orchestrator.errors import UserError
+from orchestrator.migrations import migrate
+
+RowT = TypeVar("RowT", bound=BaseModel)
+
+
+def _now() -> float:
+    return time.time()
+
+
+class RunRow(BaseModel):
+    id: str
+    config: str  # the RunConfig as JSON
+    status: str = "created"  # created | running | finished | failed
+    backend: str
+    model: str
+    task: str
+    iterations_done: int = 0
+    created_at: float = Field(default_factory=_now)
+    updated_at: float = Field(default_factory=_now)
+    error: str | None = None
+
+
+class ProblemRow(BaseModel):
+    run_id: str
+    split: str  # train | eval
+    position: int
+    problem_id: str
+    question: str
+    answer: str
+
+
+class AgentRow(BaseModel):
+    """Which model plays agent `agent` in `role` at `iteration` (0 = the base model)."""
+
+    run_id: str
+    iteration: int
+    agent: int
+    role: str  # generator | critic
+    model_id: str
+    parent_model_id: str | None = None
+    job_key: str | None = None
+    created_at: float = Field(default_factory=_now)
+
+
+class ResponseRow(BaseModel):
+    key: str
+    run_id: str
+    debate: str
+    problem_id: str
+    round: int
+    agent: int
+    kind: str  # answer | summary
+    model_id: str
+    messages: str  # the prompt conversation as JSON
+    text: str
+    answer: str | None = None
+    finish_reason: str = "stop"
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached_tokens: int = 0
+    created_at: float = Field(default_factory=_now)
+
+
+class DebateRow(BaseModel):
+    run_id: str
+    debate: str
+    problem_id: str
+    final_answer: str | None
+    correct: int | None  # ground truth is looked at only for evaluation
+    votes: str  # JSON: the parsed final-round answer of each agent
+    consensus: float
+    created_at: float = Field(default_factory=_now)
+
+
+class DatasetRow(BaseModel):
+    run_id: str
+    iteration: int
+    agent: int
+    role: str
+    path: str
+    sha256: str
+    n_examples: int
+    n_generation: int = 0
+    n_critic_neg: int = 0
+    n_critic_pos: int = 0
+    n_critic_neg_available: int = 0
+    n_critic_pos_available: int = 0
+    problem_ids: str = "[]"
+    created_at: float = Field(default_factory=_now)
+
+
+class JobRow(BaseModel):
+    key: str
+    run_id: str
+    iteration: int
+    agent: int
+    role: str
+    backend: str
+    provider_job_id: str | None = None
+    base_model_id: str
+    dataset_sha256: str | None = None
+    status: str = "pending"  # pending | queued | running | succeeded | failed | cancelled | skipped
+    model_id: str | None = None
+    train_loss: float | None = None
+    trained_tokens: int | None = None
+    error: str | None = None
+    created_at: float = Field(default_factory=_now)
+    updated_at: float = Field(default_factory=_now)
+    finished_at: float | None = None
+
+
+class JobEventRow(BaseModel):
+    job_key: str
+    created_at: float
+    level: str = "info"
+    message: str
+
+
+class EvaluationRow(BaseModel):
+    run_id: str
+    iteration: int
+    method: str
+    n: int
+    correct: int
+    accuracy: float
+    stderr: float
+    unparseable: int
+    created_at: float = Field(default_factory=_now)
+
+
+_PKS: dict[str, str | tuple[str, ...]] = {
+    "runs": "id",
+    "problems": ("run_id", "split", "problem_id"),
+    "agents": ("run_id", "iteration", "agent", "role"),
+    "responses": "key",
+    "debates": ("run_id", "debate", "problem_id"),
+    "datasets": ("run_id", "iteration", "agent", "role"),
+    "jobs": "key",
+    "job_events": ("job_key", "created_at", "message"),
+    "evaluations": ("run_id", "iteration", "method"),
+}
+
+
+class Store:
+    """One SQLite file. Each public write is one transaction."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        if path.parent and not path.parent.exists():
+            raise UserError(f"cannot create database {path}: folder {path.parent} does not exist; create it first")
+        try:
+            self.db = sqlite_utils.Database(path)
+            self.db.enable_wal()
+            self.db.execute("PRAGMA busy_timeout = 30000")
+            self.db.execute("PRAGMA foreign_keys = ON")
+        except Exception as exc:  # sqlite3.DatabaseError: not a database, unreadable file, ...
+            raise UserError(f"cannot open database {path}: {exc}; point --db at a maft database or a new file") from None
+        migrate(self.db)
+
+    def close(self) -> None:
+        self.db.close()
+
+    @contextmanager
+    def transaction(self) -> Iterator[None]:
+        with self.db.atomic():
+            yield
+
+    # generic helpers -------------------------------------------------------------------------------------
+
+    def _upsert(self, table: str, rows: Iterable[BaseModel]) -> None:
+        records = [r.model_dump() for r in rows]
+        if records:
+            self.db[table].upsert_all(records, pk=_PKS[table])
+
+    def _select(self, table: str, cls: type[RowT], where: str | None = None, args: Any = None,
+                order_by: str | None = None) -> list[RowT]:
+        return [cls.model_validate(r) for r in self.db[table].rows_where(where, args, order_by=order_by)]
+
+    # runs ------------------------------------------------------------------------------------------------
+
+    def get_run(self, run_id: str) -> RunRow | None:
+        rows = self._select("runs", RunRow, "id = ?", [run_id])
+        return rows[0] if rows else None
+
+    def list_runs(self) -> list[RunRow]:
+        return self._select("runs", RunRow, order_by="created_at")
+
+    def save_run(self, run: RunRow) -> None:
+        run.updated_at = _now()
+        self._upsert("runs", [run])
+
+    # problems --------------------------------------------------------------------------------------------
+
+    def save_problems(self, rows: list[ProblemRow]) -> None:
+        with self.transaction():
+            self._upsert("problems", rows)
+
+    def get_problems(self, run_id: str, split: str) -> list[ProblemRow]:
+        return self._select("problems", ProblemRow, "run_id = ? and split = ?", [run_id, split], "position")
+
+    # agents ----------------------------------------------------------------------------------------------
+
+    def save_agents(self, rows: list[AgentRow]) -> None:
+        with self.transaction():
+            self._upsert("agents", rows)
+
+    def get_agents(self, run_id: str, iteration: int | None = None) -> list[AgentRow]:
+        if iteration is None:
+            return self._select("agents", AgentRow, "run_id = ?", [run_id], "iteration, agent, role")
+        return self._select("agents", AgentRow, "run_id = ? and iteration = ?", [run_id, iteration], "agent, role")
+
+    # responses -------------------------------------------------------------------------------------------
+
+    def save_response(self, row: ResponseRow) -> None:
+        self._upsert("responses", [row])
+
+    def get_responses(self, run_id: str, debate: str) -> dict[str, ResponseRow]:
+        rows = self._select("responses", ResponseRow, "run_id = ? and debate = ?", [run_id, debate])
+        return {r.key: r for r in rows}
+
+    def count_responses(self, run_id: str) -> int:
+        return self.db["responses"].count_where("run_id = ?", [run_id])
+
+    # debates ---------------------------------------------------------------------------------------------
+
+    def save_debates(self, rows: list[DebateRow]) -> None:
+        with self.transaction():
+            self._upsert("debates", rows)
+
+    def get_debates(self, run_id: str, debate: str) -> list[DebateRow]:
+        return self._select("debates", DebateRow, "run_id = ? and debate = ?", [run_id, debate])
+
+    # datasets --------------------------------------------------------------------------------------------
+
+    def save_datasets(self, rows: list[DatasetRow]) -> None:
+        with self.transaction():
+            self._upsert("datasets", rows)
+
+    def get_datasets(self, run_id: str, iteration: int | None = None) -> list[DatasetRow]:
+        if iteration is None:
+            return self._select("datasets", DatasetRow, "run_id = ?", [run_id], "iteration, agent, role")
+        return self._select(
+            "datasets", DatasetRow, "run_id = ? and iteration = ?", [run_id, iteration], "agent, role"
+        )
+
+    # jobs ------------------------------------------------------------------------------------------------
+
+    def save_job(self, job: JobRow, events: Iterable[JobEventRow] = ()) -> None:
+        job.updated_at = _now()
+        with self.transaction():
+            self._upsert("jobs", [job])
+            self._upsert("job_events", events)
+
+    def get_job(self, key: str) -> JobRow | None:
+        rows = self._select("jobs", JobRow, "key = ?", [key])
+        return rows[0] if rows else None
+
+    def get_jobs(self, run_id: str) -> list[JobRow]:
+        return self._select("jobs", JobRow, "run_id = ?", [run_id], "iteration, agent, role")
+
+    def get_job_events(self, job_key: str) -> list[JobEventRow]:
+        return self._select("job_events", JobEventRow, "job_key = ?", [job_key], "created_at")
+
+    # evaluations -----------------------------------------------------------------------------------------
+
+    def save_evaluation(self, row: EvaluationRow) -> None:
+        with self.transaction():
+            self._upsert("evaluations", [row])
+
+    def get_evaluations(self, run_id: str) -> list[EvaluationRow]:
+        return self._select("evaluations", EvaluationRow, "run_id = ?", [run_id], "iteration, method")

@@ -1,0 +1,127 @@
+"""Per-agent finetuning sets from one iteration's debates (METHOD.md §3). Ground truth is never looked at.
+
+- D^G_n: agent n's round-1 conversation when its round-1 answer agrees with the debate's majority ŷ.
+- D^C−_n: its whole conversation when round 1 disagreed (or was unreadable) and round M agrees (corrected).
+- D^C+_n: its whole conversation when both round 1 and round M agree (kept right).
+- D^C_n = w·D^C− + (1−w)·D^C+: the largest subset whose share of D^C− is w, sampled with a seeded RNG; when one
+  side is empty the other is taken whole rather than training the critic on nothing.
+
+Critic examples learn only the final answer (`weight: 0` on earlier assistant turns) unless `all_turns`, the
+research code's behaviour, is asked for.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import random
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from pydantic import BaseModel, Field
+
+from backends.base import ChatMessage
+from orchestrator.debate import DebateOutcome
+from orchestrator.voting import agrees
+
+
+class Example(BaseModel):
+    """One line of an OpenAI chat-finetuning JSONL file."""
+
+    messages: list[ChatMessage]
+    problem_id: str = Field(exclude=True)
+
+    def to_json(self) -> str:
+        return json.dumps({"messages": [m.model_dump(exclude_none=True) for m in self.messages]}, ensure_ascii=False)
+
+
+class AgentData(BaseModel):
+    generator: list[Example]
+    critic: list[Example]
+    critic_neg_available: int
+    critic_pos_available: int
+    critic_neg_used: int
+    critic_pos_used: int
+
+
+def _generator_example(outcome: DebateOutcome, agent: int) -> Example:
+    first_turns = outcome.agents[agent].messages[:2]  # the round-1 prompt and answer
+    return Example(messages=list(first_turns), problem_id=outcome.problem.id)
+
+
+def _critic_example(outcome: DebateOutcome, agent: int, all_turns: bool) -> Example:
+    messages = outcome.agents[agent].messages
+    last = len(messages) - 1
+    weighted = [
+        m.model_copy(update={"weight": 1 if (all_turns or i == last) else 0}) if m.role == "assistant" else m
+        for i, m in enumerate(messages)
+    ]
+    return Example(messages=weighted, problem_id=outcome.problem.id)
+
+
+def mix_sizes(available_neg: int, available_pos: int, w: float) -> tuple[int, int]:
+    """How many corrected and kept-right examples to take so that the corrected share is w.
+
+    The scarcer side (relative to its share) limits the total; the other side is subsampled to match.
+    """
+    if available_neg == 0 or available_pos == 0:
+        return available_neg, available_pos
+    limits = [available_neg / w if w > 0 else math.inf, available_pos / (1 - w) if w < 1 else math.inf]
+    total = math.floor(min(limits) + 1e-9)
+    neg = min(available_neg, round(w * total))
+    return neg, min(available_pos, total - neg)
+
+
+def _sample(items: list[Example], k: int, rng: random.Random) -> list[Example]:
+    """k items, in their original (problem) order so files are stable and readable."""
+    chosen = sorted(rng.sample(range(len(items)), k))
+    return [items[i] for i in chosen]
+
+
+def build_agent_data(
+    outcomes: Sequence[DebateOutcome],
+    agent: int,
+    equivalent: Callable[[str, str], bool],
+    *,
+    w: float,
+    rng: random.Random,
+    all_turns: bool = False,
+) -> AgentData:
+    generator: list[Example] = []
+    corrected: list[Example] = []
+    kept: list[Example] = []
+    for outcome in outcomes:
+        final = outcome.vote.final
+        answers = outcome.agents[agent].answers
+        first_ok = agrees(answers[0], final, equivalent)
+        if first_ok:
+            generator.append(_generator_example(outcome, agent))
+        if len(answers) < 2 or not agrees(answers[-1], final, equivalent):
+            continue
+        (kept if first_ok else corrected).append(_critic_example(outcome, agent, all_turns))
+    n_neg, n_pos = mix_sizes(len(corrected), len(kept), w)
+    order = {o.problem.id: i for i, o in enumerate(outcomes)}
+    critic = sorted(_sample(corrected, n_neg, rng) + _sample(kept, n_pos, rng), key=lambda e: order[e.problem_id])
+    return AgentData(
+        generator=generator,
+        critic=critic,
+        critic_neg_available=len(corrected),
+        critic_pos_available=len(kept),
+        critic_neg_used=n_neg,
+        critic_pos_used=n_pos,
+    )
+
+
+def write_jsonl(path: Path, examples: Sequence[Example]) -> str:
+    """Write atomically (a crash never leaves half a file under the final name); return the sha256."""
+    data = "".join(e.to_json() + "\n" for e in examples).encode("utf-8")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    with open(tmp, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    return hashlib.sha256(data).hexdigest()

@@ -1,0 +1,53 @@
+import sqlite3
+
+import pytest
+
+from orchestrator.errors import UserError
+from orchestrator.migrations import MIGRATIONS
+from orchestrator.store import JobEventRow, JobRow, ResponseRow, RunRow, Store
+
+
+def test_migrations_apply_once_and_record_names(tmp_path):
+    path = tmp_path / "m.db"
+    Store(path).close()
+    Store(path).close()  # a second open applies nothing again
+    con = sqlite3.connect(path)
+    names = [r[0] for r in con.execute("select name from _migrations")]
+    assert names == [m.__name__ for m in MIGRATIONS]
+    tables = {r[0] for r in con.execute("select name from sqlite_master where type='table'")}
+    assert {"runs", "problems", "agents", "responses", "debates", "datasets", "jobs", "job_events",
+            "evaluations"} <= tables
+    assert con.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+
+
+def test_a_database_from_a_newer_version_is_refused(tmp_path):
+    path = tmp_path / "new.db"
+    Store(path).close()
+    con = sqlite3.connect(path)
+    con.execute("insert into _migrations values ('m999_from_the_future', 0)")
+    con.commit()
+    con.close()
+    with pytest.raises(UserError, match="newer maft-orchestrator"):
+        Store(path)
+
+
+def test_a_file_that_is_not_a_database_is_a_user_error(tmp_path):
+    path = tmp_path / "junk.db"
+    path.write_text("this is not sqlite" * 100)
+    with pytest.raises(UserError, match="cannot open database"):
+        Store(path)
+
+
+def test_rows_round_trip_and_events_deduplicate(tmp_path):
+    store = Store(tmp_path / "s.db")
+    store.save_run(RunRow(id="r", config="{}", backend="local", model="m", task="t"))
+    store.save_response(ResponseRow(key="k", run_id="r", debate="d", problem_id="p", round=1, agent=0,
+                                    kind="answer", model_id="base", messages="[]", text="hi", answer="1"))
+    assert store.get_responses("r", "d")["k"].text == "hi"
+    job = JobRow(key="j", run_id="r", iteration=1, agent=0, role="generator", backend="local", base_model_id="base")
+    event = JobEventRow(job_key="j", created_at=1.0, message="started")
+    store.save_job(job, [event])
+    store.save_job(job, [event, JobEventRow(job_key="j", created_at=2.0, message="done")])
+    assert [e.message for e in store.get_job_events("j")] == ["started", "done"]
+    assert store.get_job("j").status == "pending"
+    assert store.get_run("missing") is None
