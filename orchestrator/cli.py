@@ -126,7 +126,8 @@ def run(config_file: Path | None, backend: str | None, model: str | None, task: 
                           f"`orchestrator run --resume {run_id}{_db_flag(db)}`")
             sys.exit(130)
         except RunStopped as exc:
-            console.print(f"[red]stopped: {exc}; fix the cause, then `orchestrator run --resume {run_id}{_db_flag(db)}`")
+            resume_cmd = f"orchestrator run --resume {run_id}{_db_flag(db)}"
+            console.print(f"[red]stopped: {exc}; fix the cause, then `{resume_cmd}`")
             sys.exit(1)
         finally:
             backend_obj.close()
@@ -157,9 +158,7 @@ def status(run_id: str | None, db: str | None, as_json: bool) -> None:
             rows = runs_data(store)
             _print_json(rows) if as_json else Console().print(runs_table(rows))
             return
-        run_row = store.get_run(run_id)
-        if run_row is None:
-            raise UserError(f"run '{run_id}' is not in {store.path}: `orchestrator status` lists runs")
+        run_row = store.require_run(run_id)
         data = status_data(store, run_row)
         if as_json:
             _print_json(data)
@@ -186,16 +185,15 @@ def report(run_id: str, db: str | None, as_json: bool) -> None:
 
     store = _open_store(db, must_exist=True)
     try:
-        run_row = store.get_run(run_id)
-        if run_row is None:
-            raise UserError(f"run '{run_id}' is not in {store.path}: `orchestrator status` lists runs")
+        run_row = store.require_run(run_id)
         data = report_data(store, run_row)
         if as_json:
             _print_json(data)
             return
         console = Console()
         console.print(datasets_table(data["datasets"]))
-        console.print(accuracy_table(data["evaluations"], f"held-out accuracy · {data['config']['task']} · run {run_id}"))
+        title = f"held-out accuracy · {data['config']['task']} · run {run_id}"
+        console.print(accuracy_table(data["evaluations"], title))
     finally:
         store.close()
 

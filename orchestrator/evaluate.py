@@ -42,7 +42,9 @@ def _row(run_id: str, iteration: int, method: str, answers: Sequence[str | None]
     )
 
 
-def evaluate(run_id: str, iteration: int, outcomes: Sequence[DebateOutcome], task: Task, seed: int) -> list[EvaluationRow]:
+def evaluate(
+    run_id: str, iteration: int, outcomes: Sequence[DebateOutcome], task: Task, seed: int
+) -> list[EvaluationRow]:
     single = [o.agents[0].answers[0] for o in outcomes]
     majority = [
         majority_vote(

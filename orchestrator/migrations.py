@@ -17,7 +17,7 @@ Migration = Callable[[sqlite_utils.Database], None]
 
 
 def m001_initial(db: sqlite_utils.Database) -> None:
-    db["runs"].create(
+    db.table("runs").create(
         {
             "id": str,
             "config": str,
@@ -32,12 +32,12 @@ def m001_initial(db: sqlite_utils.Database) -> None:
         },
         pk="id",
     )
-    db["problems"].create(
+    db.table("problems").create(
         {"run_id": str, "split": str, "position": int, "problem_id": str, "question": str, "answer": str},
         pk=("run_id", "split", "problem_id"),
         foreign_keys=[("run_id", "runs", "id")],
     )
-    db["agents"].create(
+    db.table("agents").create(
         {
             "run_id": str,
             "iteration": int,
@@ -51,7 +51,7 @@ def m001_initial(db: sqlite_utils.Database) -> None:
         pk=("run_id", "iteration", "agent", "role"),
         foreign_keys=[("run_id", "runs", "id")],
     )
-    db["responses"].create(
+    db.table("responses").create(
         {
             "key": str,
             "run_id": str,
@@ -73,8 +73,8 @@ def m001_initial(db: sqlite_utils.Database) -> None:
         pk="key",
         foreign_keys=[("run_id", "runs", "id")],
     )
-    db["responses"].create_index(["run_id", "debate"])
-    db["debates"].create(
+    db.table("responses").create_index(["run_id", "debate"])
+    db.table("debates").create(
         {
             "run_id": str,
             "debate": str,
@@ -88,7 +88,7 @@ def m001_initial(db: sqlite_utils.Database) -> None:
         pk=("run_id", "debate", "problem_id"),
         foreign_keys=[("run_id", "runs", "id")],
     )
-    db["datasets"].create(
+    db.table("datasets").create(
         {
             "run_id": str,
             "iteration": int,
@@ -108,7 +108,7 @@ def m001_initial(db: sqlite_utils.Database) -> None:
         pk=("run_id", "iteration", "agent", "role"),
         foreign_keys=[("run_id", "runs", "id")],
     )
-    db["jobs"].create(
+    db.table("jobs").create(
         {
             "key": str,
             "run_id": str,
@@ -131,13 +131,13 @@ def m001_initial(db: sqlite_utils.Database) -> None:
         pk="key",
         foreign_keys=[("run_id", "runs", "id")],
     )
-    db["jobs"].create_index(["run_id", "iteration"])
-    db["job_events"].create(
+    db.table("jobs").create_index(["run_id", "iteration"])
+    db.table("job_events").create(
         {"job_key": str, "created_at": float, "level": str, "message": str},
         pk=("job_key", "created_at", "message"),
         foreign_keys=[("job_key", "jobs", "key")],
     )
-    db["evaluations"].create(
+    db.table("evaluations").create(
         {
             "run_id": str,
             "iteration": int,
@@ -160,7 +160,7 @@ MIGRATIONS: list[Migration] = [m001_initial]
 def migrate(db: sqlite_utils.Database) -> None:
     """Apply every migration not yet recorded, each in its own transaction."""
     if not db["_migrations"].exists():
-        db["_migrations"].create({"name": str, "applied_at": float}, pk="name")
+        db.table("_migrations").create({"name": str, "applied_at": float}, pk="name")
     applied = {row["name"] for row in db["_migrations"].rows}
     known = {m.__name__ for m in MIGRATIONS}
     unknown = sorted(applied - known)
@@ -175,4 +175,4 @@ def migrate(db: sqlite_utils.Database) -> None:
             continue
         with db.atomic():
             migration(db)
-            db["_migrations"].insert({"name": migration.__name__, "applied_at": time.time()})
+            db.table("_migrations").insert({"name": migration.__name__, "applied_at": time.time()})

@@ -31,10 +31,8 @@ ROLES = ("generator", "critic")
 
 def open_run(store: Store, config: RunConfig, run_id: str, *, must_exist: bool) -> RunRow:
     """Create the run, or check that the stored one computes the same thing (only `iterations` may grow)."""
-    run = store.get_run(run_id)
+    run = store.require_run(run_id) if must_exist else store.get_run(run_id)
     if run is None:
-        if must_exist:
-            raise UserError(f"run '{run_id}' is not in {store.path}: `orchestrator status --db {store.path}` lists runs")
         run = RunRow(id=run_id, config=config.model_dump_json(), backend=config.backend, model=config.model,
                      task=config.task)
         store.save_run(run)
@@ -56,10 +54,7 @@ def open_run(store: Store, config: RunConfig, run_id: str, *, must_exist: bool) 
 
 
 def stored_config(store: Store, run_id: str) -> RunConfig:
-    run = store.get_run(run_id)
-    if run is None:
-        raise UserError(f"run '{run_id}' is not in {store.path}: `orchestrator status --db {store.path}` lists runs")
-    return RunConfig.model_validate_json(run.config)
+    return RunConfig.model_validate_json(store.require_run(run_id).config)
 
 
 class Pipeline:
@@ -73,6 +68,7 @@ class Pipeline:
         workdir: Path,
         console: Console,
         show_progress: bool = True,
+        poll_interval: float = 5.0,
     ) -> None:
         self.config = config
         self.run_row = run
@@ -81,6 +77,7 @@ class Pipeline:
         self.workdir = workdir
         self.console = console
         self.show_progress = show_progress
+        self.poll_interval = poll_interval
         self.task: Task = get_task(config.task)
         self.settings = DebateSettings(
             rounds=config.rounds, summarize=config.summarize, generation=config.generation, seed=config.seed
@@ -142,7 +139,8 @@ class Pipeline:
             splits[split] = problems
         overlap = {p.id for p in splits["train"]} & {p.id for p in splits["eval"]}
         if overlap:  # the tasks guarantee this; a user's JSONL with duplicate ids could still break it
-            raise UserError(f"train and eval problems overlap ({sorted(overlap)[0]}, ...): give each problem a unique id")
+            first = sorted(overlap)[0]
+            raise UserError(f"train and eval problems overlap ({first}, ...): give each problem a unique id")
         return splits["train"], splits["eval"]
 
     def _society(self, iteration: int) -> Society | None:
@@ -226,7 +224,7 @@ class Pipeline:
             spec = FinetuneSpec(key=key, base_model=start_from, training_file=Path(ds.path), suffix=suffix,
                                 params=self.config.training, seed=self.config.seed + iteration)
             plans.append(FinetunePlan(job=job, spec=spec))
-        results = run_jobs(plans, self.backend, self.store)
+        results = run_jobs(plans, self.backend, self.store, poll_interval=self.poll_interval)
         for slot, key in jobs.items():
             model_id = results[key].model_id
             if model_id is None:  # a backend bug; never silently keep the old model

@@ -55,7 +55,10 @@ def status_data(store: Store, run: RunRow) -> dict[str, Any]:
             "created_at": _when(run.created_at), "updated_at": _when(run.updated_at),
         },
         "config": config.model_dump(mode="json"),
-        "progress": {"responses_stored": store.count_responses(run.id), "responses_expected": expected_responses(config)},
+        "progress": {
+            "responses_stored": store.count_responses(run.id),
+            "responses_expected": expected_responses(config),
+        },
         "agents": [a.model_dump(exclude={"run_id", "created_at"}) for a in store.get_agents(run.id)],
         "jobs": [
             {

@@ -172,7 +172,8 @@ class Store:
             self.db.execute("PRAGMA busy_timeout = 30000")
             self.db.execute("PRAGMA foreign_keys = ON")
         except Exception as exc:  # sqlite3.DatabaseError: not a database, unreadable file, ...
-            raise UserError(f"cannot open database {path}: {exc}; point --db at a maft database or a new file") from None
+            raise UserError(f"cannot open database {path}: {exc}; point --db at a maft database or a new file") \
+                from None
         migrate(self.db)
 
     def close(self) -> None:
@@ -188,7 +189,7 @@ class Store:
     def _upsert(self, table: str, rows: Iterable[BaseModel]) -> None:
         records = [r.model_dump() for r in rows]
         if records:
-            self.db[table].upsert_all(records, pk=_PKS[table])
+            self.db.table(table).upsert_all(records, pk=_PKS[table])
 
     def _select(self, table: str, cls: type[RowT], where: str | None = None, args: Any = None,
                 order_by: str | None = None) -> list[RowT]:
@@ -199,6 +200,12 @@ class Store:
     def get_run(self, run_id: str) -> RunRow | None:
         rows = self._select("runs", RunRow, "id = ?", [run_id])
         return rows[0] if rows else None
+
+    def require_run(self, run_id: str) -> RunRow:
+        run = self.get_run(run_id)
+        if run is None:
+            raise UserError(f"run '{run_id}' is not in {self.path}: `orchestrator status --db {self.path}` lists runs")
+        return run
 
     def list_runs(self) -> list[RunRow]:
         return self._select("runs", RunRow, order_by="created_at")

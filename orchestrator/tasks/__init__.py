@@ -1,0 +1,42 @@
+"""Tasks: problems with train/eval splits that never overlap, answer extraction and grading.
+
+`get_task(spec)` is the one entry point; the spec is what the user types after `--task`.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from orchestrator.errors import UserError
+from orchestrator.tasks.arithmetic import VARIANTS, ArithmeticTask
+from orchestrator.tasks.base import Problem, Task
+from orchestrator.tasks.gsm8k import GSM8KTask
+from orchestrator.tasks.jsonl import JsonlTask
+from orchestrator.tasks.math import MathTask
+
+__all__ = ["TASK_SPECS_HELP", "Problem", "Task", "get_task"]
+
+TASK_SPECS_HELP = (
+    "arithmetic (a+b*c+d-e*f, values 0-29, as in the paper), arithmetic:easy (a+b, 0-20), "
+    "arithmetic:medium (a+b*c, 0-10), gsm8k, math (levels 1-3, as in the paper), math:all, "
+    'math:N or math:A-B (levels 1-5), or a path to a .jsonl file of {"question", "answer"} lines'
+)
+
+_KNOWN = "arithmetic, arithmetic:easy, arithmetic:medium, gsm8k, math, math:all, math:4, math:2-4"
+
+
+def get_task(spec: str) -> Task:
+    """The task a spec names; a spec that looks like a path (ends in .jsonl or has a separator) is a file."""
+    s = spec.strip()
+    separators = [sep for sep in (os.sep, os.altsep, "/") if sep]
+    if s.lower().endswith(".jsonl") or any(sep in s for sep in separators):
+        return JsonlTask(Path(s).expanduser(), name=s)
+    key = s.lower()
+    if key in VARIANTS:
+        return ArithmeticTask(key)
+    if key == "gsm8k":
+        return GSM8KTask()
+    if key == "math" or key.startswith("math:"):
+        return MathTask.from_spec(s)
+    raise UserError(f"task '{spec}' is unknown: use one of {_KNOWN}, or a path to a .jsonl file")

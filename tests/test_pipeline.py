@@ -1,0 +1,149 @@
+"""The whole loop on a scripted backend: what the store holds, resume without repeated work, failures."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from rich.console import Console
+
+from orchestrator.config import RunConfig
+from orchestrator.errors import UserError
+from orchestrator.finetune import RunStopped
+from orchestrator.pipeline import Pipeline, open_run
+from orchestrator.store import Store
+from tests.fakes import Crash, ScriptedBackend
+
+SMALL = dict(task="arithmetic:easy", agents=3, rounds=2, train_size=12, eval_size=10, seed=3)
+
+
+def run_once(tmp_path, backend, db="m.db", name="r", **overrides):
+    config = RunConfig(**{**SMALL, **overrides})
+    store = Store(tmp_path / db)
+    try:
+        run = open_run(store, config, name, must_exist=False)
+        Pipeline(config=config, run=run, store=store, backend=backend, workdir=tmp_path / "work" / name,
+                 console=Console(quiet=True), show_progress=False, poll_interval=0).run()
+    finally:
+        store.close()
+    return Store(tmp_path / db)
+
+
+def evaluations(store, run="r"):
+    return [(e.iteration, e.method, e.correct, e.n) for e in store.get_evaluations(run)]
+
+
+def test_two_iterations_fill_the_store(tmp_path):
+    backend = ScriptedBackend()
+    store = run_once(tmp_path, backend, iterations=2)
+    agents = store.get_agents("r")
+    assert len(agents) == 3 * 2 * 3  # iterations 0..2, 3 agents, 2 roles
+    it1 = {(a.agent, a.role): a for a in store.get_agents("r", 1)}
+    it2 = {(a.agent, a.role): a for a in store.get_agents("r", 2)}
+    assert all(a.model_id.startswith("ft(base)") for a in it1.values())
+    # strategy continue: iteration 2 trains from iteration 1's model of the same agent and role
+    for slot, a in it2.items():
+        assert a.parent_model_id == it1[slot].model_id
+        assert a.model_id.startswith(f"ft({it1[slot].model_id})")
+    assert len({a.model_id for a in it1.values()}) == 6  # 2N distinct models
+    jobs = store.get_jobs("r")
+    assert len(jobs) == 12 and all(j.status == "succeeded" for j in jobs)
+    datasets = store.get_datasets("r")
+    assert len(datasets) == 12
+    for d in datasets:
+        lines = Path(d.path).read_text().splitlines()
+        assert len(lines) == d.n_examples == len(json.loads(d.problem_ids))
+    assert {e[:2] for e in evaluations(store)} == {(i, m) for i in range(3) for m in ("single", "majority", "debate")}
+    # every problem the run used is recorded, and train and eval never overlap
+    train = {p.problem_id for p in store.get_problems("r", "train")}
+    held_out = {p.problem_id for p in store.get_problems("r", "eval")}
+    assert len(train) == 12 and len(held_out) == 10 and not train & held_out
+    assert store.get_run("r").status == "finished"
+
+
+def test_generators_and_critics_train_on_their_own_files(tmp_path):
+    backend = ScriptedBackend()
+    store = run_once(tmp_path, backend)
+    files = {s.key: s.training_file for s in backend.specs}
+    assert len(set(files.values())) == len(files) == 6
+    for d in store.get_datasets("r", 1):
+        assert str(files[f"r/iteration-1/agent-{d.agent + 1}/{d.role}"]) == d.path
+
+
+def test_restart_strategy_trains_every_iteration_from_the_base_model(tmp_path):
+    backend = ScriptedBackend()
+    run_once(tmp_path, backend, iterations=2, strategy="restart")
+    assert {s.base_model for s in backend.specs} == {"base"}
+
+
+def test_a_crash_mid_debate_resumes_without_asking_twice(tmp_path):
+    reference = ScriptedBackend()
+    ref_store = run_once(tmp_path, reference, db="ref.db")
+    total = len(reference.requests)
+
+    first = ScriptedBackend(crash_after=total // 2)
+    with pytest.raises(Crash):
+        run_once(tmp_path, first)
+    second = ScriptedBackend()
+    store = run_once(tmp_path, second)
+    asked = [r.key for r in first.requests] + [r.key for r in second.requests]
+    assert len(asked) == len(set(asked)) == total
+    assert evaluations(store) == evaluations(ref_store)
+    assert len(second.specs) == 6
+
+
+def test_a_finished_run_rerun_does_nothing_and_can_be_extended(tmp_path):
+    run_once(tmp_path, ScriptedBackend())
+    again = ScriptedBackend()
+    run_once(tmp_path, again)
+    assert again.requests == [] and again.specs == []
+    more = ScriptedBackend()
+    store = run_once(tmp_path, more, iterations=2)
+    assert len(more.specs) == 6 and {s.key.split("/")[1] for s in more.specs} == {"iteration-2"}
+    assert store.get_run("r").iterations_done == 2
+
+
+def test_a_failed_job_stops_cleanly_and_resume_redoes_only_that_job(tmp_path):
+    failing = ScriptedBackend(fail_keys=["agent-2/critic"])
+    with pytest.raises(RunStopped, match="agent 2 critic"):
+        run_once(tmp_path, failing)
+    store = Store(tmp_path / "m.db")
+    statuses = {(j.agent, j.role): j.status for j in store.get_jobs("r")}
+    assert statuses[(1, "critic")] == "failed"
+    assert sum(s == "succeeded" for s in statuses.values()) == 5
+    assert store.get_run("r").status == "failed"
+    store.close()
+    fixed = ScriptedBackend()
+    store = run_once(tmp_path, fixed)
+    assert [s.key for s in fixed.specs] == ["r/iteration-1/agent-2/critic"]
+    assert store.get_run("r").status == "finished"
+
+
+def test_a_different_config_under_the_same_name_is_refused(tmp_path):
+    run_once(tmp_path, ScriptedBackend())
+    with pytest.raises(UserError, match="agents differ"):
+        run_once(tmp_path, ScriptedBackend(), agents=4)
+
+
+def test_critics_see_only_the_other_agents_previous_round(tmp_path):
+    backend = ScriptedBackend()
+    run_once(tmp_path, backend, rounds=3, train_size=2, eval_size=2)
+    store = Store(tmp_path / "m.db")
+    rows = list(store.get_responses("r", "train-1").values())
+    text = {(r.problem_id, r.round, r.agent): r.text for r in rows if r.kind == "answer"}
+    for r in rows:
+        if r.kind != "summary":
+            continue
+        prompt = json.loads(r.messages)[0]["content"]
+        others = [text[(r.problem_id, r.round - 1, k)] for k in range(3) if k != r.agent]
+        assert all(o in prompt for o in others)
+        assert prompt.count("One agent response") == 2
+        own = text[(r.problem_id, r.round - 1, r.agent)]
+        if own not in others:
+            assert own not in prompt
+        if r.round == 3:  # never the answers of two rounds ago
+            for k in range(3):
+                older = text[(r.problem_id, 1, k)]
+                if older not in {text[(r.problem_id, 2, j)] for j in range(3)}:
+                    assert older not in prompt
