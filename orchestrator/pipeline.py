@@ -33,6 +33,10 @@ def open_run(store: Store, config: RunConfig, run_id: str, *, must_exist: bool) 
     """Create the run, or check that the stored one computes the same thing (only `iterations` may grow)."""
     run = store.require_run(run_id) if must_exist else store.get_run(run_id)
     if run is None:
+        # Bad task specs and impossible sizes fail here, before the run is recorded.
+        task = get_task(config.task)
+        task.train_problems(config.train_size, config.seed)
+        task.eval_problems(config.eval_size, config.seed)
         run = RunRow(id=run_id, config=config.model_dump_json(), backend=config.backend, model=config.model,
                      task=config.task)
         store.save_run(run)

@@ -1,0 +1,237 @@
+"""The local backend: one base model in this process, every agent a LoRA adapter directory.
+
+Finetuning runs synchronously inside `start_finetune`, but its record looks like a hosted job's (`job.json`:
+status, events, loss, trained tokens), so the pipeline polls local and hosted jobs the same way and a resumed
+run finds a finished adapter by its key instead of training it again.
+"""
+
+from __future__ import annotations
+
+import gc
+import hashlib
+import json
+import os
+import re
+import shutil
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from backends.base import (
+    BASE_MODEL_ID,
+    TERMINAL_STATUSES,
+    BackendInfo,
+    ChatRequest,
+    ChatResult,
+    FinetuneSpec,
+    JobEvent,
+    JobRef,
+    JobState,
+    ResultCallback,
+)
+from backends.local_generate import AdapterPool, adapter_dir, adapter_name_for, generate_chats
+from backends.local_model import DEFAULT_MODEL, load_model, resolve_device
+from backends.local_train import train_lora
+from orchestrator.errors import UserError
+
+JOB_FILE = "job.json"
+
+
+class LocalBackend:
+    """transformers + PEFT on this machine. The model loads on first use, so building one is free."""
+
+    name = "local"
+
+    def __init__(
+        self,
+        model: str = DEFAULT_MODEL,
+        *,
+        workdir: Path,
+        device: str = "auto",
+        batch_size: int = 32,
+        show_progress: bool = True,
+    ) -> None:
+        resolve_device(device)  # a bad device string fails now, not after a long debate
+        if batch_size < 1:
+            raise UserError(f"batch size must be at least 1, got {batch_size}")
+        self.model = model
+        self.workdir = Path(workdir)
+        self.device = device
+        self.batch_size = batch_size
+        self.show_progress = show_progress
+        self._pool: AdapterPool | None = None
+
+    # -- Backend protocol -----------------------------------------------------------------------------------
+
+    def describe(self) -> BackendInfo:
+        device, _ = resolve_device(self.device)
+        return BackendInfo(
+            name=self.name,
+            base_model=self.model,
+            device=device.type,
+            supports_finetuning=True,
+            supports_batch=False,
+            pricing_source="local compute: no per-token price",
+        )
+
+    def chat(self, requests: Sequence[ChatRequest], on_result: ResultCallback | None = None) -> list[ChatResult]:
+        if not requests:
+            return []
+        return generate_chats(self.pool, requests, batch_size=self.batch_size, on_result=on_result)
+
+    def start_finetune(self, spec: FinetuneSpec) -> JobRef:
+        """Train now unless this key already succeeded; a failure is recorded in the job, not raised."""
+        ref = JobRef(key=spec.key, provider_job_id=provider_job_id(spec.key))
+        if _read_job(self.adapter_path(spec.key)).get("status") == "succeeded":
+            return ref
+        self._run_job(spec)
+        return ref
+
+    def poll(self, job: JobRef) -> JobState:
+        record = self._job_record(job.key)
+        if not record:
+            return JobState(status="failed", error=f"no local job with key {job.key!r} in {self.workdir}")
+        succeeded = record["status"] == "succeeded"
+        return JobState(
+            status=record["status"],
+            model_id=str(self.adapter_path(job.key)) if succeeded else None,
+            trained_tokens=record.get("trained_tokens"),
+            train_loss=record.get("train_loss"),
+            error=record.get("error"),
+            events=[JobEvent.model_validate(e) for e in record.get("events", [])],
+        )
+
+    def cancel(self, job: JobRef) -> None:
+        """Training is synchronous, so only a job left unfinished by a crash can be cancelled."""
+        staging = self.staging_path(job.key)
+        record = _read_job(staging)
+        if record and record.get("status") not in TERMINAL_STATUSES:
+            record["status"] = "cancelled"
+            _append_event(record, "cancelled")
+            _write_job(staging, record)
+
+    def close(self) -> None:
+        self._pool = None
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+    # -- paths and model ------------------------------------------------------------------------------------
+
+    @property
+    def pool(self) -> AdapterPool:
+        if self._pool is None:
+            loaded = load_model(self.model, self.device)
+            self._pool = AdapterPool(loaded, base_ids=(BASE_MODEL_ID, self.model))
+        return self._pool
+
+    def adapter_path(self, key: str) -> Path:
+        return (self.workdir / "adapters" / sanitize_key(key)).resolve()
+
+    def staging_path(self, key: str) -> Path:
+        final = self.adapter_path(key)
+        return final.with_name(f".{final.name}.partial")
+
+    # -- training -------------------------------------------------------------------------------------------
+
+    def _job_record(self, key: str) -> dict[str, Any]:
+        return _read_job(self.adapter_path(key)) or _read_job(self.staging_path(key))
+
+    def _run_job(self, spec: FinetuneSpec) -> None:
+        """Train in a staging dir and rename it into place only when everything is saved: a crash leaves a
+        `.partial` dir whose job says running, never an adapter dir that looks finished."""
+        pool = self.pool  # a model that cannot load is the user's to fix now, not a failed job
+        final, staging = self.adapter_path(spec.key), self.staging_path(spec.key)
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
+        record = _new_record(spec)
+
+        def on_event(message: str, level: str = "info") -> None:
+            _append_event(record, message, level)
+            _write_job(staging, record)
+
+        on_event("started")
+        name = adapter_name_for(final)
+        try:
+            init_from = None if pool.is_base(spec.base_model) else adapter_dir(spec.base_model)
+            if init_from is not None:
+                on_event(f"continuing from adapter {init_from}")
+            outcome = train_lora(
+                pool,
+                spec,
+                staging,
+                adapter_name=name,
+                init_from=init_from,
+                on_event=on_event,
+                show_progress=self.show_progress,
+            )
+        except Exception as exc:  # the job records the failure; the pipeline reads it through poll()
+            pool.forget(name)
+            error = str(exc) if isinstance(exc, UserError) else f"{type(exc).__name__}: {exc}"
+            record.update(status="failed", error=error, finished_at=time.time())
+            on_event(f"failed: {error}", level="error")
+            return
+        record.update(
+            status="succeeded",
+            finished_at=time.time(),
+            train_loss=outcome.train_loss,
+            trained_tokens=outcome.trained_tokens,
+            examples=outcome.examples,
+            steps=outcome.steps,
+            train_seconds=round(outcome.seconds, 3),
+            seconds_per_step=round(outcome.seconds / max(1, outcome.steps), 4),
+            step_losses=outcome.step_losses,
+        )
+        on_event("succeeded")
+        shutil.rmtree(final, ignore_errors=True)  # only ever a leftover without a succeeded job.json
+        os.replace(staging, final)
+        pool.register(name, final)
+
+
+def provider_job_id(key: str) -> str:
+    return f"local-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
+
+
+def sanitize_key(key: str) -> str:
+    """A directory name from a job key; when characters had to be replaced a hash suffix keeps keys that
+    differ only in those characters (`a/b` vs `a_b`) apart."""
+    safe = re.sub(r"[^A-Za-z0-9._-]+", "_", key).strip("._")[:100] or "job"
+    return safe if safe == key else f"{safe}-{hashlib.sha256(key.encode()).hexdigest()[:8]}"
+
+
+def _new_record(spec: FinetuneSpec) -> dict[str, Any]:
+    return {
+        "key": spec.key,
+        "provider_job_id": provider_job_id(spec.key),
+        "status": "running",
+        "created_at": time.time(),
+        "finished_at": None,
+        "pid": os.getpid(),
+        "spec": json.loads(spec.model_dump_json()),
+        "train_loss": None,
+        "trained_tokens": None,
+        "error": None,
+        "events": [],
+    }
+
+
+def _append_event(record: dict[str, Any], message: str, level: str = "info") -> None:
+    record["events"].append({"created_at": time.time(), "level": level, "message": message})
+
+
+def _read_job(folder: Path) -> dict[str, Any]:
+    try:
+        data = json.loads((folder / JOB_FILE).read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _write_job(folder: Path, record: dict[str, Any]) -> None:
+    """Write-then-rename so a reader never sees half a job.json."""
+    tmp = folder / f".{JOB_FILE}.tmp"
+    tmp.write_text(json.dumps(record, indent=2), encoding="utf-8")
+    os.replace(tmp, folder / JOB_FILE)

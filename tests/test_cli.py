@@ -1,0 +1,94 @@
+"""The command line as a user meets it: help, one-line errors with exit status 2, status and report."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from rich.console import Console
+
+from orchestrator.config import RunConfig
+from orchestrator.pipeline import Pipeline, open_run
+from orchestrator.store import Store
+from tests.fakes import ScriptedBackend
+
+
+def cli(*args: str, cwd=None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "orchestrator", *args], capture_output=True, text=True, cwd=cwd,
+                          timeout=120)
+
+
+def assert_one_line_error(proc: subprocess.CompletedProcess[str], *fragments: str) -> None:
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert "Traceback" not in proc.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+def test_help_explains_every_run_option():
+    proc = cli("run", "--help")
+    assert proc.returncode == 0
+    for option in ("--backend", "--model", "--task", "--agents", "--rounds", "--iterations", "--train-size",
+                   "--eval-size", "--seed", "--name", "--db", "--config", "--resume", "--strategy"):
+        assert option in proc.stdout
+    for command in ("status", "report"):
+        sub = cli(command, "--help")
+        assert sub.returncode == 0 and "--json" in sub.stdout
+
+
+def test_an_unknown_task_is_a_one_line_error(tmp_path):
+    assert_one_line_error(cli("run", "--task", "arithmetc", "--db", str(tmp_path / "x.db")), "arithmetc", "use one of")
+
+
+def test_invalid_values_and_unknown_config_keys(tmp_path):
+    db = str(tmp_path / "x.db")
+    assert_one_line_error(cli("run", "--agents", "0", "--db", db), "agents", "greater than or equal to 1")
+    bad = tmp_path / "bad.toml"
+    bad.write_text("agents = 3\nroundz = 2\n")
+    assert_one_line_error(cli("run", "--config", str(bad), "--db", db), "roundz", "does not exist")
+    nested = tmp_path / "nested.toml"
+    nested.write_text("[training]\nepochs = -1\n")
+    assert_one_line_error(cli("run", "--config", str(nested), "--db", db), "training.epochs")
+    assert_one_line_error(cli("run", "--config", str(tmp_path / "missing.toml"), "--db", db), "does not exist")
+    broken = tmp_path / "broken.toml"
+    broken.write_text("agents = \n")
+    assert_one_line_error(cli("run", "--config", str(broken), "--db", db), "not valid TOML")
+
+
+def test_status_and_report_need_an_existing_database_and_run(tmp_path):
+    assert_one_line_error(cli("status", "--db", str(tmp_path / "none.db")), "does not exist")
+    Store(tmp_path / "empty.db").close()
+    assert_one_line_error(cli("report", "nope", "--db", str(tmp_path / "empty.db")), "'nope'", "lists runs")
+    assert_one_line_error(cli("run", "--resume", "nope", "--db", str(tmp_path / "empty.db")), "'nope'")
+
+
+def test_status_and_report_of_a_finished_run(tmp_path):
+    config = RunConfig(train_size=6, eval_size=5)
+    store = Store(tmp_path / "m.db")
+    run = open_run(store, config, "demo", must_exist=False)
+    Pipeline(config=config, run=run, store=store, backend=ScriptedBackend(), workdir=tmp_path / "w",
+             console=Console(quiet=True), show_progress=False, poll_interval=0).run()
+    store.close()
+    db = str(tmp_path / "m.db")
+
+    runs = json.loads(cli("status", "--json", "--db", db).stdout)
+    assert [r["id"] for r in runs] == ["demo"] and runs[0]["status"] == "finished"
+
+    status = json.loads(cli("status", "demo", "--json", "--db", db).stdout)
+    assert status["progress"]["responses_stored"] == status["progress"]["responses_expected"]
+    assert len(status["agents"]) == 12 and len(status["jobs"]) == 6
+    assert {j["status"] for j in status["jobs"]} == {"succeeded"}
+
+    report = json.loads(cli("report", "demo", "--json", "--db", db).stdout)
+    assert {(e["iteration"], e["method"]) for e in report["evaluations"]} == {
+        (i, m) for i in (0, 1) for m in ("single", "majority", "debate")
+    }
+    assert len(report["datasets"]) == 6
+
+    table = cli("report", "demo", "--db", db)
+    assert table.returncode == 0 and "multiagent FT, iteration 1" in table.stdout and "±" in table.stdout
+    text = cli("status", "demo", "--db", db)
+    assert text.returncode == 0 and "finished" in text.stdout and "job-" in text.stdout
