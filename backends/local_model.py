@@ -20,6 +20,7 @@ from typing import Any, Literal, cast
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers.utils import logging as hf_logging
 
 from orchestrator.errors import UserError
 
@@ -86,6 +87,7 @@ def load_model(spec: str = DEFAULT_MODEL, device: str = "auto") -> LoadedModel:
     """Load the model a spec names: the bundled SmolLM2, a .gguf file, a local directory or a cached HF id."""
     started = time.perf_counter()
     torch_device, dtype = resolve_device(device)
+    hf_logging.disable_progress_bar()  # our own progress bars are the only ones on screen
     model, tokenizer, source, path = _load_any(spec, dtype)
     cast(Any, model).to(torch_device)  # transformers' decorated `to` confuses mypy
     model.eval()

@@ -12,6 +12,7 @@ import json
 import math
 import shutil
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -245,17 +246,20 @@ def train_lora(
         raise UserError(f"{spec.training_file} has no assistant turn to learn within max_length: check weights")
 
     set_seed(spec.seed)  # before the adapter exists: LoRA's A matrices are drawn from the global RNG
-    model = pool.add_trainable(adapter_name, lora=lora_config(spec.params), init_from=init_from)
-    callback = LossProgress(f"train {spec.suffix or spec.key}", on_event, show_progress)
-    trainer = Trainer(
-        model=model,
-        args=_training_args(spec, out_dir / "trainer", pool.loaded.device),
-        train_dataset=_Examples(examples),
-        data_collator=RightPadCollator(pad_id=_pad_id(tokenizer)),
-        callbacks=[callback],
-    )
-    trainer.remove_callback(PrinterCallback)  # added because tqdm is off; it would print every log dict
-    output = trainer.train()
+    with warnings.catch_warnings():
+        # PEFT 0.21 calls transformers' deprecated `is_gradient_checkpointing`: noise, not the user's to fix
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        model = pool.add_trainable(adapter_name, lora=lora_config(spec.params), init_from=init_from)
+        callback = LossProgress(f"train {spec.suffix or spec.key}", on_event, show_progress)
+        trainer = Trainer(
+            model=model,
+            args=_training_args(spec, out_dir / "trainer", pool.loaded.device),
+            train_dataset=_Examples(examples),
+            data_collator=RightPadCollator(pad_id=_pad_id(tokenizer)),
+            callbacks=[callback],
+        )
+        trainer.remove_callback(PrinterCallback)  # added because tqdm is off; it would print every log dict
+        output = trainer.train()
     model.eval()
     _save_adapter(model, adapter_name, out_dir)
     on_event("saved adapter")

@@ -36,6 +36,16 @@ def _apply(job: JobRow, state: JobState) -> list[JobEventRow]:
             for e in state.events]
 
 
+def _poll_once(job: JobRow, ref: JobRef, backend: Backend, store: Store, done: dict[str, JobRow]) -> bool:
+    """Poll, store the state and its events; True when the job has ended."""
+    events = _apply(job, backend.poll(ref))
+    store.save_job(job, events)
+    if job.status in TERMINAL_STATUSES:
+        done[job.key] = job
+        return True
+    return False
+
+
 def run_jobs(
     plans: Sequence[FinetunePlan],
     backend: Backend,
@@ -62,22 +72,15 @@ def run_jobs(
         job.provider_job_id = ref.provider_job_id
         job.status = "queued"
         store.save_job(job)
-        active.append((job, ref))
+        # A first look right away: a local job is already finished, a hosted one shows its first state.
+        if not _poll_once(job, ref, backend, store, done):
+            active.append((job, ref))
 
     interval = poll_interval
     while active:
-        still: list[tuple[JobRow, JobRef]] = []
-        for job, ref in active:
-            events = _apply(job, backend.poll(ref))
-            store.save_job(job, events)
-            if job.status in TERMINAL_STATUSES:
-                done[job.key] = job
-            else:
-                still.append((job, ref))
-        active = still
-        if active:
-            sleep(interval)
-            interval = min(interval * 1.5, max_interval)
+        sleep(interval)
+        interval = min(interval * 1.5, max_interval)
+        active = [(job, ref) for job, ref in active if not _poll_once(job, ref, backend, store, done)]
 
     failed = [j for j in done.values() if j.status != "succeeded"]
     if failed:

@@ -13,6 +13,10 @@ from orchestrator.store import RunRow, Store
 METHOD_LABELS = {"single": "single agent", "majority": "majority vote", "debate": "debate"}
 
 
+def _method_order(method: str) -> int:
+    return list(METHOD_LABELS).index(method) if method in METHOD_LABELS else len(METHOD_LABELS)
+
+
 def society_label(iteration: int) -> str:
     return "base" if iteration == 0 else f"multiagent FT, iteration {iteration}"
 
@@ -76,7 +80,10 @@ def report_data(store: Store, run: RunRow) -> dict[str, Any]:
     return {
         "run": {"id": run.id, "status": run.status, "iterations_done": run.iterations_done},
         "config": config.model_dump(mode="json"),
-        "evaluations": [e.model_dump(exclude={"run_id", "created_at"}) for e in store.get_evaluations(run.id)],
+        "evaluations": [
+            e.model_dump(exclude={"run_id", "created_at"})
+            for e in sorted(store.get_evaluations(run.id), key=lambda e: (e.iteration, _method_order(e.method)))
+        ],
         "datasets": [
             d.model_dump(exclude={"run_id", "created_at", "problem_ids"}) for d in store.get_datasets(run.id)
         ],
@@ -111,9 +118,9 @@ def accuracy_table(evaluations: list[dict[str, Any]], title: str) -> Table:
 
 def datasets_table(datasets: list[dict[str, Any]]) -> Table:
     table = Table(title="finetuning data per agent and role")
-    for col in ("iteration", "agent", "role", "examples", "corrected (D^C−) used/available",
-                "kept right (D^C+) used/available", "sha256"):
-        table.add_column(col, justify="right" if col not in ("role", "sha256") else "left")
+    table.caption = "critic sets mix D^C− (wrong, then corrected) and D^C+ (right throughout): used/available"
+    for col in ("iteration", "agent", "role", "examples", "D^C−", "D^C+", "sha256"):
+        table.add_column(col, justify="left" if col in ("role", "sha256") else "right")
     for d in datasets:
         critic = d["role"] == "critic"
         table.add_row(
@@ -127,8 +134,9 @@ def datasets_table(datasets: list[dict[str, Any]]) -> Table:
 
 def agents_table(agents: list[dict[str, Any]]) -> Table:
     table = Table(title="agents")
-    for col in ("iteration", "agent", "role", "model id"):
+    for col in ("iteration", "agent", "role"):
         table.add_column(col)
+    table.add_column("model id", overflow="fold")
     for a in agents:
         table.add_row(str(a["iteration"]), str(a["agent"] + 1), a["role"], a["model_id"])
     return table
@@ -136,11 +144,11 @@ def agents_table(agents: list[dict[str, Any]]) -> Table:
 
 def jobs_table(jobs: list[dict[str, Any]]) -> Table:
     table = Table(title="finetuning jobs")
-    for col in ("iteration", "agent", "role", "status", "job id", "elapsed", "train loss", "tokens", "last event"):
-        table.add_column(col)
+    for col in ("iteration", "agent", "role", "status", "elapsed", "loss", "tokens"):
+        table.add_column(col, no_wrap=True)
+    table.add_column("last event", overflow="fold")
     for j in jobs:
         loss = f"{j['train_loss']:.3f}" if j["train_loss"] is not None else ""
-        table.add_row(str(j["iteration"]), str(j["agent"] + 1), j["role"], j["status"], j["provider_job_id"] or "",
-                      f"{j['elapsed_s']:.0f} s", loss, str(j["trained_tokens"] or ""),
-                      j["error"] or j["last_event"] or "")
+        table.add_row(str(j["iteration"]), str(j["agent"] + 1), j["role"], j["status"], f"{j['elapsed_s']:.0f} s",
+                      loss, str(j["trained_tokens"] or ""), j["error"] or j["last_event"] or "")
     return table

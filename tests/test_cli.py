@@ -91,4 +91,4 @@ def test_status_and_report_of_a_finished_run(tmp_path):
     table = cli("report", "demo", "--db", db)
     assert table.returncode == 0 and "multiagent FT, iteration 1" in table.stdout and "±" in table.stdout
     text = cli("status", "demo", "--db", db)
-    assert text.returncode == 0 and "finished" in text.stdout and "job-" in text.stdout
+    assert text.returncode == 0 and "finished" in text.stdout and "succeeded" in text.stdout

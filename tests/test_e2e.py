@@ -1,0 +1,84 @@
+"""`orchestrator run` end to end on the bundled SmolLM2-135M-Instruct, on CPU, with a tiny config.
+
+Greedy decoding makes the three agents agree, and concatenation (not a summary) shows each critic answers equal
+to its own, so every generator and critic gets data and all 2N adapters are trained; the test then checks what
+the store and the files hold, and that a re-run is free.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+CONFIG = """
+agents = 3
+rounds = 2
+iterations = 1
+train_size = 3
+eval_size = 3
+summarize = false  # critics see the (identical) answers of the others, so they keep theirs
+
+[generation]
+temperature = 0.0
+max_tokens = 24
+summary_max_tokens = 24
+
+[training]
+epochs = 1
+batch_size = 4
+max_length = 384
+"""
+
+
+def orchestrator(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    return subprocess.run([sys.executable, "-m", "orchestrator", *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=1200)
+
+
+@pytest.mark.slow
+def test_the_whole_loop_on_the_bundled_model(tmp_path: Path) -> None:
+    (tmp_path / "run.toml").write_text(CONFIG)
+    proc = orchestrator("run", "--config", "run.toml", "--name", "e2e", "--quiet", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "held-out accuracy" in proc.stdout
+
+    db = sqlite3.connect(tmp_path / "maft.db")
+    jobs = db.execute("select role, agent, status, model_id, dataset_sha256 from jobs where run_id='e2e'").fetchall()
+    assert len(jobs) == 6 and {j[2] for j in jobs} == {"succeeded"}
+    adapters = {j[3] for j in jobs}
+    assert len(adapters) == 6
+    for path in adapters:
+        assert (Path(path) / "adapter_config.json").is_file()
+        assert (Path(path) / "adapter_model.safetensors").is_file()
+    agents = db.execute("select model_id from agents where run_id='e2e' and iteration=1").fetchall()
+    assert {a[0] for a in agents} == adapters
+
+    datasets = db.execute("select role, path, sha256, n_examples from datasets where run_id='e2e'").fetchall()
+    assert len(datasets) == 6
+    for role, path, sha, n in datasets:
+        assert hashlib.sha256(Path(path).read_bytes()).hexdigest() == sha
+        lines = Path(path).read_text().splitlines()
+        assert len(lines) == n > 0
+        messages = json.loads(lines[0])["messages"]
+        assert len(messages) == (2 if role == "generator" else 4)
+    assert {d[2] for d in datasets} == {j[4] for j in jobs}
+
+    evaluations = db.execute("select iteration, method, n from evaluations where run_id='e2e'").fetchall()
+    assert {(e[0], e[1]) for e in evaluations} >= {(0, "debate"), (1, "debate"), (0, "single")}
+    assert all(e[2] == 3 for e in evaluations)
+    responses = db.execute("select count(*) from responses where run_id='e2e'").fetchone()[0]
+    db.close()
+
+    again = orchestrator("run", "--config", "run.toml", "--name", "e2e", "--quiet", cwd=tmp_path)
+    assert again.returncode == 0, again.stderr[-3000:]
+    db = sqlite3.connect(tmp_path / "maft.db")
+    assert db.execute("select count(*) from responses where run_id='e2e'").fetchone()[0] == responses
+    assert db.execute("select count(*) from jobs where run_id='e2e'").fetchone()[0] == 6
