@@ -113,10 +113,11 @@ def run(config_file: Path | None, backend: str | None, model: str | None, task: 
             run_id = name or config.default_name()
         run_row = open_run(store, config, run_id, must_exist=resume is not None)
         work = workdir or store.path.resolve().parent / "maft-runs" / run_id
-        console.print(f"run [bold]{run_id}[/] · {config.backend} · {config.model} · {config.task} · "
-                      f"{config.agents} agents × {config.rounds} rounds × {config.iterations} iteration(s) · "
-                      f"db {store.path} · files {work}")
         backend_obj = create_backend(config, work, show_progress=not quiet)
+        info = backend_obj.describe()
+        console.print(f"run [bold]{run_id}[/] · {config.backend} ({info.device or 'remote'}) · {config.model} · "
+                      f"{config.task} · {config.agents} agents × {config.rounds} rounds × {config.iterations} "
+                      f"iteration(s) · db {store.path} · files {work}")
         started = time.monotonic()
         try:
             Pipeline(config=config, run=run_row, store=store, backend=backend_obj, workdir=work, console=console,
