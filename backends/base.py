@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Literal, Protocol, runtime_checkable
+from typing import Any, Literal, Protocol, runtime_checkable
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -57,6 +57,7 @@ class ChatResult(BaseModel):
     text: str
     finish_reason: str = "stop"
     usage: Usage = Field(default_factory=Usage)
+    billing: Literal["standard", "batch"] = "standard"  # batch results are priced at the batch rate
 
 
 class TrainingParams(BaseModel):
@@ -107,11 +108,38 @@ class JobState(BaseModel):
 
 class BackendInfo(BaseModel):
     name: str
-    base_model: str
+    base_model: str  # the provider's name of the base model (what BASE_MODEL_ID stands for)
     device: str | None = None
     supports_finetuning: bool = True
     supports_batch: bool = False
     pricing_source: str | None = None
+    max_concurrent_jobs: int | None = None  # the provider's limit on running finetunes; None = no limit
+
+
+@runtime_checkable
+class BackendState(Protocol):
+    """Durable memory a backend keeps in the run's store, so it can stay idempotent across crashes.
+
+    A hosted backend writes what it is about to pay for (an uploaded file's id by content hash, the batch a
+    request went into) before and after each remote call, and reads it back when a resumed run asks again.
+    """
+
+    def get(self, key: str) -> dict[str, Any] | None: ...
+
+    def put(self, key: str, value: dict[str, Any]) -> None: ...
+
+
+class MemoryState:
+    """A BackendState that lives only as long as the process (for tests and one-off use)."""
+
+    def __init__(self) -> None:
+        self._data: dict[str, dict[str, Any]] = {}
+
+    def get(self, key: str) -> dict[str, Any] | None:
+        return self._data.get(key)
+
+    def put(self, key: str, value: dict[str, Any]) -> None:
+        self._data[key] = dict(value)
 
 
 ResultCallback = Callable[[ChatResult], None]

@@ -41,6 +41,41 @@ class LocalConfig(BaseModel):
     batch_size: int = Field(48, ge=1, le=4096)
 
 
+class OpenAIConfig(BaseModel):
+    """Settings only the openai backend reads (OpenAI, Azure OpenAI, or any OpenAI-compatible server).
+
+    Secrets never live here: the API key comes from OPENAI_API_KEY / AZURE_OPENAI_API_KEY in the environment
+    or `.env`. Finetuning hyper-parameters default to the paper's (2 epochs, batch 1, multiplier 1).
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    api: Literal["openai", "azure"] = "openai"
+    base_url: str | None = None  # else OPENAI_BASE_URL, else the provider's default
+    azure_endpoint: str | None = None  # else AZURE_OPENAI_ENDPOINT
+    api_version: str | None = None  # Azure only; else OPENAI_API_VERSION
+    concurrency: int = Field(16, ge=1, le=1024)
+    requests_per_minute: int | None = Field(None, ge=1)
+    tokens_per_minute: int | None = Field(None, ge=1)
+    max_retries: int = Field(6, ge=0, le=50)
+    timeout: float = Field(120.0, gt=0)
+    batch: bool = False  # debate rounds through the Batch API (half price, slower)
+    n_epochs: int | Literal["auto"] = 2
+    batch_size: int | Literal["auto"] = 1
+    learning_rate_multiplier: float | Literal["auto"] = 1.0
+    poll_interval: float = Field(30.0, gt=0)
+    max_concurrent_jobs: int = Field(6, ge=1, le=256)
+
+
+# Fields that change how a run is carried out but not what it computes: they may differ on resume.
+_OPERATIONAL: dict[str, Any] = {
+    "iterations": True,
+    "local": {"device", "batch_size"},
+    "openai": {"concurrency", "requests_per_minute", "tokens_per_minute", "max_retries", "timeout", "batch",
+               "poll_interval", "max_concurrent_jobs", "base_url", "azure_endpoint", "api_version"},
+}
+
+
 def _default_training() -> TrainingParams:
     # Small sets of short answers: a few more epochs and a higher rate than the paper's 7B settings.
     return TrainingParams(epochs=3, batch_size=8, learning_rate=3e-4, max_length=512)
@@ -51,7 +86,7 @@ class RunConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    backend: Literal["local"] = "local"
+    backend: Literal["local", "openai"] = "local"
     model: str = DEFAULT_MODEL
     task: str = "arithmetic:easy"
     agents: int = Field(3, ge=1, le=64)
@@ -67,6 +102,7 @@ class RunConfig(BaseModel):
     generation: GenerationConfig = Field(default_factory=GenerationConfig)
     training: TrainingParams = Field(default_factory=_default_training)
     local: LocalConfig = Field(default_factory=LocalConfig)
+    openai: OpenAIConfig = Field(default_factory=OpenAIConfig)
 
     @model_validator(mode="after")
     def _debate_needs_peers(self) -> RunConfig:
@@ -74,10 +110,13 @@ class RunConfig(BaseModel):
             raise ValueError("a debate with rounds > 1 needs at least 2 agents (set agents >= 2 or rounds = 1)")
         return self
 
+    def identity_fields(self) -> dict[str, Any]:
+        """What decides the results: everything but `iterations` (a run may be extended) and how it is run."""
+        others = {name: True for name in ("local", "openai") if name != self.backend}  # unused backends' settings
+        return self.model_dump(mode="json", exclude=_OPERATIONAL | others)
+
     def identity(self) -> str:
-        """A short hash of what decides the results, minus `iterations` (a run may be extended)."""
-        data = self.model_dump(mode="json", exclude={"iterations"})
-        return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:8]
+        return hashlib.sha256(json.dumps(self.identity_fields(), sort_keys=True).encode()).hexdigest()[:8]
 
     def default_name(self) -> str:
         slug = "".join(c if c.isalnum() else "-" for c in Path(self.task).name.lower()).strip("-")

@@ -154,7 +154,39 @@ def m001_initial(db: sqlite_utils.Database) -> None:
     )
 
 
-MIGRATIONS: list[Migration] = [m001_initial]
+def m002_costs_and_backend_state(db: sqlite_utils.Database) -> None:
+    """The cost ledger, a backend's durable memory, and job attempts (a failed job is retried as a new one)."""
+    db.table("usage").create(
+        {
+            "id": int,
+            "run_id": str,
+            "stage": str,  # debate | summary | training
+            "debate": str,
+            "iteration": int,
+            "agent": int,
+            "role": str,
+            "model": str,
+            "ref": str,  # the response key or job key this line pays for
+            "billing": str,  # standard | batch | training
+            "prompt_tokens": int,
+            "cached_tokens": int,
+            "completion_tokens": int,
+            "trained_tokens": int,
+            "cost_usd": float,
+            "estimated": int,  # 1 while only an estimate (a job not yet billed)
+            "price_source": str,
+            "created_at": float,
+        },
+        pk="id",
+        foreign_keys=[("run_id", "runs", "id")],
+    )
+    db.table("usage").create_index(["run_id"])
+    db.table("usage").create_index(["ref", "billing"], unique=True)
+    db.table("backend_state").create({"key": str, "value": str, "updated_at": float}, pk="key")
+    db.table("jobs").add_column("attempt", int, not_null_default=1)
+
+
+MIGRATIONS: list[Migration] = [m001_initial, m002_costs_and_backend_state]
 
 
 def migrate(db: sqlite_utils.Database) -> None:

@@ -43,15 +43,13 @@ def open_run(store: Store, config: RunConfig, run_id: str, *, must_exist: bool) 
         return run
     stored = RunConfig.model_validate_json(run.config)
     if stored.identity() != config.identity():
-        diff = sorted(
-            k for k, v in stored.model_dump(exclude={"iterations"}).items()
-            if config.model_dump(exclude={"iterations"})[k] != v
-        )
+        new = config.identity_fields()
+        diff = sorted(k for k, v in stored.identity_fields().items() if new.get(k) != v)
         raise UserError(
             f"run '{run_id}' already exists with a different configuration ({', '.join(diff)} differ): "
             f"use another --name, or `orchestrator run --resume {run_id}` to continue it as it was"
         )
-    if stored.iterations != config.iterations:
+    if stored != config:  # only iterations and operational settings can differ here
         run.config = config.model_dump_json()
         store.save_run(run)
     return run

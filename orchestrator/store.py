@@ -6,6 +6,7 @@ is plain SQLite (WAL mode) that users can open with `sqlite-utils` or Datasette.
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -118,6 +119,7 @@ class JobRow(BaseModel):
     base_model_id: str
     dataset_sha256: str | None = None
     status: str = "pending"  # pending | queued | running | succeeded | failed | cancelled | skipped
+    attempt: int = 1  # a failed job is retried as attempt 2, 3, ... under a new idempotency key
     model_id: str | None = None
     train_loss: float | None = None
     trained_tokens: int | None = None
@@ -132,6 +134,29 @@ class JobEventRow(BaseModel):
     created_at: float
     level: str = "info"
     message: str
+
+
+class UsageRow(BaseModel):
+    """One line of the cost ledger: what one response or one finetune cost, and which price said so."""
+
+    id: int | None = None
+    run_id: str
+    stage: str  # debate | summary | training
+    debate: str | None = None
+    iteration: int | None = None
+    agent: int | None = None
+    role: str | None = None
+    model: str
+    ref: str  # the response key or job key paid for; (ref, billing) is unique, so nothing is counted twice
+    billing: str  # standard | batch | training
+    prompt_tokens: int = 0
+    cached_tokens: int = 0
+    completion_tokens: int = 0
+    trained_tokens: int = 0
+    cost_usd: float = 0.0
+    estimated: int = 0
+    price_source: str | None = None
+    created_at: float = Field(default_factory=_now)
 
 
 class EvaluationRow(BaseModel):
@@ -156,7 +181,22 @@ _PKS: dict[str, str | tuple[str, ...]] = {
     "jobs": "key",
     "job_events": ("job_key", "created_at", "message"),
     "evaluations": ("run_id", "iteration", "method"),
+    "backend_state": "key",
 }
+
+
+class StoreState:
+    """The store as a backend's durable memory (backends.base.BackendState), namespaced by backend name."""
+
+    def __init__(self, store: Store, namespace: str) -> None:
+        self.store = store
+        self.namespace = namespace
+
+    def get(self, key: str) -> dict[str, Any] | None:
+        return self.store.get_state(f"{self.namespace}:{key}")
+
+    def put(self, key: str, value: dict[str, Any]) -> None:
+        self.store.put_state(f"{self.namespace}:{key}", value)
 
 
 class Store:
@@ -285,6 +325,35 @@ class Store:
 
     def get_job_events(self, job_key: str) -> list[JobEventRow]:
         return self._select("job_events", JobEventRow, "job_key = ?", [job_key], "created_at")
+
+    # cost ledger -----------------------------------------------------------------------------------------
+
+    def record_usage(self, rows: Iterable[UsageRow]) -> None:
+        """Append ledger lines; a line for the same (ref, billing) replaces the earlier one (an estimate
+        replaced by the bill, or a retried write after a crash)."""
+        records = [r.model_dump(exclude={"id"}) for r in rows]
+        if records:
+            with self.transaction():
+                self.db.table("usage").insert_all(records, replace=True)
+
+    def get_usage(self, run_id: str) -> list[UsageRow]:
+        return self._select("usage", UsageRow, "run_id = ?", [run_id], "id")
+
+    def total_cost(self, run_id: str) -> float:
+        row = self.db.execute("select coalesce(sum(cost_usd), 0) from usage where run_id = ?", [run_id]).fetchone()
+        return float(row[0])
+
+    # backend state ---------------------------------------------------------------------------------------
+
+    def get_state(self, key: str) -> dict[str, Any] | None:
+        rows = list(self.db.table("backend_state").rows_where("key = ?", [key]))
+        return json.loads(rows[0]["value"]) if rows else None
+
+    def put_state(self, key: str, value: dict[str, Any]) -> None:
+        with self.transaction():
+            self.db.table("backend_state").upsert(
+                {"key": key, "value": json.dumps(value, sort_keys=True), "updated_at": _now()}, pk="key"
+            )
 
     # evaluations -----------------------------------------------------------------------------------------
 
