@@ -5,13 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from backends.base import Backend
+from backends.base import Backend, BackendState
 
 if TYPE_CHECKING:
     from orchestrator.config import RunConfig
 
 
-def create_backend(config: RunConfig, workdir: Path, *, show_progress: bool = True) -> Backend:
+def create_backend(config: RunConfig, workdir: Path, *, state: BackendState, show_progress: bool = True) -> Backend:
     """The backend a run asked for. Imports lazily so `--help` and `status` never load torch."""
     if config.backend == "local":
         from backends.local import LocalBackend
@@ -23,4 +23,8 @@ def create_backend(config: RunConfig, workdir: Path, *, show_progress: bool = Tr
             batch_size=config.local.batch_size,
             show_progress=show_progress,
         )
+    if config.backend == "openai":
+        from backends.openai import OpenAIBackend
+
+        return OpenAIBackend(config.model, config.openai, state, show_progress=show_progress)
     raise ValueError(f"unknown backend {config.backend!r}")

@@ -114,6 +114,8 @@ class BackendInfo(BaseModel):
     supports_batch: bool = False
     pricing_source: str | None = None
     max_concurrent_jobs: int | None = None  # the provider's limit on running finetunes; None = no limit
+    billed: bool = False  # True when calls cost money per token (hosted); the price table then applies
+    training_epochs: int = 1  # passes a finetune makes over its file, for cost estimates before the bill
 
 
 @runtime_checkable

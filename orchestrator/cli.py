@@ -12,11 +12,13 @@ from typing import Any
 import click
 from rich.console import Console
 
-from orchestrator.config import DEFAULT_MODEL, build_config, read_toml
+from backends.base import BackendInfo, MemoryState
+from orchestrator.config import DEFAULT_MODEL, RunConfig, build_config, read_toml
+from orchestrator.costs import Ledger, Pricing, load_prices
 from orchestrator.errors import UserError
 from orchestrator.finetune import RunStopped
-from orchestrator.store import Store
-from orchestrator.tasks import TASK_SPECS_HELP
+from orchestrator.store import Store, StoreState
+from orchestrator.tasks import TASK_SPECS_HELP, get_task
 
 DB_HELP = "SQLite file that tracks every run (default: ./maft.db, or $MAFT_DB)."
 
@@ -48,8 +50,9 @@ def cli() -> None:
 @click.option("--config", "config_file", type=click.Path(path_type=Path),
               help="TOML file with run settings (top-level keys as the flags below, plus [generation], "
                    "[training] and [local] tables). Flags override it.")
-@click.option("--backend", type=click.Choice(["local"]), help="Who runs the models. local: transformers + PEFT "
-              "LoRA on this machine (GPU in bf16 when present, else CPU). [default: local]")
+@click.option("--backend", type=click.Choice(["local", "openai"]), help="Who runs the models. local: transformers + "
+              "PEFT LoRA on this machine (GPU in bf16 when present, else CPU); openai: OpenAI, Azure OpenAI or "
+              "an OpenAI-compatible server (key from OPENAI_API_KEY or .env). [default: local]")
 @click.option("--model", help=f"Base model: the bundled {DEFAULT_MODEL} (default), a local folder or .gguf "
               "file, or a Hugging Face id already in the local cache (nothing is downloaded).")
 @click.option("--task", help=f"Problems to train and evaluate on. {TASK_SPECS_HELP} [default: arithmetic:easy]")
@@ -74,71 +77,125 @@ def cli() -> None:
               "[default: auto]")
 @click.option("--name", help="Run name. Re-running the same name resumes it. [default: derived from the config, so "
               "re-running the same command resumes]")
-@click.option("--resume", "resume", metavar="RUN", help="Continue a stored run with its stored configuration "
-              "(only --iterations may be raised).")
+@click.option("--resume", "resume", metavar="RUN", help="Continue a stored run with its stored configuration: "
+              "--iterations may be raised, and settings of how it runs (--device, --batch, --base-url) changed.")
 @click.option("--db", help=DB_HELP)
 @click.option("--workdir", type=click.Path(path_type=Path),
               help="Where datasets and adapters are written. [default: maft-runs/RUN beside the database]")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
+@click.option("--base-url", help="openai backend: an OpenAI-compatible server (vLLM, llama.cpp, Ollama, a proxy). "
+              "[default: $OPENAI_BASE_URL, else OpenAI]")
+@click.option("--batch/--no-batch", default=None, help="openai backend: send debate rounds through the Batch API "
+              "(half price, can take hours). [default: no]")
+@click.option("--dry-run", is_flag=True, help="Print the tokens and cost of the whole planned run (expected and at "
+              "most) and exit, spending nothing and writing nothing.")
+@click.option("--max-cost", type=float, metavar="USD", help="Refuse to start any step whose upper-bound cost "
+              "would take the run past this many dollars; the run stops cleanly and can be resumed.")
+@click.option("--prices", type=click.Path(path_type=Path), help="TOML file of prices that replace the packaged "
+              "table model by model (see orchestrator/prices.toml). [default: $MAFT_PRICES]")
 def run(config_file: Path | None, backend: str | None, model: str | None, task: str | None, agents: int | None,
         rounds: int | None, iterations: int | None, train_size: int | None, eval_size: int | None,
         seed: int | None, strategy: str | None, summarize: bool | None, critic_mix: float | None,
         device: str | None, name: str | None, resume: str | None, db: str | None, workdir: Path | None,
-        quiet: bool) -> None:
+        quiet: bool, base_url: str | None, batch: bool | None, dry_run: bool, max_cost: float | None,
+        prices: Path | None) -> None:
     """Run (or resume) the whole loop: debate → per-agent data → 2N finetunes → evaluation, L times.
 
     With no options it runs a small job on the bundled SmolLM2-135M-Instruct on CPU: 3 agents, 2 rounds,
     1 iteration, 24 easy arithmetic problems to train on and 24 to evaluate on.
     """
-    from backends import create_backend
-    from orchestrator.pipeline import Pipeline, open_run, stored_config
-    from orchestrator.report import accuracy_table, datasets_table, report_data
-
-    console = Console()
     flags: dict[str, Any] = {
         "backend": backend, "model": model, "task": task, "agents": agents, "rounds": rounds,
         "iterations": iterations, "train_size": train_size, "eval_size": eval_size, "seed": seed,
         "strategy": strategy, "summarize": summarize, "critic_mix": critic_mix,
         "local": {"device": device} if device else None,
+        "openai": {k: v for k, v in (("base_url", base_url), ("batch", batch)) if v is not None} or None,
     }
+    if max_cost is not None and max_cost < 0:
+        raise UserError(f"--max-cost must be 0 or more dollars, got {max_cost}")
+    if dry_run and not resume:
+        file_values = read_toml(config_file) if config_file else {}
+        config = build_config(file_values, flags, str(config_file) if config_file else "command-line flags")
+        _dry_run(config, prices)
+        return
+    from orchestrator.pipeline import stored_config
+
     store = _open_store(db, must_exist=resume is not None)
     try:
         if resume:
             base = stored_config(store, resume).model_dump(mode="json")
             config = build_config(base, flags, f"run {resume} with your flags")
             run_id = resume
+            if dry_run:
+                _dry_run(config, prices)
+                return
         else:
             file_values = read_toml(config_file) if config_file else {}
             config = build_config(file_values, flags, str(config_file) if config_file else "command-line flags")
             run_id = name or config.default_name()
-        run_row = open_run(store, config, run_id, must_exist=resume is not None)
-        work = workdir or store.path.resolve().parent / "maft-runs" / run_id
-        backend_obj = create_backend(config, work, show_progress=not quiet)
-        info = backend_obj.describe()
-        console.print(f"run [bold]{run_id}[/] · {config.backend} ({info.device or 'remote'}) · {config.model} · "
-                      f"{config.task} · {config.agents} agents × {config.rounds} rounds × {config.iterations} "
-                      f"iteration(s) · db {store.path} · files {work}")
-        started = time.monotonic()
-        try:
-            Pipeline(config=config, run=run_row, store=store, backend=backend_obj, workdir=work, console=console,
-                     show_progress=not quiet).run()
-        except KeyboardInterrupt:
-            console.print(f"[yellow]interrupted: everything finished so far is stored; continue with "
-                          f"`orchestrator run --resume {run_id}{_db_flag(db)}`")
-            sys.exit(130)
-        except RunStopped as exc:
-            resume_cmd = f"orchestrator run --resume {run_id}{_db_flag(db)}"
-            console.print(f"[red]stopped: {exc}; fix the cause, then `{resume_cmd}`")
-            sys.exit(1)
-        finally:
-            backend_obj.close()
-        data = report_data(store, run_row)
-        console.print(datasets_table(data["datasets"]))
-        console.print(accuracy_table(data["evaluations"], f"held-out accuracy · {config.task} · run {run_id}"))
-        console.print(f"finished in {time.monotonic() - started:.0f} s · `orchestrator report {run_id}"
-                      f"{_db_flag(db)}` shows it again")
+        _run(store, config, run_id, must_exist=resume is not None, db=db, workdir=workdir, quiet=quiet,
+             max_cost=max_cost, prices=prices)
     finally:
         store.close()
+
+
+def _pricing(config: RunConfig, info: BackendInfo, prices: Path | None) -> Pricing:
+    return Pricing(load_prices(prices) if info.billed else None, info.base_model)
+
+
+def _dry_run(config: RunConfig, prices: Path | None) -> None:
+    from backends import create_backend
+    from orchestrator.estimate import estimate_run
+    from orchestrator.report import estimate_table
+
+    task = get_task(config.task)
+    backend = create_backend(config, Path("maft-runs") / "dry-run", state=MemoryState(), show_progress=False)
+    info = backend.describe()  # describing never loads a model or calls the network
+    lines = estimate_run(config, task, _pricing(config, info, prices), info)
+    Console().print(estimate_table(lines, f"dry run · {config.backend} · {config.model} · {config.task} · "
+                                          f"{config.agents} agents × {config.rounds} rounds × "
+                                          f"{config.iterations} iteration(s)"))
+
+
+def _run(store: Store, config: RunConfig, run_id: str, *, must_exist: bool, db: str | None, workdir: Path | None,
+         quiet: bool, max_cost: float | None, prices: Path | None) -> None:
+    from backends import create_backend
+    from orchestrator.pipeline import Pipeline, open_run
+    from orchestrator.report import accuracy_table, datasets_table, report_data
+
+    console = Console()
+    run_row = open_run(store, config, run_id, must_exist=must_exist)
+    work = workdir or store.path.resolve().parent / "maft-runs" / run_id
+    backend_obj = create_backend(config, work, state=StoreState(store, config.backend), show_progress=not quiet)
+    info = backend_obj.describe()
+    ledger = Ledger(store, run_id, _pricing(config, info, prices), max_cost=max_cost,
+                    batch=config.backend == "openai" and config.openai.batch)
+    console.print(f"run [bold]{run_id}[/] · {config.backend} ({info.device or 'remote'}) · {config.model} · "
+                  f"{config.task} · {config.agents} agents × {config.rounds} rounds × {config.iterations} "
+                  f"iteration(s) · db {store.path} · files {work}")
+    resume_cmd = f"orchestrator run --resume {run_id}{_db_flag(db)}"
+    started = time.monotonic()
+    try:
+        Pipeline(config=config, run=run_row, store=store, backend=backend_obj, workdir=work, console=console,
+                 show_progress=not quiet, ledger=ledger, poll_interval=_poll_interval(config)).run()
+    except KeyboardInterrupt:
+        console.print(f"[yellow]interrupted: everything finished so far is stored; continue with `{resume_cmd}`")
+        sys.exit(130)
+    except RunStopped as exc:
+        console.print(f"[red]stopped: {exc}; then `{resume_cmd}`")
+        sys.exit(1)
+    finally:
+        backend_obj.close()
+    data = report_data(store, run_row)
+    console.print(datasets_table(data["datasets"]))
+    console.print(accuracy_table(data["evaluations"], f"held-out accuracy · {config.task} · run {run_id}"))
+    spent = store.total_cost(run_id)
+    console.print(f"finished in {time.monotonic() - started:.0f} s" + (f" · ${spent:.4f} spent" if spent else "")
+                  + f" · `orchestrator report {run_id}{_db_flag(db)}` shows it again")
+
+
+def _poll_interval(config: RunConfig) -> float:
+    return config.openai.poll_interval if config.backend == "openai" else 5.0
 
 
 def _db_flag(db: str | None) -> str:
@@ -149,9 +206,14 @@ def _db_flag(db: str | None) -> str:
 @click.argument("run_id", metavar="[RUN]", required=False)
 @click.option("--db", help=DB_HELP)
 @click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON instead of tables.")
-def status(run_id: str | None, db: str | None, as_json: bool) -> None:
-    """Show all runs, or one run: its progress, its agents and their model ids per iteration, its jobs."""
-    from orchestrator.report import agents_table, jobs_table, runs_data, runs_table, status_data
+@click.option("--watch", is_flag=True, help="Keep the view of RUN up to date until the run stops (Ctrl-C to leave).")
+@click.option("--interval", type=float, default=2.0, show_default=True, help="Seconds between refreshes with --watch.")
+def status(run_id: str | None, db: str | None, as_json: bool, watch: bool, interval: float) -> None:
+    """Show all runs, or one run: its progress, its agents and their model ids per iteration, its jobs with their
+    state, elapsed time, trained tokens and last event."""
+    from rich.live import Live
+
+    from orchestrator.report import runs_data, runs_table, status_data, status_view
 
     store = _open_store(db, must_exist=True)
     try:
@@ -160,18 +222,17 @@ def status(run_id: str | None, db: str | None, as_json: bool) -> None:
             _print_json(rows) if as_json else Console().print(runs_table(rows))
             return
         run_row = store.require_run(run_id)
-        data = status_data(store, run_row)
         if as_json:
-            _print_json(data)
+            _print_json(status_data(store, run_row))
             return
-        console = Console()
-        r, p = data["run"], data["progress"]
-        console.print(f"run [bold]{r['id']}[/]: {r['status']}, {r['iterations_done']}/{data['config']['iterations']} "
-                      f"iterations done, {p['responses_stored']}/{p['responses_expected']} responses stored"
-                      + (f" · last error: {r['error']}" if r["error"] else ""))
-        console.print(agents_table(data["agents"]))
-        if data["jobs"]:
-            console.print(jobs_table(data["jobs"]))
+        if not watch:
+            Console().print(status_view(status_data(store, run_row)))
+            return
+        with Live(status_view(status_data(store, run_row)), refresh_per_second=4) as live:
+            while (run_row := store.require_run(run_id)).status == "running":
+                time.sleep(interval)
+                live.update(status_view(status_data(store, run_row)))
+            live.update(status_view(status_data(store, run_row)))
     finally:
         store.close()
 
@@ -211,3 +272,89 @@ def main() -> None:
     except click.ClickException as exc:
         exc.show()
         sys.exit(2)
+
+
+@cli.command()
+@click.argument("run_id", metavar="RUN")
+@click.option("--db", help=DB_HELP)
+@click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON instead of tables.")
+def cost(run_id: str, db: str | None, as_json: bool) -> None:
+    """What a run has cost: the ledger summed by stage, iteration, agent and role, with the price sources.
+
+    Every response and every finetune wrote its line when it happened; a job still running shows its estimate
+    until the provider reports its trained tokens.
+    """
+    from orchestrator.costs import cost_summary
+    from orchestrator.report import cost_tables
+
+    store = _open_store(db, must_exist=True)
+    try:
+        store.require_run(run_id)
+        summary = cost_summary(store.get_usage(run_id))
+        if as_json:
+            _print_json(summary)
+            return
+        console = Console()
+        for table in cost_tables(summary, run_id):
+            console.print(table)
+        estimated = f" (of which ${summary['estimated_usd']:.4f} estimated)" if summary["estimated_usd"] else ""
+        console.print(f"total ${summary['total_usd']:.4f}{estimated}")
+        for source in summary["sources"]:
+            console.print(f"  price source: {source}")
+    finally:
+        store.close()
+
+
+@cli.group()
+def jobs() -> None:
+    """Finetuning jobs of a run: list them, or cancel the ones still running."""
+
+
+@jobs.command("list")
+@click.argument("run_id", metavar="RUN")
+@click.option("--db", help=DB_HELP)
+@click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON instead of a table.")
+def jobs_list(run_id: str, db: str | None, as_json: bool) -> None:
+    """Every job of RUN with its provider id, state, elapsed time, trained tokens and last event."""
+    from orchestrator.report import jobs_table, status_data
+
+    store = _open_store(db, must_exist=True)
+    try:
+        data = status_data(store, store.require_run(run_id))["jobs"]
+        _print_json(data) if as_json else Console().print(jobs_table(data))
+    finally:
+        store.close()
+
+
+@jobs.command("cancel")
+@click.argument("run_id", metavar="RUN")
+@click.option("--db", help=DB_HELP)
+def jobs_cancel(run_id: str, db: str | None) -> None:
+    """Ask the provider to cancel RUN's jobs that have not ended; `run --resume RUN` later starts them again."""
+    from backends import create_backend
+    from backends.base import TERMINAL_STATUSES, JobRef
+    from orchestrator.finetune import attempt_key
+    from orchestrator.pipeline import stored_config
+
+    store = _open_store(db, must_exist=True)
+    try:
+        config = stored_config(store, run_id)
+        open_jobs = [j for j in store.get_jobs(run_id) if j.status not in TERMINAL_STATUSES | {"skipped"}
+                     and j.provider_job_id]
+        if not open_jobs:
+            click.echo(f"run {run_id} has no job to cancel")
+            return
+        work = store.path.resolve().parent / "maft-runs" / run_id
+        backend = create_backend(config, work, state=StoreState(store, config.backend), show_progress=False)
+        try:
+            for job in open_jobs:
+                ref = JobRef(key=attempt_key(job.key, job.attempt), provider_job_id=job.provider_job_id or "")
+                backend.cancel(ref)
+                job.status = "cancelled"
+                store.save_job(job)
+                click.echo(f"cancelled {job.provider_job_id} (agent {job.agent + 1} {job.role}, "
+                           f"iteration {job.iteration})")
+        finally:
+            backend.close()
+    finally:
+        store.close()

@@ -19,6 +19,7 @@ from rich.progress import Progress
 import prompts
 from backends.base import BASE_MODEL_ID, Backend, ChatMessage, ChatRequest, ChatResult
 from orchestrator.config import GenerationConfig
+from orchestrator.costs import Ledger
 from orchestrator.store import DebateRow, ResponseRow, Store
 from orchestrator.tasks import Problem, Task
 from orchestrator.voting import Vote, majority_vote
@@ -81,6 +82,8 @@ class DebateRunner:
         store: Store,
         settings: DebateSettings,
         progress: Progress | None = None,
+        iteration: int | None = None,
+        ledger: Ledger | None = None,
     ) -> None:
         self.run_id = run_id
         self.name = name
@@ -89,6 +92,8 @@ class DebateRunner:
         self.store = store
         self.settings = settings
         self.progress = progress
+        self.iteration = iteration
+        self.ledger = ledger
 
     # public ----------------------------------------------------------------------------------------------
 
@@ -187,6 +192,8 @@ class DebateRunner:
         """Ask the backend for what is not stored yet; store each answer as it arrives."""
         by_key = {p.request.key: p for p in pending}
         missing = [p.request for p in pending if p.request.key not in stored]
+        if missing and self.ledger is not None:
+            self.ledger.check_chat(missing, f"{self.name} {what} ({len(missing)} requests)")
         if missing:
             task_id = (
                 self.progress.add_task(f"{self.name} · {what}", total=len(missing)) if self.progress else None
@@ -211,7 +218,8 @@ class DebateRunner:
                     completion_tokens=result.usage.completion_tokens,
                     cached_tokens=result.usage.cached_tokens,
                 )
-                self.store.save_response(row)
+                usage = self.ledger.chat_line(row, result, self.iteration) if self.ledger is not None else None
+                self.store.save_response(row, usage)
                 stored[row.key] = row
                 if self.progress is not None and task_id is not None:
                     self.progress.advance(task_id)

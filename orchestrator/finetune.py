@@ -1,27 +1,40 @@
 """The 2N finetuning jobs of an iteration: start (or re-attach to) each, poll them all, collect model ids.
 
 The job row is written before every remote call and again after it, so a crash at any point leaves enough in
-the store to find the job again instead of paying for a second one.
+the store to find the job again instead of paying for a second one (the backend's start is idempotent by the
+spec's key). At most `max_active` jobs run at once; the rest wait their turn. A failed job is retried on the
+next resume as a new attempt, under a new key.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING
 
 from pydantic import BaseModel
 
 from backends.base import TERMINAL_STATUSES, Backend, FinetuneSpec, JobRef, JobState
 from orchestrator.store import JobEventRow, JobRow, Store
 
+if TYPE_CHECKING:
+    from orchestrator.costs import Ledger
+
 
 class RunStopped(Exception):
-    """The run cannot go on (e.g. a finetuning job failed); everything done so far is stored."""
+    """The run cannot go on (a finetuning job failed, the budget is spent); everything done so far is stored."""
 
 
 class FinetunePlan(BaseModel):
     job: JobRow
     spec: FinetuneSpec
+    epochs_estimate: int = 1  # for the budget's upper bound before the provider reports trained tokens
+
+
+def attempt_key(key: str, attempt: int) -> str:
+    """The idempotency key of an attempt: the first keeps the job key, retries get their own."""
+    return key if attempt == 1 else f"{key}#attempt-{attempt}"
 
 
 def _apply(job: JobRow, state: JobState) -> list[JobEventRow]:
@@ -36,14 +49,42 @@ def _apply(job: JobRow, state: JobState) -> list[JobEventRow]:
             for e in state.events]
 
 
-def _poll_once(job: JobRow, ref: JobRef, backend: Backend, store: Store, done: dict[str, JobRow]) -> bool:
-    """Poll, store the state and its events; True when the job has ended."""
-    events = _apply(job, backend.poll(ref))
-    store.save_job(job, events)
-    if job.status in TERMINAL_STATUSES:
-        done[job.key] = job
+class _Runner:
+    def __init__(self, backend: Backend, store: Store, ledger: Ledger | None) -> None:
+        self.backend = backend
+        self.store = store
+        self.ledger = ledger
+        self.done: dict[str, JobRow] = {}
+
+    def start(self, plan: FinetunePlan, previous: JobRow | None) -> tuple[JobRow, JobRef]:
+        attempt = previous.attempt + 1 if previous is not None else 1
+        job = plan.job.model_copy(update={"status": "pending", "attempt": attempt})
+        spec = plan.spec.model_copy(update={"key": attempt_key(plan.spec.key, attempt)})
+        what = f"finetuning agent {job.agent + 1} {job.role} (iteration {job.iteration})"
+        if self.ledger is not None:
+            self.ledger.check_training(spec.base_model, spec.training_file, plan.epochs_estimate, what)
+            self.ledger.record_training_estimate(job, spec.training_file, plan.epochs_estimate)
+        self.store.save_job(job)  # intent first: a crash from here on finds this row
+        ref = self.backend.start_finetune(spec)
+        job.provider_job_id = ref.provider_job_id
+        job.status = "queued"
+        self.store.save_job(job)
+        return job, ref
+
+    def poll(self, job: JobRow, ref: JobRef, state: JobState) -> bool:
+        """Store a polled state and its events; True when the job has ended."""
+        events = _apply(job, state)
+        self.store.save_job(job, events)
+        if job.status not in TERMINAL_STATUSES:
+            return False
+        if self.ledger is not None:
+            self.ledger.record_training(job)  # the bill replaces the estimate; a failed job bills what it reports
+        self.done[job.key] = job
         return True
-    return False
+
+
+def _ref(job: JobRow) -> JobRef:
+    return JobRef(key=attempt_key(job.key, job.attempt), provider_job_id=job.provider_job_id or "")
 
 
 def run_jobs(
@@ -51,42 +92,55 @@ def run_jobs(
     backend: Backend,
     store: Store,
     *,
+    ledger: Ledger | None = None,
+    max_active: int | None = None,
     poll_interval: float = 5.0,
     max_interval: float = 60.0,
     sleep: Callable[[float], None] = time.sleep,
 ) -> dict[str, JobRow]:
     """Bring every planned job to a terminal state; raise RunStopped if any did not succeed."""
-    done: dict[str, JobRow] = {}
+    runner = _Runner(backend, store, ledger)
+    waiting: list[tuple[FinetunePlan, JobRow | None]] = []
     active: list[tuple[JobRow, JobRef]] = []
     for plan in plans:
         stored = store.get_job(plan.job.key)
         if stored is not None and stored.status == "succeeded":
-            done[stored.key] = stored
-            continue
-        if stored is not None and stored.provider_job_id and stored.status not in TERMINAL_STATUSES:
-            active.append((stored, JobRef(key=stored.key, provider_job_id=stored.provider_job_id)))
-            continue
-        job = plan.job.model_copy(update={"status": "pending", "error": None, "finished_at": None})
-        store.save_job(job)
-        ref = backend.start_finetune(plan.spec)
-        job.provider_job_id = ref.provider_job_id
-        job.status = "queued"
-        store.save_job(job)
-        # A first look right away: a local job is already finished, a hosted one shows its first state.
-        if not _poll_once(job, ref, backend, store, done):
-            active.append((job, ref))
+            runner.done[stored.key] = stored
+        elif stored is not None and stored.provider_job_id and stored.status not in TERMINAL_STATUSES:
+            active.append((stored, _ref(stored)))  # re-attach: it was started by an earlier session
+        elif stored is not None and stored.status == "pending" and stored.provider_job_id is None:
+            # Crashed between recording the intent and storing the id: the backend finds the job by its key.
+            waiting.append((plan, stored.model_copy(update={"attempt": stored.attempt - 1})))
+        else:
+            waiting.append((plan, stored))  # new, or failed/cancelled before: a new attempt
 
+    limit = max_active or len(plans) or 1
     interval = poll_interval
-    while active:
-        sleep(interval)
-        interval = min(interval * 1.5, max_interval)
-        active = [(job, ref) for job, ref in active if not _poll_once(job, ref, backend, store, done)]
+    with ThreadPoolExecutor(max_workers=8) as pool:
 
-    failed = [j for j in done.values() if j.status != "succeeded"]
+        def poll_all(jobs: list[tuple[JobRow, JobRef]]) -> list[tuple[JobRow, JobRef]]:
+            states = list(pool.map(lambda pair: backend.poll(pair[1]), jobs))  # all jobs polled concurrently
+            return [(job, ref) for (job, ref), state in zip(jobs, states, strict=True)
+                    if not runner.poll(job, ref, state)]
+
+        active = poll_all(active)  # re-attached jobs may have finished while nobody watched
+        while waiting or active:
+            while waiting and len(active) < limit:
+                plan, previous = waiting.pop(0)
+                job, ref = runner.start(plan, previous)
+                # A first look right away: a local job is already finished, a hosted one shows its first state.
+                if not runner.poll(job, ref, backend.poll(ref)):
+                    active.append((job, ref))
+            if active:
+                sleep(interval)
+                interval = min(interval * 1.5, max_interval)
+                active = poll_all(active)
+
+    failed = [j for j in runner.done.values() if j.status != "succeeded"]
     if failed:
         first = failed[0]
         raise RunStopped(
             f"{len(failed)} finetuning job(s) did not succeed; agent {first.agent + 1} {first.role} "
             f"({first.provider_job_id}) {first.status}: {first.error or 'no error given'}"
         )
-    return done
+    return runner.done

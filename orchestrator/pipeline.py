@@ -18,6 +18,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from backends.base import BASE_MODEL_ID, Backend, FinetuneSpec
 from orchestrator.config import RunConfig
+from orchestrator.costs import Ledger
 from orchestrator.debate import DebateOutcome, DebateRunner, DebateSettings, Society
 from orchestrator.errors import UserError
 from orchestrator.evaluate import evaluate
@@ -71,6 +72,7 @@ class Pipeline:
         console: Console,
         show_progress: bool = True,
         poll_interval: float = 5.0,
+        ledger: Ledger | None = None,
     ) -> None:
         self.config = config
         self.run_row = run
@@ -80,6 +82,8 @@ class Pipeline:
         self.console = console
         self.show_progress = show_progress
         self.poll_interval = poll_interval
+        self.ledger = ledger
+        self.info = backend.describe()
         self.task: Task = get_task(config.task)
         self.settings = DebateSettings(
             rounds=config.rounds, summarize=config.summarize, generation=config.generation, seed=config.seed
@@ -176,9 +180,11 @@ class Pipeline:
             yield progress
 
     def _debate(self, name: str, problems: list[Problem], society: Society) -> list[DebateOutcome]:
+        iteration = int(name.rsplit("-", 1)[1])
         with self._progress() as progress:
             runner = DebateRunner(run_id=self.run_row.id, name=name, task=self.task, backend=self.backend,
-                                  store=self.store, settings=self.settings, progress=progress)
+                                  store=self.store, settings=self.settings, progress=progress,
+                                  iteration=iteration, ledger=self.ledger)
             return runner.run(problems, society)
 
     def _datasets(self, iteration: int, outcomes: list[DebateOutcome]) -> list[DatasetRow]:
@@ -225,8 +231,9 @@ class Pipeline:
             suffix = f"{self.run_row.id[:18]}-i{iteration}-a{ds.agent + 1}-{ds.role[0]}"
             spec = FinetuneSpec(key=key, base_model=start_from, training_file=Path(ds.path), suffix=suffix,
                                 params=self.config.training, seed=self.config.seed + iteration)
-            plans.append(FinetunePlan(job=job, spec=spec))
-        results = run_jobs(plans, self.backend, self.store, poll_interval=self.poll_interval)
+            plans.append(FinetunePlan(job=job, spec=spec, epochs_estimate=self.info.training_epochs))
+        results = run_jobs(plans, self.backend, self.store, ledger=self.ledger,
+                           max_active=self.info.max_concurrent_jobs, poll_interval=self.poll_interval)
         for slot, key in jobs.items():
             model_id = results[key].model_id
             if model_id is None:  # a backend bug; never silently keep the old model

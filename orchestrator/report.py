@@ -5,7 +5,9 @@ from __future__ import annotations
 import time
 from typing import Any
 
+from rich.console import Group
 from rich.table import Table
+from rich.text import Text
 
 from orchestrator.config import RunConfig
 from orchestrator.store import RunRow, Store
@@ -152,3 +154,50 @@ def jobs_table(jobs: list[dict[str, Any]]) -> Table:
         table.add_row(str(j["iteration"]), str(j["agent"] + 1), j["role"], j["status"], f"{j['elapsed_s']:.0f} s",
                       loss, str(j["trained_tokens"] or ""), j["error"] or j["last_event"] or "")
     return table
+
+
+def estimate_table(lines: list[Any], title: str) -> Table:
+    """The dry run: per stage and iteration, tokens and dollars expected and at most."""
+    table = Table(title=title, caption="expected: answers at half their max_tokens; at most: every answer at "
+                                       "max_tokens and every example kept for training")
+    for col in ("iteration", "stage", "calls", "prompt tokens", "completion tokens", "trained tokens", "expected",
+                "at most"):
+        table.add_column(col, justify="left" if col == "stage" else "right")
+    for e in lines:
+        table.add_row(str(e.iteration), e.stage, f"{e.calls:,}", f"{e.prompt_tokens:,}", f"{e.completion_tokens:,}",
+                      f"{e.trained_tokens:,}", f"${e.expected_usd:.4f}", f"${e.at_most_usd:.4f}")
+    table.add_section()
+    table.add_row("", "total", f"{sum(e.calls for e in lines):,}", f"{sum(e.prompt_tokens for e in lines):,}",
+                  f"{sum(e.completion_tokens for e in lines):,}", f"{sum(e.trained_tokens for e in lines):,}",
+                  f"${sum(e.expected_usd for e in lines):.4f}", f"${sum(e.at_most_usd for e in lines):.4f}")
+    return table
+
+
+def cost_tables(summary: dict[str, Any], run_id: str) -> list[Table]:
+    """`orchestrator cost`: one table per grouping, each adding up to the run's total."""
+    tables = []
+    for key, label in (("stage", "stage"), ("iteration", "iteration"), ("agent", "agent"), ("role", "role")):
+        table = Table(title=f"cost of run {run_id} by {label}")
+        for col in (label, "calls", "prompt tokens", "cached", "completion tokens", "trained tokens", "cost"):
+            table.add_column(col, justify="left" if col == label else "right")
+        for g in summary[f"by_{key}"]:
+            value = g[key]
+            shown = "—" if value is None else (str(value + 1) if key == "agent" else str(value))
+            table.add_row(shown, f"{g['calls']:,}", f"{g['prompt_tokens']:,}", f"{g['cached_tokens']:,}",
+                          f"{g['completion_tokens']:,}", f"{g['trained_tokens']:,}", f"${g['cost_usd']:.4f}")
+        tables.append(table)
+    return tables
+
+
+def status_view(data: dict[str, Any]) -> Group:
+    """One run's progress line, its agents and its jobs, as one renderable (also for `status --watch`)."""
+    r, p = data["run"], data["progress"]
+    line = Text.from_markup(
+        f"run [bold]{r['id']}[/]: {r['status']}, {r['iterations_done']}/{data['config']['iterations']} iterations "
+        f"done, {p['responses_stored']}/{p['responses_expected']} responses stored"
+        + (f" · last error: {r['error']}" if r["error"] else "")
+    )
+    parts: list[Any] = [line, agents_table(data["agents"])]
+    if data["jobs"]:
+        parts.append(jobs_table(data["jobs"]))
+    return Group(*parts)

@@ -276,8 +276,12 @@ class Store:
 
     # responses -------------------------------------------------------------------------------------------
 
-    def save_response(self, row: ResponseRow) -> None:
-        self._upsert("responses", [row])
+    def save_response(self, row: ResponseRow, usage: UsageRow | None = None) -> None:
+        """A response and its ledger line together: never a paid answer without its cost, nor the reverse."""
+        with self.transaction():
+            self._upsert("responses", [row])
+            if usage is not None:
+                self.db.table("usage").insert(usage.model_dump(exclude={"id"}), replace=True)
 
     def get_responses(self, run_id: str, debate: str) -> dict[str, ResponseRow]:
         rows = self._select("responses", ResponseRow, "run_id = ? and debate = ?", [run_id, debate])

@@ -116,7 +116,8 @@ def test_a_failed_job_stops_cleanly_and_resume_redoes_only_that_job(tmp_path):
     store.close()
     fixed = ScriptedBackend()
     store = run_once(tmp_path, fixed)
-    assert [s.key for s in fixed.specs] == ["r/iteration-1/agent-2/critic"]
+    assert [s.key for s in fixed.specs] == ["r/iteration-1/agent-2/critic#attempt-2"]
+    assert store.get_job("r/iteration-1/agent-2/critic").attempt == 2
     assert store.get_run("r").status == "finished"
 
 

@@ -1,0 +1,246 @@
+"""Prices, the cost ledger and the budget.
+
+Every paid call and every finetune appends a line to the `usage` table with its tokens, its cost and the price
+source, the moment it happens; `orchestrator cost` only sums that ledger. The budget (`--max-cost`) is checked
+before each step with an upper-bound estimate, so a run stops *before* it would overspend, never after.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tomllib
+from collections.abc import Sequence
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, Field, ValidationError
+
+from backends.base import BASE_MODEL_ID, ChatRequest, ChatResult
+from orchestrator.errors import UserError
+from orchestrator.finetune import RunStopped, attempt_key
+from orchestrator.store import JobRow, ResponseRow, Store, UsageRow
+
+CHARS_PER_TOKEN = 4  # estimates only; bills use the provider's own counts
+MESSAGE_OVERHEAD_TOKENS = 4  # role and separators per chat message
+
+
+class ModelPrice(BaseModel):
+    """US dollars per 1M tokens for one base model and its finetuned variant."""
+
+    aliases: list[str] = Field(default_factory=list)
+    input: float = Field(ge=0)
+    cached_input: float = Field(ge=0)
+    output: float = Field(ge=0)
+    training: float = Field(0.0, ge=0)
+    ft_input: float | None = Field(None, ge=0)
+    ft_cached_input: float | None = Field(None, ge=0)
+    ft_output: float | None = Field(None, ge=0)
+    source: str
+
+
+class PriceTable(BaseModel):
+    version: str
+    batch_discount: float = Field(0.5, ge=0, le=1)
+    models: dict[str, ModelPrice]
+
+    def lookup(self, model: str) -> tuple[str, ModelPrice] | None:
+        """The entry for a model name, by exact name, alias, or dated snapshot (`gpt-4.1-mini-2025-…`)."""
+        if model in self.models:
+            return model, self.models[model]
+        for name, price in self.models.items():
+            if model in price.aliases:
+                return name, price
+        for name, price in self.models.items():
+            if any(model.startswith(f"{alias}-") for alias in price.aliases):
+                return name, price
+        return None
+
+
+def load_prices(user_file: Path | None = None) -> PriceTable:
+    """The packaged table, with a user's entries (a file of the same shape) replacing it model by model."""
+    data = tomllib.loads(resources.files("orchestrator").joinpath("prices.toml").read_text(encoding="utf-8"))
+    path = user_file or (Path(os.environ["MAFT_PRICES"]) if os.environ.get("MAFT_PRICES") else None)
+    if path is not None:
+        if not path.is_file():
+            raise UserError(f"price file {path} does not exist: check --prices or MAFT_PRICES")
+        try:
+            extra = tomllib.loads(path.read_text(encoding="utf-8"))
+        except tomllib.TOMLDecodeError as exc:
+            raise UserError(f"price file {path} is not valid TOML: {exc}; fix that line") from None
+        data["models"] = {**data["models"], **extra.get("models", {})}
+        data["version"] = f"{data['version']}+{path.name}"
+        if "batch_discount" in extra:
+            data["batch_discount"] = extra["batch_discount"]
+    try:
+        return PriceTable.model_validate(data)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        raise UserError(f"price file entry '{where}' is invalid: {first['msg']}; fix it in {path}") from None
+
+
+def split_model_id(model_id: str) -> tuple[str, bool]:
+    """`ft:gpt-4.1-mini-2025-04-14:org:suffix:id` -> ("gpt-4.1-mini-2025-04-14", True)."""
+    if model_id.startswith("ft:"):
+        return model_id.split(":")[1], True
+    return model_id, False
+
+
+def estimate_tokens(text: str) -> int:
+    return math.ceil(len(text) / CHARS_PER_TOKEN)
+
+
+def request_prompt_tokens(request: ChatRequest) -> int:
+    return sum(estimate_tokens(m.content) + MESSAGE_OVERHEAD_TOKENS for m in request.messages)
+
+
+class Pricing:
+    """Turns tokens into dollars for one run's backend; a local backend (no prices) costs nothing."""
+
+    def __init__(self, table: PriceTable | None, base_model: str) -> None:
+        self.table = table
+        self.base_model = base_model
+
+    def _price(self, model_id: str) -> tuple[ModelPrice, bool, str] | None:
+        if self.table is None:
+            return None
+        name, finetuned = split_model_id(self.base_model if model_id == BASE_MODEL_ID else model_id)
+        found = self.table.lookup(name)
+        if found is None:
+            return None
+        return found[1], finetuned, found[0]
+
+    def source(self, model_id: str) -> str:
+        if self.table is None:
+            return "local compute: no per-token price"
+        found = self._price(model_id)
+        if found is None:
+            return f"no price for {model_id} in price table {self.table.version}: counted as 0"
+        return f"{found[0].source} (table {self.table.version})"
+
+    def chat(self, model_id: str, prompt: int, cached: int, completion: int, batch: bool = False) -> float:
+        found = self._price(model_id)
+        if found is None:
+            return 0.0
+        price, finetuned, _ = found
+        rate_in = (price.ft_input if finetuned else None) or price.input
+        rate_cached = (price.ft_cached_input if finetuned else None) or price.cached_input
+        rate_out = (price.ft_output if finetuned else None) or price.output
+        cost = ((prompt - cached) * rate_in + cached * rate_cached + completion * rate_out) / 1e6
+        return cost * (self.table.batch_discount if batch and self.table else 1.0)
+
+    def training(self, model_id: str, trained_tokens: int) -> float:
+        found = self._price(model_id)
+        return 0.0 if found is None else trained_tokens * found[0].training / 1e6
+
+    def requests_upper_bound(self, requests: Sequence[ChatRequest], batch: bool = False) -> float:
+        """What these requests can cost at most: estimated prompts, every answer at max_tokens."""
+        return sum(self.chat(r.model, request_prompt_tokens(r), 0, r.max_tokens, batch) for r in requests)
+
+
+class Ledger:
+    """Writes the cost ledger and enforces the budget for one run."""
+
+    def __init__(self, store: Store, run_id: str, pricing: Pricing, max_cost: float | None = None,
+                 batch: bool = False) -> None:
+        self.store = store
+        self.run_id = run_id
+        self.pricing = pricing
+        self.max_cost = max_cost
+        self.batch = batch
+
+    # budget -----------------------------------------------------------------------------------------------
+
+    def check(self, estimate: float, what: str) -> None:
+        """Refuse to start a step whose upper-bound cost would pass the remaining budget."""
+        if self.max_cost is None:
+            return
+        spent = self.store.total_cost(self.run_id)
+        if spent + estimate > self.max_cost:
+            raise RunStopped(
+                f"budget: {what} may cost up to ${estimate:.4f}, and ${spent:.4f} of --max-cost ${self.max_cost:.2f} "
+                "is spent; nothing more was started. Raise --max-cost to continue"
+            )
+
+    def check_chat(self, requests: Sequence[ChatRequest], what: str) -> None:
+        if self.max_cost is not None:
+            self.check(self.pricing.requests_upper_bound(requests, self.batch), what)
+
+    def check_training(self, base_model: str, training_file: Path, epochs: int, what: str) -> None:
+        if self.max_cost is not None:
+            tokens = estimate_tokens(training_file.read_text(encoding="utf-8")) * epochs
+            self.check(self.pricing.training(base_model, tokens), what)
+
+    # ledger -----------------------------------------------------------------------------------------------
+
+    def chat_line(self, row: ResponseRow, result: ChatResult, iteration: int | None) -> UsageRow:
+        """The ledger line of one response; the caller stores it with the response, in one transaction."""
+        batch = result.billing == "batch"
+        u = result.usage
+        return UsageRow(
+            run_id=self.run_id,
+            stage=_stage(row.debate),
+            debate=row.debate,
+            iteration=iteration,
+            agent=row.agent,
+            role="summarizer" if row.kind == "summary" else ("generator" if row.round == 1 else "critic"),
+            model=row.model_id,
+            ref=row.key,
+            billing=result.billing,
+            prompt_tokens=u.prompt_tokens,
+            cached_tokens=u.cached_tokens,
+            completion_tokens=u.completion_tokens,
+            cost_usd=self.pricing.chat(row.model_id, u.prompt_tokens, u.cached_tokens, u.completion_tokens, batch),
+            price_source=self.pricing.source(row.model_id),
+        )
+
+    def record_training_estimate(self, job: JobRow, training_file: Path, epochs: int) -> None:
+        """Before a job runs, the ledger holds its estimate (marked as one); the bill replaces it."""
+        tokens = estimate_tokens(training_file.read_text(encoding="utf-8")) * epochs
+        self._training_line(job, tokens, estimated=True)
+
+    def record_training(self, job: JobRow) -> None:
+        """The bill of an ended job, from the trained tokens the provider reports (none: nothing billed)."""
+        self._training_line(job, job.trained_tokens or 0, estimated=False)
+
+    def _training_line(self, job: JobRow, tokens: int, estimated: bool) -> None:
+        self.store.record_usage([UsageRow(
+            run_id=self.run_id, stage="training", iteration=job.iteration, agent=job.agent, role=job.role,
+            model=job.base_model_id, ref=attempt_key(job.key, job.attempt), billing="training", trained_tokens=tokens,
+            cost_usd=self.pricing.training(job.base_model_id, tokens), estimated=int(estimated),
+            price_source=self.pricing.source(job.base_model_id),
+        )])
+
+
+def _stage(debate: str) -> str:
+    return "evaluation" if debate.startswith("eval") else "debate"
+
+
+def cost_summary(rows: Sequence[UsageRow]) -> dict[str, Any]:
+    """Totals by stage, iteration, agent and role, for `orchestrator cost`."""
+
+    def group(key: str) -> list[dict[str, Any]]:
+        sums: dict[Any, dict[str, Any]] = {}
+        for r in rows:
+            k = getattr(r, key)
+            s = sums.setdefault(k, {key: k, "cost_usd": 0.0, "prompt_tokens": 0, "cached_tokens": 0,
+                                    "completion_tokens": 0, "trained_tokens": 0, "calls": 0})
+            s["cost_usd"] += r.cost_usd
+            s["prompt_tokens"] += r.prompt_tokens
+            s["cached_tokens"] += r.cached_tokens
+            s["completion_tokens"] += r.completion_tokens
+            s["trained_tokens"] += r.trained_tokens
+            s["calls"] += 1
+        return sorted(sums.values(), key=lambda s: (s[key] is None, str(s[key])))
+
+    return {
+        "total_usd": sum(r.cost_usd for r in rows),
+        "estimated_usd": sum(r.cost_usd for r in rows if r.estimated),
+        "by_stage": group("stage"),
+        "by_iteration": group("iteration"),
+        "by_agent": group("agent"),
+        "by_role": group("role"),
+        "sources": sorted({r.price_source for r in rows if r.price_source}),
+    }

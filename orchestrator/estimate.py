@@ -1,0 +1,142 @@
+"""`orchestrator run --dry-run`: the tokens and cost of a whole planned run, before anything is spent.
+
+Rather than a second model of the prompts, the real debate code runs against a stand-in backend that answers
+every request with filler of a chosen length, in an in-memory store, with the real price table. Answers at
+half their `max_tokens` give the expected figure; answers at the full `max_tokens` (and every example kept for
+training) give the upper bound.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel
+
+from backends.base import BackendInfo, ChatRequest, ChatResult, FinetuneSpec, JobRef, JobState, Usage
+from orchestrator.config import RunConfig
+from orchestrator.costs import Ledger, Pricing, estimate_tokens, request_prompt_tokens
+from orchestrator.debate import DebateOutcome, DebateRunner, DebateSettings, Society
+from orchestrator.store import RunRow, Store, UsageRow
+from orchestrator.tasks import Task
+
+FILLER = "word "  # 5 characters, about 1.25 tokens by the estimate: answers are sized in characters below
+
+
+class _FillerBackend:
+    """Answers everything with filler `fraction × max_tokens` tokens long; trains nothing."""
+
+    name = "dry-run"
+
+    def __init__(self, info: BackendInfo, fraction: float) -> None:
+        self.info = info
+        self.fraction = fraction
+
+    def describe(self) -> BackendInfo:
+        return self.info
+
+    def chat(self, requests: Sequence[ChatRequest], on_result: Any = None) -> list[ChatResult]:
+        results = []
+        for r in requests:
+            tokens = math.ceil(self.fraction * r.max_tokens)
+            text = (FILLER * math.ceil(tokens * 4 / len(FILLER)))[: tokens * 4]
+            result = ChatResult(key=r.key, text=text,
+                                usage=Usage(prompt_tokens=request_prompt_tokens(r), completion_tokens=tokens))
+            if on_result is not None:
+                on_result(result)
+            results.append(result)
+        return results
+
+    def start_finetune(self, spec: FinetuneSpec) -> JobRef:
+        raise NotImplementedError
+
+    def poll(self, job: JobRef) -> JobState:
+        raise NotImplementedError
+
+    def cancel(self, job: JobRef) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+class EstimateLine(BaseModel):
+    stage: str
+    iteration: int
+    calls: int
+    prompt_tokens: int
+    completion_tokens: int
+    trained_tokens: int
+    expected_usd: float
+    at_most_usd: float
+
+
+def _simulate(config: RunConfig, task: Task, pricing: Pricing, info: BackendInfo, fraction: float) -> list[UsageRow]:
+    store = Store(Path(":memory:"))
+    run = RunRow(id="dry-run", config=config.model_dump_json(), backend=config.backend, model=config.model,
+                 task=config.task)
+    store.save_run(run)
+    ledger = Ledger(store, run.id, pricing, batch=config.openai.batch and config.backend == "openai")
+    backend = _FillerBackend(info, fraction)
+    settings = DebateSettings(rounds=config.rounds, summarize=config.summarize, generation=config.generation,
+                              seed=config.seed)
+    train = task.train_problems(config.train_size, config.seed)
+    held_out = task.eval_problems(config.eval_size, config.seed)
+
+    def debate(name: str, iteration: int, problems: list[Any], society: Society) -> list[DebateOutcome]:
+        runner = DebateRunner(run_id=run.id, name=name, task=task, backend=backend, store=store, settings=settings,
+                              iteration=iteration, ledger=ledger)
+        return runner.run(problems, society)
+
+    society = Society.base(config.agents)
+    debate("eval-0", 0, held_out, society)
+    lines: list[UsageRow] = []
+    for iteration in range(1, config.iterations + 1):
+        outcomes = debate(f"train-{iteration}", iteration, train, society)
+        society = _train(outcomes, society, iteration, config, pricing, info, lines, run.id)
+        debate(f"eval-{iteration}", iteration, held_out, society)
+    usage = store.get_usage(run.id) + lines
+    store.close()
+    return usage
+
+
+def _train(outcomes: list[DebateOutcome], society: Society, iteration: int, config: RunConfig, pricing: Pricing,
+           info: BackendInfo, lines: list[UsageRow], run_id: str) -> Society:
+    """Every example kept: generators learn round 1, critics the whole conversation."""
+    new = Society(generators=[], critics=[])
+    for agent in range(config.agents):
+        for role, models in (("generator", society.generators), ("critic", society.critics)):
+            if role == "critic" and config.rounds == 1:
+                tokens = 0  # critics never speak, so they get no data
+            else:
+                turns = 2 if role == "generator" else None  # generators learn round 1, critics all of it
+                text = (m.content for o in outcomes for m in o.agents[agent].messages[:turns])
+                tokens = info.training_epochs * sum(estimate_tokens(t) for t in text)
+            start = models[agent] if config.strategy == "continue" else "base"
+            lines.append(UsageRow(run_id=run_id, stage="training", iteration=iteration, agent=agent, role=role,
+                                  model=start, ref=f"{iteration}/{agent}/{role}", billing="training",
+                                  trained_tokens=tokens, cost_usd=pricing.training(start, tokens)))
+            finetuned = f"ft:{info.base_model}:dry-run:{role}-{agent}-{iteration}"
+            (new.generators if role == "generator" else new.critics).append(finetuned)
+    return new
+
+
+def estimate_run(config: RunConfig, task: Task, pricing: Pricing, info: BackendInfo) -> list[EstimateLine]:
+    expected = _simulate(config, task, pricing, info, 0.5)
+    at_most = _simulate(config, task, pricing, info, 1.0)
+    out: dict[tuple[str, int], EstimateLine] = {}
+    for row, ceiling in zip(expected, at_most, strict=True):
+        key = (row.stage, row.iteration or 0)
+        line = out.setdefault(key, EstimateLine(stage=key[0], iteration=key[1], calls=0, prompt_tokens=0,
+                                                completion_tokens=0, trained_tokens=0, expected_usd=0.0,
+                                                at_most_usd=0.0))
+        line.calls += 1 if row.stage != "training" else 0
+        line.prompt_tokens += row.prompt_tokens
+        line.completion_tokens += row.completion_tokens
+        line.trained_tokens += row.trained_tokens
+        line.expected_usd += row.cost_usd
+        line.at_most_usd += ceiling.cost_usd
+    order = {"evaluation": 2, "debate": 0, "training": 1}
+    return sorted(out.values(), key=lambda e: (e.iteration, order.get(e.stage, 3)))
