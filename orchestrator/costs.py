@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import tomllib
 from collections.abc import Sequence
 from importlib import resources
@@ -52,8 +53,9 @@ class PriceTable(BaseModel):
         for name, price in self.models.items():
             if model in price.aliases:
                 return name, price
-        for name, price in self.models.items():
-            if any(model.startswith(f"{alias}-") for alias in price.aliases):
+        for name, price in self.models.items():  # another dated snapshot of a known alias
+            if any(re.fullmatch(rf"{re.escape(alias)}-(\d{{4}}-\d{{2}}-\d{{2}}|\d{{4}})", model)
+                   for alias in price.aliases):
                 return name, price
         return None
 

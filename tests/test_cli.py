@@ -92,3 +92,32 @@ def test_status_and_report_of_a_finished_run(tmp_path):
     assert table.returncode == 0 and "multiagent FT, iteration 1" in table.stdout and "±" in table.stdout
     text = cli("status", "demo", "--db", db)
     assert text.returncode == 0 and "finished" in text.stdout and "succeeded" in text.stdout
+
+
+def test_dry_run_prints_the_plan_and_writes_nothing(tmp_path):
+    proc = cli("run", "--dry-run", "--train-size", "5", "--eval-size", "4", "--iterations", "2", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "dry run" in proc.stdout and "total" in proc.stdout
+    assert not list(tmp_path.iterdir())  # no database, no run folder
+
+
+def test_cost_and_jobs_commands_read_the_ledger(tmp_path):
+    from orchestrator.costs import Ledger, Pricing, load_prices
+
+    config = RunConfig(train_size=6, eval_size=5)
+    store = Store(tmp_path / "m.db")
+    run = open_run(store, config, "demo", must_exist=False)
+    ledger = Ledger(store, "demo", Pricing(load_prices(), "gpt-4.1-mini-2025-04-14"))
+    Pipeline(config=config, run=run, store=store, backend=ScriptedBackend(), workdir=tmp_path / "w",
+             console=Console(quiet=True), show_progress=False, poll_interval=0, ledger=ledger).run()
+    total = store.total_cost("demo")
+    store.close()
+    db = str(tmp_path / "m.db")
+    summary = json.loads(cli("cost", "demo", "--json", "--db", db).stdout)
+    assert summary["total_usd"] == total > 0
+    text = cli("cost", "demo", "--db", db)
+    assert text.returncode == 0 and f"${total:.4f}" in text.stdout and "by stage" in text.stdout
+    jobs = json.loads(cli("jobs", "list", "demo", "--json", "--db", db).stdout)
+    assert len(jobs) == 6 and {j["status"] for j in jobs} == {"succeeded"}
+    nothing = cli("jobs", "cancel", "demo", "--db", db)
+    assert nothing.returncode == 0 and "no job to cancel" in nothing.stdout

@@ -1,0 +1,119 @@
+"""Prices, the ledger, the budget and the dry run, on the scripted backend (no network)."""
+
+from __future__ import annotations
+
+import pytest
+from rich.console import Console
+
+from backends.base import BackendInfo
+from orchestrator.config import RunConfig
+from orchestrator.costs import Ledger, Pricing, cost_summary, load_prices, split_model_id
+from orchestrator.errors import UserError
+from orchestrator.estimate import estimate_run
+from orchestrator.finetune import RunStopped
+from orchestrator.pipeline import Pipeline, open_run
+from orchestrator.store import Store
+from orchestrator.tasks import get_task
+from tests.fakes import ScriptedBackend
+
+MINI = "gpt-4.1-mini-2025-04-14"
+
+
+class BilledBackend(ScriptedBackend):
+    """The scripted backend, priced as if it were gpt-4.1-mini."""
+
+    def describe(self) -> BackendInfo:
+        return BackendInfo(name="scripted", base_model=MINI, billed=True, training_epochs=2)
+
+
+def test_price_lookup_by_name_alias_snapshot_and_finetuned_id():
+    table = load_prices()
+    assert table.lookup(MINI)[0] == MINI
+    assert table.lookup("gpt-4.1-mini")[0] == MINI
+    assert table.lookup("gpt-4.1-mini-2099-01-01")[0] == MINI
+    assert table.lookup("llama-3-8b") is None
+    assert split_model_id(f"ft:{MINI}:org:suffix:abc") == (MINI, True)
+    pricing = Pricing(table, MINI)
+    # 1M prompt tokens of which 400k cached, 1M completion: base vs finetuned rates, and the batch discount
+    assert pricing.chat("base", 1_000_000, 400_000, 1_000_000) == pytest.approx(0.6 * 0.40 + 0.4 * 0.10 + 1.60)
+    ft = f"ft:{MINI}:org:s:1"
+    assert pricing.chat(ft, 1_000_000, 0, 0) == pytest.approx(0.80)
+    assert pricing.chat("base", 1_000_000, 0, 1_000_000, batch=True) == pytest.approx((0.40 + 1.60) / 2)
+    assert pricing.training("base", 2_000_000) == pytest.approx(10.0)
+    assert pricing.chat("some-local-model", 10**6, 0, 10**6) == 0.0
+    assert "no price" in pricing.source("some-local-model")
+
+
+def test_a_user_price_file_replaces_entries_and_bad_files_are_user_errors(tmp_path):
+    mine = tmp_path / "p.toml"
+    mine.write_text(f'[models."{MINI}"]\ninput = 1.0\ncached_input = 0.5\noutput = 2.0\ntraining = 3.0\n'
+                    'source = "my contract, 2026-11"\n')
+    table = load_prices(mine)
+    assert table.models[MINI].input == 1.0 and table.models[MINI].source == "my contract, 2026-11"
+    assert "gpt-4o-mini-2024-07-18" in table.models
+    with pytest.raises(UserError, match="does not exist"):
+        load_prices(tmp_path / "missing.toml")
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[models.x]\ninput = -1\ncached_input = 0\noutput = 0\nsource = "s"\n')
+    with pytest.raises(UserError, match="models.x.input"):
+        load_prices(bad)
+
+
+def run_priced(tmp_path, backend, max_cost=None, **overrides):
+    config = RunConfig(**{"train_size": 6, "eval_size": 5, **overrides})
+    store = Store(tmp_path / "m.db")
+    run = open_run(store, config, "r", must_exist=False)
+    ledger = Ledger(store, "r", Pricing(load_prices(), MINI), max_cost=max_cost)
+    try:
+        Pipeline(config=config, run=run, store=store, backend=backend, workdir=tmp_path / "w",
+                 console=Console(quiet=True), show_progress=False, poll_interval=0, ledger=ledger).run()
+    finally:
+        store.close()
+    return Store(tmp_path / "m.db")
+
+
+def test_every_response_and_job_has_one_ledger_line(tmp_path):
+    backend = BilledBackend()
+    store = run_priced(tmp_path, backend)
+    usage = store.get_usage("r")
+    chat = [u for u in usage if u.billing == "standard"]
+    training = [u for u in usage if u.billing == "training"]
+    assert len(chat) == len(backend.requests) == store.count_responses("r")
+    assert len(training) == 6 and all(u.estimated == 0 and u.trained_tokens == 100 for u in training)
+    assert sum(u.prompt_tokens for u in chat) == sum(len(r.messages[0].content) for r in backend.requests)
+    summary = cost_summary(usage)
+    assert summary["total_usd"] == pytest.approx(store.total_cost("r")) and summary["total_usd"] > 0
+    for key in ("by_stage", "by_iteration", "by_agent", "by_role"):
+        assert sum(g["cost_usd"] for g in summary[f"by_{key[3:]}"]) == pytest.approx(summary["total_usd"])
+    assert {g["stage"] for g in summary["by_stage"]} == {"debate", "evaluation", "training"}
+    assert {g["role"] for g in summary["by_role"]} == {"generator", "critic", "summarizer"}
+    # finetuned agents are priced at the finetuned rate
+    ft_line = next(u for u in chat if u.model.startswith("ft("))
+    assert ft_line.price_source.startswith("no price")  # the scripted ids are not real OpenAI ids
+
+
+def test_the_budget_stops_before_overspending_and_the_run_resumes(tmp_path):
+    with pytest.raises(RunStopped, match="budget"):
+        run_priced(tmp_path, BilledBackend(), max_cost=0.0001)
+    store = Store(tmp_path / "m.db")
+    spent = store.total_cost("r")
+    assert spent <= 0.0001
+    assert store.get_run("r").status == "failed"
+    store.close()
+    backend = BilledBackend()
+    store = run_priced(tmp_path, backend, max_cost=100.0)
+    assert store.get_run("r").status == "finished"
+
+
+def test_the_dry_run_counts_exactly_the_calls_a_run_makes(tmp_path):
+    config = RunConfig(train_size=6, eval_size=5, iterations=2)
+    info = BilledBackend().describe()
+    lines = estimate_run(config, get_task(config.task), Pricing(load_prices(), MINI), info)
+    backend = BilledBackend()
+    run_priced(tmp_path, backend, iterations=2)
+    assert sum(line.calls for line in lines) == len(backend.requests)
+    stages = {(line.iteration, line.stage) for line in lines}
+    assert stages == {(0, "evaluation"), (1, "debate"), (1, "training"), (1, "evaluation"), (2, "debate"),
+                      (2, "training"), (2, "evaluation")}
+    for line in lines:
+        assert 0 < line.expected_usd < line.at_most_usd
