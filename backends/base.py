@@ -116,6 +116,7 @@ class BackendInfo(BaseModel):
     max_concurrent_jobs: int | None = None  # the provider's limit on running finetunes; None = no limit
     billed: bool = False  # True when calls cost money per token (hosted); the price table then applies
     training_epochs: int = 1  # passes a finetune makes over its file, for cost estimates before the bill
+    min_training_examples: int = 1  # the provider refuses smaller files (OpenAI: 10)
 
 
 @runtime_checkable

@@ -221,11 +221,14 @@ class Pipeline:
             start_from = models[(ds.agent, ds.role)] if self.config.strategy == "continue" else BASE_MODEL_ID
             job = JobRow(key=key, run_id=self.run_row.id, iteration=iteration, agent=ds.agent, role=ds.role,
                          backend=self.config.backend, base_model_id=start_from, dataset_sha256=ds.sha256)
-            if ds.n_examples == 0:
-                # Nothing agreed with the majority: this model stays as it was rather than training on nothing.
+            if ds.n_examples < max(1, self.info.min_training_examples):
+                # Too little agreed with the majority: this model stays as it was rather than training on
+                # nothing, or on a file the provider would refuse.
+                why = (f"{ds.n_examples} examples, the {self.info.name} backend needs at least "
+                       f"{self.info.min_training_examples}" if ds.n_examples else "no training examples")
                 if self.store.get_job(key) is None:
-                    self.store.save_job(job.model_copy(update={"status": "skipped", "error": "empty dataset"}))
-                self.console.print(f"agent {ds.agent + 1} {ds.role}: no training examples, keeps its model")
+                    self.store.save_job(job.model_copy(update={"status": "skipped", "error": why}))
+                self.console.print(f"agent {ds.agent + 1} {ds.role}: {why}; it keeps its model")
                 continue
             jobs[(ds.agent, ds.role)] = key
             suffix = f"{self.run_row.id[:18]}-i{iteration}-a{ds.agent + 1}-{ds.role[0]}"

@@ -148,3 +148,20 @@ def test_critics_see_only_the_other_agents_previous_round(tmp_path):
                 older = text[(r.problem_id, 1, k)]
                 if older not in {text[(r.problem_id, 2, j)] for j in range(3)}:
                     assert older not in prompt
+
+
+def test_sets_smaller_than_the_provider_minimum_are_skipped_and_the_models_kept(tmp_path):
+    from backends.base import BackendInfo
+
+    class Picky(ScriptedBackend):
+        def describe(self) -> BackendInfo:
+            return BackendInfo(name="picky", base_model="m", min_training_examples=1000)
+
+    backend = Picky()
+    store = run_once(tmp_path, backend)
+    assert backend.specs == []
+    jobs = store.get_jobs("r")
+    assert len(jobs) == 6 and {j.status for j in jobs} == {"skipped"}
+    assert all("needs at least 1000" in (j.error or "") for j in jobs)
+    assert {a.model_id for a in store.get_agents("r", 1)} == {"base"}
+    assert store.get_run("r").status == "finished"
