@@ -125,6 +125,7 @@ class BackendState(Protocol):
 
     A hosted backend writes what it is about to pay for (an uploaded file's id by content hash, the batch a
     request went into) before and after each remote call, and reads it back when a resumed run asks again.
+    Implementations must be safe to call from several threads at once (jobs are polled concurrently).
     """
 
     def get(self, key: str) -> dict[str, Any] | None: ...

@@ -7,6 +7,8 @@ is plain SQLite (WAL mode) that users can open with `sqlite-utils` or Datasette.
 from __future__ import annotations
 
 import json
+import sqlite3
+import threading
 import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -20,6 +22,7 @@ from orchestrator.errors import UserError
 from orchestrator.migrations import migrate
 
 RowT = TypeVar("RowT", bound=BaseModel)
+BUSY_TIMEOUT_MS = 30_000  # writers wait for each other this long before SQLite says "database is locked"
 
 
 def _now() -> float:
@@ -186,17 +189,43 @@ _PKS: dict[str, str | tuple[str, ...]] = {
 
 
 class StoreState:
-    """The store as a backend's durable memory (backends.base.BackendState), namespaced by backend name."""
+    """The store as a backend's durable memory (backends.base.BackendState), namespaced by backend name.
+
+    Backends call it from worker threads (jobs are polled concurrently), and a SQLite connection belongs to
+    the thread that opened it, so each thread gets its own connection to the same file; WAL mode and the busy
+    timeout let them write one after another without `database is locked`.
+    """
 
     def __init__(self, store: Store, namespace: str) -> None:
-        self.store = store
+        self.path = store.path
         self.namespace = namespace
+        self._local = threading.local()
+
+    def _conn(self) -> sqlite3.Connection:
+        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None)
+            self._local.conn = conn
+        return conn
 
     def get(self, key: str) -> dict[str, Any] | None:
-        return self.store.get_state(f"{self.namespace}:{key}")
+        row = self._conn().execute("select value from backend_state where key = ?",
+                                   [f"{self.namespace}:{key}"]).fetchone()
+        return json.loads(row[0]) if row else None
 
     def put(self, key: str, value: dict[str, Any]) -> None:
-        self.store.put_state(f"{self.namespace}:{key}", value)
+        conn = self._conn()
+        conn.execute("BEGIN IMMEDIATE")  # take the write lock up front: no stale-snapshot SQLITE_BUSY later
+        try:
+            conn.execute(
+                "insert into backend_state (key, value, updated_at) values (?, ?, ?) on conflict(key) do update "
+                "set value = excluded.value, updated_at = excluded.updated_at",
+                [f"{self.namespace}:{key}", json.dumps(value, sort_keys=True), _now()],
+            )
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        conn.execute("COMMIT")
 
 
 class Store:
@@ -209,7 +238,7 @@ class Store:
         try:
             self.db = sqlite_utils.Database(path)
             self.db.enable_wal()
-            self.db.execute("PRAGMA busy_timeout = 30000")
+            self.db.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
             self.db.execute("PRAGMA foreign_keys = ON")
         except Exception as exc:  # sqlite3.DatabaseError: not a database, unreadable file, ...
             raise UserError(f"cannot open database {path}: {exc}; point --db at a maft database or a new file") \
@@ -221,8 +250,21 @@ class Store:
 
     @contextmanager
     def transaction(self) -> Iterator[None]:
-        with self.db.atomic():
-            yield
+        """One write transaction. BEGIN IMMEDIATE takes the write lock before reading anything: in WAL mode a
+        deferred transaction that read first fails at once with "database is locked" if another connection
+        (a backend's worker thread) wrote in between."""
+        if self.db.conn.in_transaction:
+            with self.db.atomic():  # nested: a savepoint
+                yield
+            return
+        self.db.conn.execute("BEGIN IMMEDIATE")
+        try:
+            with self.db.atomic():
+                yield
+        except BaseException:
+            self.db.conn.rollback()
+            raise
+        self.db.conn.commit()
 
     # generic helpers -------------------------------------------------------------------------------------
 
@@ -252,7 +294,8 @@ class Store:
 
     def save_run(self, run: RunRow) -> None:
         run.updated_at = _now()
-        self._upsert("runs", [run])
+        with self.transaction():
+            self._upsert("runs", [run])
 
     # problems --------------------------------------------------------------------------------------------
 
@@ -346,18 +389,6 @@ class Store:
     def total_cost(self, run_id: str) -> float:
         row = self.db.execute("select coalesce(sum(cost_usd), 0) from usage where run_id = ?", [run_id]).fetchone()
         return float(row[0])
-
-    # backend state ---------------------------------------------------------------------------------------
-
-    def get_state(self, key: str) -> dict[str, Any] | None:
-        rows = list(self.db.table("backend_state").rows_where("key = ?", [key]))
-        return json.loads(rows[0]["value"]) if rows else None
-
-    def put_state(self, key: str, value: dict[str, Any]) -> None:
-        with self.transaction():
-            self.db.table("backend_state").upsert(
-                {"key": key, "value": json.dumps(value, sort_keys=True), "updated_at": _now()}, pk="key"
-            )
 
     # evaluations -----------------------------------------------------------------------------------------
 

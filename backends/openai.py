@@ -1,0 +1,178 @@
+"""The openai backend: OpenAI, Azure OpenAI, or any OpenAI-compatible server (vLLM, llama.cpp, Ollama) for chat.
+
+This module only wires the parts together; each lives in its own module:
+`openai_client` (keys, clients, retries), `rate_limit` (concurrency and per-minute budgets), `openai_chat`
+(concurrent chat), `openai_batch` (chat through the Batch API), `openai_finetune` (file checks, uploads, jobs).
+`BASE_MODEL_ID` stands for the provider's base model given as `model`; every other model id (an `ft:` id, an
+Azure deployment name) goes to the server as it is.
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+
+from openai import OpenAI
+
+from backends.base import (
+    BASE_MODEL_ID,
+    BackendInfo,
+    BackendState,
+    ChatRequest,
+    ChatResult,
+    FinetuneSpec,
+    JobRef,
+    JobState,
+    ResultCallback,
+)
+from backends.openai_batch import BatchRunner
+from backends.openai_chat import ChatRunner
+from backends.openai_client import Backoff, ClientFactory, is_hosted, read_environment, resolve_credentials
+from backends.openai_finetune import DEFAULT_MAX_EXAMPLE_TOKENS, MIN_EXAMPLES, FinetuneJobs
+from backends.rate_limit import RateLimiter
+from orchestrator.config import OpenAIConfig
+
+AUTO_EPOCHS_ESTIMATE = 3  # OpenAI's usual choice for "auto" (more for files under ~35 examples)
+
+
+class OpenAIBackend:
+    """Chat, batch chat and finetuning through the official SDK.
+
+    Building one and `describe()` need no key and make no request (so `run --dry-run` works without a key); the
+    key is read at the first call that needs it, which in a run is the first debate round, before any work.
+    """
+
+    name = "openai"
+
+    def __init__(
+        self,
+        model: str,
+        settings: OpenAIConfig,
+        state: BackendState,
+        *,
+        show_progress: bool = True,
+        environ: Mapping[str, str] | None = None,
+        dotenv: Path | None = None,
+        backoff: Backoff | None = None,
+        sleep: Callable[[float], None] = time.sleep,
+        batch_poll_initial: float = 5.0,
+        max_example_tokens: int = DEFAULT_MAX_EXAMPLE_TOKENS,
+    ) -> None:
+        """`environ` and `dotenv` replace the process environment and `./.env` (tests); `backoff`, `sleep` and
+        `batch_poll_initial` set how long retries and batch polls wait."""
+        self.model = model
+        self.settings = settings
+        self.state = state
+        self.show_progress = show_progress
+        self.backoff = backoff or Backoff()
+        self.sleep = sleep
+        self.limiter = RateLimiter(settings.concurrency, settings.requests_per_minute, settings.tokens_per_minute)
+        self._environ = environ
+        self._dotenv = dotenv
+        self._batch_poll_initial = batch_poll_initial
+        self._max_example_tokens = max_example_tokens
+        self._lock = threading.RLock()  # the pipeline polls jobs from several threads
+        self._clients: ClientFactory | None = None
+        self._client: OpenAI | None = None
+        self._chat: ChatRunner | None = None
+        self._jobs: FinetuneJobs | None = None
+        self._batches: BatchRunner | None = None
+
+    def resolve_model(self, model_id: str) -> str:
+        return self.model if model_id == BASE_MODEL_ID else model_id
+
+    def _environment(self) -> dict[str, str]:
+        return read_environment(self._environ, self._dotenv)
+
+    @property
+    def clients(self) -> ClientFactory:
+        """Credentials and client makers; a missing key is a one-line UserError here."""
+        with self._lock:
+            if self._clients is None:
+                credentials = resolve_credentials(self.settings, self._environment())
+                self._clients = ClientFactory(credentials, timeout=self.settings.timeout)
+            return self._clients
+
+    @property
+    def client(self) -> OpenAI:
+        """The sync client (files, jobs, batches), made on first use and shared by threads (httpx is safe so)."""
+        with self._lock:
+            if self._client is None:
+                self._client = self.clients.sync()
+            return self._client
+
+    @property
+    def chats(self) -> ChatRunner:
+        with self._lock:
+            if self._chat is None:
+                self._chat = ChatRunner(self.clients, self.limiter, resolve_model=self.resolve_model,
+                                        max_retries=self.settings.max_retries, backoff=self.backoff)
+            return self._chat
+
+    @property
+    def jobs(self) -> FinetuneJobs:
+        with self._lock:
+            if self._jobs is None:
+                self._jobs = FinetuneJobs(self.client, self.clients, self.state, self.settings,
+                                          resolve_model=self.resolve_model, backoff=self.backoff, sleep=self.sleep,
+                                          max_example_tokens=self._max_example_tokens)
+            return self._jobs
+
+    @property
+    def batches(self) -> BatchRunner:
+        with self._lock:
+            if self._batches is None:
+                self._batches = BatchRunner(self.client, self.clients, self.state, self.settings,
+                                            resolve_model=self.resolve_model, backoff=self.backoff, sleep=self.sleep,
+                                            poll_initial=self._batch_poll_initial, log=self._log)
+            return self._batches
+
+    def _log(self, message: str) -> None:
+        if self.show_progress:
+            print(message, file=sys.stderr, flush=True)
+
+    # -- Backend protocol -----------------------------------------------------------------------------------
+
+    def describe(self) -> BackendInfo:
+        """Finetuning and batch are reported available: whether a self-hosted server has them is only known
+        when asked, and the first call says clearly when it has not."""
+        hosted = is_hosted(self.settings, self._environment())  # a self-hosted server (vLLM, Ollama) bills nothing
+        epochs = self.settings.n_epochs
+        return BackendInfo(
+            name=self.name if self.settings.api == "openai" else "azure-openai",
+            base_model=self.model,
+            device=None,
+            supports_finetuning=True,
+            supports_batch=True,
+            pricing_source="orchestrator/prices.toml (OpenAI list prices)" if hosted else None,
+            max_concurrent_jobs=self.settings.max_concurrent_jobs,
+            billed=hosted,
+            training_epochs=epochs if isinstance(epochs, int) else AUTO_EPOCHS_ESTIMATE,
+            min_training_examples=MIN_EXAMPLES,
+        )
+
+    def chat(self, requests: Sequence[ChatRequest], on_result: ResultCallback | None = None) -> list[ChatResult]:
+        if not requests:
+            return []
+        if self.settings.batch:
+            return self.batches.run(requests, on_result)
+        return self.chats.run(requests, on_result)
+
+    def start_finetune(self, spec: FinetuneSpec) -> JobRef:
+        return self.jobs.start(spec)
+
+    def poll(self, job: JobRef) -> JobState:
+        return self.jobs.poll(job)
+
+    def cancel(self, job: JobRef) -> None:
+        self.jobs.cancel(job)
+
+    def close(self) -> None:
+        with self._lock:
+            if self._client is not None:
+                self._client.close()
+            self._client = self._jobs = self._batches = None
+            self._chat = None

@@ -1,0 +1,200 @@
+"""Many chat completions at once through the async SDK client, each under the rate limiter, each retried alone.
+
+A debate round is a few thousand independent requests: they all start at once as asyncio tasks and the limiter
+decides how many are in flight. tenacity is the only retry layer (clients are built with `max_retries=0`): 429,
+5xx, timeouts and dropped connections are retried with the server's Retry-After or capped exponential backoff;
+a 429 also pauses the limiter, since the other requests would hit the same wall. Other 4xx are not retried: a
+bad key or an unknown model fails the whole call at once with a UserError that says what to fix.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
+
+import openai
+from pydantic import BaseModel, ConfigDict, Field
+from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, stop_after_attempt
+
+from backends.base import ChatRequest, ChatResult, ResultCallback, Usage
+from backends.openai_client import (
+    Backoff,
+    ClientFactory,
+    OpenAIRequestError,
+    error_message,
+    is_retryable,
+    key_error,
+    status_of,
+)
+from backends.rate_limit import RateLimiter, estimate_request_tokens
+from orchestrator.errors import UserError
+
+
+class BodyMessage(BaseModel):
+    role: str
+    content: str
+
+
+class ChatBody(BaseModel):
+    """The JSON body of `POST /v1/chat/completions`; also the `body` of a Batch API line.
+
+    `max_tokens` rather than `max_completion_tokens`: the finetunable models take it, and so does every
+    OpenAI-compatible server (vLLM, llama.cpp, Ollama). Our `weight` field is for training files only.
+    """
+
+    model: str
+    messages: list[BodyMessage]
+    max_tokens: int
+    temperature: float
+    top_p: float
+    seed: int | None = None
+
+    def params(self) -> dict[str, Any]:
+        return self.model_dump(exclude_none=True)
+
+
+def chat_body(request: ChatRequest, model: str) -> ChatBody:
+    return ChatBody(
+        model=model,
+        messages=[BodyMessage(role=m.role, content=m.content) for m in request.messages],
+        max_tokens=request.max_tokens,
+        temperature=request.temperature,
+        top_p=request.top_p,
+        seed=request.seed,
+    )
+
+
+class _PromptDetails(BaseModel):
+    cached_tokens: int | None = None
+
+
+class _CompletionUsage(BaseModel):
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    prompt_tokens_details: _PromptDetails | None = None
+
+
+class _Message(BaseModel):
+    content: str | None = None
+
+
+class _Choice(BaseModel):
+    message: _Message = Field(default_factory=_Message)
+    finish_reason: str | None = None
+
+
+class CompletionPayload(BaseModel):
+    """The parts of a chat completion we keep, read the same way from the SDK's object and a batch output line."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    choices: list[_Choice] = Field(default_factory=list)
+    usage: _CompletionUsage | None = None
+
+    def to_result(self, key: str, billing: str = "standard") -> ChatResult:
+        choice = self.choices[0] if self.choices else _Choice()
+        usage = self.usage or _CompletionUsage()
+        cached = usage.prompt_tokens_details.cached_tokens if usage.prompt_tokens_details else None
+        return ChatResult.model_validate({
+            "key": key,
+            "text": choice.message.content or "",
+            "finish_reason": choice.finish_reason or "stop",
+            "usage": Usage(prompt_tokens=usage.prompt_tokens, completion_tokens=usage.completion_tokens,
+                           cached_tokens=cached or 0),
+            "billing": billing,
+        })
+
+
+class ChatRunner:
+    """Answers a list of ChatRequests concurrently; results in input order, `on_result` as each one finishes."""
+
+    def __init__(
+        self,
+        clients: ClientFactory,
+        limiter: RateLimiter,
+        *,
+        resolve_model: Callable[[str], str],
+        max_retries: int,
+        backoff: Backoff,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+    ) -> None:
+        self.clients = clients
+        self.limiter = limiter
+        self.resolve_model = resolve_model
+        self.max_retries = max_retries
+        self.backoff = backoff
+        self.sleep = sleep
+
+    def run(self, requests: Sequence[ChatRequest], on_result: ResultCallback | None = None) -> list[ChatResult]:
+        """Runs its own event loop, so `on_result` is called in the caller's thread."""
+        if not requests:
+            return []
+        return asyncio.run(self.run_async(requests, on_result))
+
+    async def run_async(
+        self, requests: Sequence[ChatRequest], on_result: ResultCallback | None = None
+    ) -> list[ChatResult]:
+        client = self.clients.async_()
+        results: list[ChatResult | None] = [None] * len(requests)
+        tasks = {asyncio.create_task(self._one(client, r)): i for i, r in enumerate(requests)}
+        pending = set(tasks)
+        try:
+            while pending:
+                done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+                failed = sorted((t for t in done if t.exception() is not None), key=tasks.__getitem__)
+                for task in sorted(done, key=tasks.__getitem__):
+                    if task.exception() is None:  # deliver what finished even when a neighbour failed
+                        results[tasks[task]] = task.result()
+                        if on_result is not None:
+                            on_result(task.result())
+                if failed:
+                    raise failed[0].exception()  # type: ignore[misc]
+        finally:
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
+            await client.close()
+        return [r for r in results if r is not None]
+
+    async def _one(self, client: openai.AsyncOpenAI, request: ChatRequest) -> ChatResult:
+        body = chat_body(request, self.resolve_model(request.model))
+        cost = estimate_request_tokens((m.content for m in body.messages), body.max_tokens)
+        retrying = AsyncRetrying(
+            stop=stop_after_attempt(self.max_retries + 1),
+            wait=self.backoff.tenacity_wait,
+            retry=retry_if_exception(is_retryable),
+            before_sleep=self._before_sleep,
+            reraise=True,
+            sleep=self.sleep,
+        )
+        completion: Any = None
+        try:
+            async for attempt in retrying:
+                with attempt:
+                    async with self.limiter.slot(cost):
+                        completion = await client.chat.completions.create(**body.params())
+        except openai.OpenAIError as exc:
+            attempts = int(retrying.statistics.get("attempt_number", 1))
+            raise self._failure(request, body.model, exc, attempts) from None
+        result = CompletionPayload.model_validate(completion.model_dump()).to_result(request.key)
+        self.limiter.settle(cost, result.usage.prompt_tokens + result.usage.completion_tokens)
+        return result
+
+    def _before_sleep(self, state: RetryCallState) -> None:
+        """A 429 means every request is about to hit the same limit: hold them all for the wait."""
+        exc = state.outcome.exception() if state.outcome is not None else None
+        if isinstance(exc, openai.RateLimitError) and state.next_action is not None:
+            self.limiter.pause(state.next_action.sleep)
+
+    def _failure(self, request: ChatRequest, model: str, exc: openai.OpenAIError, attempts: int) -> Exception:
+        """The error to raise for a request that will not succeed: a UserError when the user can fix it."""
+        creds = self.clients.credentials
+        detail = self.clients.scrubber.scrub(error_message(exc))
+        refused = key_error(exc, creds, self.clients.scrubber)
+        if refused is not None:
+            return refused
+        if isinstance(exc, openai.NotFoundError):
+            return UserError(f"model {model} is not available on this server: {detail} "
+                             f"(server {creds.where}; check the model name or --base-url)")
+        return OpenAIRequestError(f"chat request {request.key!r}", status_of(exc), detail, attempts)

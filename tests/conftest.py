@@ -1,0 +1,24 @@
+"""Fixtures shared by the test suite."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+from tests.fake_openai import FakeOpenAI
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "fake_openai(**kwargs): constructor arguments for the fake_openai fixture")
+
+
+@pytest.fixture
+def fake_openai(request: pytest.FixtureRequest) -> Iterator[FakeOpenAI]:
+    """A fake OpenAI server on a free port of 127.0.0.1, stopped after the test.
+
+    Configure it per test with `@pytest.mark.fake_openai(finetuning=False, base_accuracy=1.0, ...)`.
+    """
+    marker = request.node.get_closest_marker("fake_openai")
+    with FakeOpenAI(**(marker.kwargs if marker else {})) as fake:
+        yield fake
