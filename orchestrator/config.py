@@ -105,9 +105,12 @@ class RunConfig(BaseModel):
     openai: OpenAIConfig = Field(default_factory=OpenAIConfig)
 
     @model_validator(mode="after")
-    def _debate_needs_peers(self) -> RunConfig:
+    def _consistent(self) -> RunConfig:
         if self.rounds > 1 and self.agents < 2:
             raise ValueError("a debate with rounds > 1 needs at least 2 agents (set agents >= 2 or rounds = 1)")
+        if self.backend != "local" and self.model == DEFAULT_MODEL:
+            raise ValueError(f"the {self.backend} backend needs a model it serves: pass --model, e.g. "
+                             "gpt-4.1-mini-2025-04-14 (the bundled SmolLM2 runs only on the local backend)")
         return self
 
     def identity_fields(self) -> dict[str, Any]:
@@ -125,7 +128,9 @@ class RunConfig(BaseModel):
 
 def _describe_error(err: ValidationError, source: str) -> str:
     first = err.errors()[0]
-    where = ".".join(str(p) for p in first["loc"]) or "config"
+    where = ".".join(str(p) for p in first["loc"])
+    if not where:  # a rule across fields: its message already says what to change
+        return f"{first['msg'].removeprefix('Value error, ')} ({source})"
     if first["type"] == "extra_forbidden":
         return f"config key '{where}' does not exist ({source}): see `orchestrator run --help` for the valid keys"
     value = first.get("input")

@@ -160,17 +160,28 @@ def estimate_table(lines: list[Any], title: str) -> Table:
     """The dry run: per stage and iteration, tokens and dollars expected and at most."""
     table = Table(title=title, caption="expected: answers at half their max_tokens; at most: every answer at "
                                        "max_tokens and every example kept for training")
-    for col in ("iteration", "stage", "calls", "prompt tokens", "completion tokens", "trained tokens", "expected",
-                "at most"):
-        table.add_column(col, justify="left" if col == "stage" else "right")
+    for col in ("iter", "stage", "calls", "prompt", "completion", "trained", "expected", "at most"):
+        table.add_column(col, justify="left" if col == "stage" else "right", no_wrap=True)
     for e in lines:
-        table.add_row(str(e.iteration), e.stage, f"{e.calls:,}", f"{e.prompt_tokens:,}", f"{e.completion_tokens:,}",
-                      f"{e.trained_tokens:,}", f"${e.expected_usd:.4f}", f"${e.at_most_usd:.4f}")
+        table.add_row(str(e.iteration), e.stage, f"{e.calls:,}", _tokens(e.prompt_tokens),
+                      _tokens(e.completion_tokens), _tokens(e.trained_tokens), _usd(e.expected_usd),
+                      _usd(e.at_most_usd))
     table.add_section()
-    table.add_row("", "total", f"{sum(e.calls for e in lines):,}", f"{sum(e.prompt_tokens for e in lines):,}",
-                  f"{sum(e.completion_tokens for e in lines):,}", f"{sum(e.trained_tokens for e in lines):,}",
-                  f"${sum(e.expected_usd for e in lines):.4f}", f"${sum(e.at_most_usd for e in lines):.4f}")
+    table.add_row("", "total", f"{sum(e.calls for e in lines):,}", _tokens(sum(e.prompt_tokens for e in lines)),
+                  _tokens(sum(e.completion_tokens for e in lines)), _tokens(sum(e.trained_tokens for e in lines)),
+                  _usd(sum(e.expected_usd for e in lines)), _usd(sum(e.at_most_usd for e in lines)))
     return table
+
+
+def _tokens(n: int) -> str:
+    """Token counts at a glance: 939k, 1.63M."""
+    if n >= 1_000_000:
+        return f"{n / 1e6:.2f}M"
+    return f"{n / 1e3:.0f}k" if n >= 10_000 else f"{n:,}"
+
+
+def _usd(x: float) -> str:
+    return f"${x:,.2f}" if x >= 1 else f"${x:.4f}"
 
 
 def cost_tables(summary: dict[str, Any], run_id: str) -> list[Table]:

@@ -46,6 +46,8 @@ def test_an_unknown_task_is_a_one_line_error(tmp_path):
 def test_invalid_values_and_unknown_config_keys(tmp_path):
     db = str(tmp_path / "x.db")
     assert_one_line_error(cli("run", "--agents", "0", "--db", db), "agents", "greater than or equal to 1")
+    assert_one_line_error(cli("run", "--agents", "1", "--db", db), "at least 2 agents")
+    assert_one_line_error(cli("run", "--backend", "openai", "--dry-run"), "needs a model it serves", "--model")
     bad = tmp_path / "bad.toml"
     bad.write_text("agents = 3\nroundz = 2\n")
     assert_one_line_error(cli("run", "--config", str(bad), "--db", db), "roundz", "does not exist")
