@@ -38,6 +38,12 @@ def attempt_key(key: str, attempt: int) -> str:
 
 
 def _apply(job: JobRow, state: JobState) -> list[JobEventRow]:
+    """Copy a polled state into the row; every status change is kept as an event of its own."""
+    events = [JobEventRow(job_key=job.key, created_at=e.created_at, level=e.level, message=e.message)
+              for e in state.events]
+    if state.status != job.status:
+        events.append(JobEventRow(job_key=job.key, created_at=time.time(), level="status",
+                                  message=f"status {job.status} -> {state.status}"))
     job.status = state.status
     job.model_id = state.model_id
     job.train_loss = state.train_loss
@@ -45,8 +51,7 @@ def _apply(job: JobRow, state: JobState) -> list[JobEventRow]:
     job.error = state.error
     if state.status in TERMINAL_STATUSES and job.finished_at is None:
         job.finished_at = time.time()
-    return [JobEventRow(job_key=job.key, created_at=e.created_at, level=e.level, message=e.message)
-            for e in state.events]
+    return events
 
 
 class _Runner:

@@ -165,3 +165,10 @@ def test_sets_smaller_than_the_provider_minimum_are_skipped_and_the_models_kept(
     assert all("needs at least 1000" in (j.error or "") for j in jobs)
     assert {a.model_id for a in store.get_agents("r", 1)} == {"base"}
     assert store.get_run("r").status == "finished"
+
+
+def test_every_job_status_change_is_stored_as_an_event(tmp_path):
+    store = run_once(tmp_path, ScriptedBackend())
+    job = store.get_jobs("r")[0]
+    changes = [e.message for e in store.get_job_events(job.key) if e.level == "status"]
+    assert changes == ["status queued -> running", "status running -> succeeded"]
