@@ -117,6 +117,7 @@ class BackendInfo(BaseModel):
     billed: bool = False  # True when calls cost money per token (hosted); the price table then applies
     training_epochs: int = 1  # passes a finetune makes over its file, for cost estimates before the bill
     min_training_examples: int = 1  # the provider refuses smaller files (OpenAI: 10)
+    full_finetune: bool = False  # full finetuning rather than LoRA, where the provider prices them apart
 
 
 @runtime_checkable

@@ -13,7 +13,7 @@ import click
 from rich.console import Console
 
 from backends.base import BackendInfo, MemoryState
-from orchestrator.config import DEFAULT_MODEL, RunConfig, build_config, read_toml
+from orchestrator.config import BACKENDS, DEFAULT_MODEL, RunConfig, build_config, read_toml
 from orchestrator.costs import Ledger, Pricing, load_prices
 from orchestrator.errors import UserError
 from orchestrator.finetune import RunStopped
@@ -50,9 +50,10 @@ def cli() -> None:
 @click.option("--config", "config_file", type=click.Path(path_type=Path),
               help="TOML file with run settings (top-level keys as the flags below, plus [generation], "
                    "[training] and [local] tables). Flags override it.")
-@click.option("--backend", type=click.Choice(["local", "openai"]), help="Who runs the models. local: transformers + "
+@click.option("--backend", type=click.Choice(list(BACKENDS)), help="Who runs the models. local: transformers + "
               "PEFT LoRA on this machine (GPU in bf16 when present, else CPU); openai: OpenAI, Azure OpenAI or "
-              "an OpenAI-compatible server (key from OPENAI_API_KEY or .env). [default: local]")
+              "an OpenAI-compatible server (key from OPENAI_API_KEY or .env); together: Together AI's LoRA "
+              "finetuning and serverless inference (key from TOGETHER_API_KEY or .env). [default: local]")
 @click.option("--model", help=f"Base model: the bundled {DEFAULT_MODEL} (default), a local folder or .gguf "
               "file, or a Hugging Face id already in the local cache (nothing is downloaded).")
 @click.option("--task", help=f"Problems to train and evaluate on. {TASK_SPECS_HELP} [default: arithmetic:easy]")
@@ -83,8 +84,8 @@ def cli() -> None:
 @click.option("--workdir", type=click.Path(path_type=Path),
               help="Where datasets and adapters are written. [default: maft-runs/RUN beside the database]")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
-@click.option("--base-url", help="openai backend: an OpenAI-compatible server (vLLM, llama.cpp, Ollama, a proxy). "
-              "[default: $OPENAI_BASE_URL, else OpenAI]")
+@click.option("--base-url", help="Hosted backends: the API's address, e.g. an OpenAI-compatible server (vLLM, "
+              "llama.cpp, Ollama, a proxy). [default: $OPENAI_BASE_URL / $TOGETHER_BASE_URL, else the provider]")
 @click.option("--batch/--no-batch", default=None, help="openai backend: send debate rounds through the Batch API "
               "(half price, can take hours). [default: no]")
 @click.option("--dry-run", is_flag=True, help="Print the tokens and cost of the whole planned run (expected and at "
@@ -110,6 +111,7 @@ def run(config_file: Path | None, backend: str | None, model: str | None, task: 
         "strategy": strategy, "summarize": summarize, "critic_mix": critic_mix,
         "local": {"device": device} if device else None,
         "openai": {k: v for k, v in (("base_url", base_url), ("batch", batch)) if v is not None} or None,
+        "together": {"base_url": base_url} if base_url else None,
     }
     if max_cost is not None and max_cost < 0:
         raise UserError(f"--max-cost must be 0 or more dollars, got {max_cost}")
@@ -140,7 +142,7 @@ def run(config_file: Path | None, backend: str | None, model: str | None, task: 
 
 
 def _pricing(config: RunConfig, info: BackendInfo, prices: Path | None) -> Pricing:
-    return Pricing(load_prices(prices) if info.billed else None, info.base_model)
+    return Pricing(load_prices(prices) if info.billed else None, info.base_model, full_finetune=info.full_finetune)
 
 
 def _dry_run(config: RunConfig, prices: Path | None) -> None:
@@ -195,7 +197,9 @@ def _run(store: Store, config: RunConfig, run_id: str, *, must_exist: bool, db: 
 
 
 def _poll_interval(config: RunConfig) -> float:
-    return config.openai.poll_interval if config.backend == "openai" else 5.0
+    """Hosted jobs take minutes to hours: their section says how often to look. Local jobs are done at once."""
+    section = getattr(config, config.backend)
+    return float(getattr(section, "poll_interval", 5.0))
 
 
 def _db_flag(db: str | None) -> str:

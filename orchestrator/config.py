@@ -67,13 +67,37 @@ class OpenAIConfig(BaseModel):
     max_concurrent_jobs: int = Field(6, ge=1, le=256)
 
 
+class TogetherConfig(BaseModel):
+    """Settings only the together backend reads. The key comes from TOGETHER_API_KEY (environment or `.env`)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    base_url: str | None = None  # else TOGETHER_BASE_URL, else the SDK's default
+    concurrency: int = Field(16, ge=1, le=1024)
+    requests_per_minute: int | None = Field(None, ge=1)
+    tokens_per_minute: int | None = Field(None, ge=1)
+    max_retries: int = Field(6, ge=0, le=50)
+    timeout: float = Field(120.0, gt=0)
+    lora: bool = True  # False: full finetuning (dearer; its models need a dedicated endpoint to answer)
+    n_epochs: int = Field(2, ge=1, le=100)
+    learning_rate: float = Field(1e-4, gt=0, le=1.0)
+    batch_size: int | Literal["max"] = "max"
+    lora_r: int = Field(8, ge=1, le=1024)
+    lora_alpha: int = Field(16, ge=1, le=4096)
+    poll_interval: float = Field(30.0, gt=0)
+    max_concurrent_jobs: int = Field(6, ge=1, le=256)
+
+
 # Fields that change how a run is carried out but not what it computes: they may differ on resume.
 _OPERATIONAL: dict[str, Any] = {
     "iterations": True,
     "local": {"device", "batch_size"},
     "openai": {"concurrency", "requests_per_minute", "tokens_per_minute", "max_retries", "timeout", "batch",
                "poll_interval", "max_concurrent_jobs", "base_url", "azure_endpoint", "api_version"},
+    "together": {"concurrency", "requests_per_minute", "tokens_per_minute", "max_retries", "timeout",
+                 "poll_interval", "max_concurrent_jobs", "base_url"},
 }
+BACKENDS = ("local", "openai", "together")
 
 
 def _default_training() -> TrainingParams:
@@ -86,7 +110,7 @@ class RunConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    backend: Literal["local", "openai"] = "local"
+    backend: Literal["local", "openai", "together"] = "local"
     model: str = DEFAULT_MODEL
     task: str = "arithmetic:easy"
     agents: int = Field(3, ge=1, le=64)
@@ -103,6 +127,7 @@ class RunConfig(BaseModel):
     training: TrainingParams = Field(default_factory=_default_training)
     local: LocalConfig = Field(default_factory=LocalConfig)
     openai: OpenAIConfig = Field(default_factory=OpenAIConfig)
+    together: TogetherConfig = Field(default_factory=TogetherConfig)
 
     @model_validator(mode="after")
     def _consistent(self) -> RunConfig:
@@ -115,7 +140,7 @@ class RunConfig(BaseModel):
 
     def identity_fields(self) -> dict[str, Any]:
         """What decides the results: everything but `iterations` (a run may be extended) and how it is run."""
-        others = {name: True for name in ("local", "openai") if name != self.backend}  # unused backends' settings
+        others = {name: True for name in BACKENDS if name != self.backend}  # unused backends' settings
         return self.model_dump(mode="json", exclude=_OPERATIONAL | others)
 
     def identity(self) -> str:

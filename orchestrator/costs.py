@@ -34,7 +34,8 @@ class ModelPrice(BaseModel):
     input: float = Field(ge=0)
     cached_input: float = Field(ge=0)
     output: float = Field(ge=0)
-    training: float = Field(0.0, ge=0)
+    training: float = Field(0.0, ge=0)  # LoRA where the provider distinguishes
+    training_full: float | None = Field(None, ge=0)
     ft_input: float | None = Field(None, ge=0)
     ft_cached_input: float | None = Field(None, ge=0)
     ft_output: float | None = Field(None, ge=0)
@@ -99,16 +100,32 @@ def request_prompt_tokens(request: ChatRequest) -> int:
 
 
 class Pricing:
-    """Turns tokens into dollars for one run's backend; a local backend (no prices) costs nothing."""
+    """Turns tokens into dollars for one run's backend; a local backend (no prices) costs nothing.
 
-    def __init__(self, table: PriceTable | None, base_model: str) -> None:
+    A finetuned model is priced from its root base model: OpenAI names it in the id (`ft:BASE:...`); for other
+    providers the run's own jobs say which base each finetuned id came from (`learn`).
+    """
+
+    def __init__(self, table: PriceTable | None, base_model: str, *, full_finetune: bool = False) -> None:
         self.table = table
         self.base_model = base_model
+        self.full_finetune = full_finetune
+        self._roots: dict[str, str] = {}  # finetuned model id -> its root base model
+
+    def learn(self, model_id: str, started_from: str) -> None:
+        """`model_id` was finetuned from `started_from` (the base model id or an earlier finetuned id)."""
+        self._roots[model_id] = self._root(started_from)
+
+    def _root(self, model_id: str) -> str:
+        return self.base_model if model_id == BASE_MODEL_ID else self._roots.get(model_id, model_id)
 
     def _price(self, model_id: str) -> tuple[ModelPrice, bool, str] | None:
         if self.table is None:
             return None
-        name, finetuned = split_model_id(self.base_model if model_id == BASE_MODEL_ID else model_id)
+        if model_id in self._roots:
+            name, finetuned = self._roots[model_id], True
+        else:
+            name, finetuned = split_model_id(self._root(model_id))
         found = self.table.lookup(name)
         if found is None:
             return None
@@ -135,7 +152,11 @@ class Pricing:
 
     def training(self, model_id: str, trained_tokens: int) -> float:
         found = self._price(model_id)
-        return 0.0 if found is None else trained_tokens * found[0].training / 1e6
+        if found is None:
+            return 0.0
+        price = found[0]
+        rate = price.training_full if self.full_finetune and price.training_full is not None else price.training
+        return trained_tokens * rate / 1e6
 
     def requests_upper_bound(self, requests: Sequence[ChatRequest], batch: bool = False) -> float:
         """What these requests can cost at most: estimated prompts, every answer at max_tokens."""
@@ -152,6 +173,9 @@ class Ledger:
         self.pricing = pricing
         self.max_cost = max_cost
         self.batch = batch
+        for job in store.get_jobs(run_id):  # finetuned ids of earlier sessions are priced from their base
+            if job.status == "succeeded" and job.model_id:
+                pricing.learn(job.model_id, job.base_model_id)
 
     # budget -----------------------------------------------------------------------------------------------
 
@@ -206,6 +230,8 @@ class Ledger:
     def record_training(self, job: JobRow) -> None:
         """The bill of an ended job, from the trained tokens the provider reports (none: nothing billed)."""
         self._training_line(job, job.trained_tokens or 0, estimated=False)
+        if job.status == "succeeded" and job.model_id:
+            self.pricing.learn(job.model_id, job.base_model_id)
 
     def _training_line(self, job: JobRow, tokens: int, estimated: bool) -> None:
         self.store.record_usage([UsageRow(

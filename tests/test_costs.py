@@ -87,9 +87,20 @@ def test_every_response_and_job_has_one_ledger_line(tmp_path):
         assert sum(g["cost_usd"] for g in summary[f"by_{key[3:]}"]) == pytest.approx(summary["total_usd"])
     assert {g["stage"] for g in summary["by_stage"]} == {"debate", "evaluation", "training"}
     assert {g["role"] for g in summary["by_role"]} == {"generator", "critic", "summarizer"}
-    # finetuned agents are priced at the finetuned rate
-    ft_line = next(u for u in chat if u.model.startswith("ft("))
-    assert ft_line.price_source.startswith("no price")  # the scripted ids are not real OpenAI ids
+    # finetuned agents are priced at the finetuned rate of their root base model, known from the run's jobs
+    ft_line = next(u for u in chat if u.model.startswith("ft(") and u.cached_tokens == 0)
+    assert "openai.com" in ft_line.price_source
+    assert ft_line.cost_usd == pytest.approx((ft_line.prompt_tokens * 0.80 + ft_line.completion_tokens * 3.20) / 1e6)
+
+
+def test_finetuned_ids_of_any_provider_are_priced_from_their_root_base_model():
+    pricing = Pricing(load_prices(), "meta-llama/Meta-Llama-3.1-8B-Instruct-Reference")
+    pricing.learn("me/llama-8b-it1", "base")
+    pricing.learn("me/llama-8b-it2", "me/llama-8b-it1")
+    assert pricing.chat("me/llama-8b-it2", 10**6, 0, 0) == pytest.approx(0.18)
+    assert pricing.training("me/llama-8b-it1", 10**6) == pytest.approx(0.48)
+    full = Pricing(load_prices(), "meta-llama/Meta-Llama-3.1-8B-Instruct-Reference", full_finetune=True)
+    assert full.training("base", 10**6) == pytest.approx(0.54)
 
 
 def test_the_budget_stops_before_overspending_and_the_run_resumes(tmp_path):
