@@ -26,12 +26,14 @@ def accuracy(correct: int, n: int) -> tuple[float, float]:
     return p, math.sqrt(p * (1 - p) / n)
 
 
-def _row(run_id: str, iteration: int, method: str, answers: Sequence[str | None], outcomes: Sequence[DebateOutcome],
-         task: Task) -> EvaluationRow:
+def _row(run_id: str, society: str, iteration: int, method: str, answers: Sequence[str | None],
+         outcomes: Sequence[DebateOutcome], task: Task) -> EvaluationRow:
     correct = sum(task.is_correct(a, o.problem) for a, o in zip(answers, outcomes, strict=True))
     acc, se = accuracy(correct, len(outcomes))
     return EvaluationRow(
         run_id=run_id,
+        task=task.name,
+        society=society,
         iteration=iteration,
         method=method,
         n=len(outcomes),
@@ -43,7 +45,7 @@ def _row(run_id: str, iteration: int, method: str, answers: Sequence[str | None]
 
 
 def evaluate(
-    run_id: str, iteration: int, outcomes: Sequence[DebateOutcome], task: Task, seed: int
+    run_id: str, society: str, iteration: int, outcomes: Sequence[DebateOutcome], task: Task, seed: int
 ) -> list[EvaluationRow]:
     single = [o.agents[0].answers[0] for o in outcomes]
     majority = [
@@ -54,7 +56,7 @@ def evaluate(
     ]
     final = [o.vote.final for o in outcomes]
     return [
-        _row(run_id, iteration, "single", single, outcomes, task),
-        _row(run_id, iteration, "majority", majority, outcomes, task),
-        _row(run_id, iteration, "debate", final, outcomes, task),
+        _row(run_id, society, iteration, "single", single, outcomes, task),
+        _row(run_id, society, iteration, "majority", majority, outcomes, task),
+        _row(run_id, society, iteration, "debate", final, outcomes, task),
     ]

@@ -186,7 +186,33 @@ def m002_costs_and_backend_state(db: sqlite_utils.Database) -> None:
     db.table("jobs").add_column("attempt", int, not_null_default=1)
 
 
-MIGRATIONS: list[Migration] = [m001_initial, m002_costs_and_backend_state]
+def m003_societies_tasks_and_diversity(db: sqlite_utils.Database) -> None:
+    """Evaluations name the society evaluated (base, maft, a baseline or ablation) and the task (zero-shot
+    transfer evaluates on another task than the run trained on); diversity metrics get their own table."""
+    evaluations = db.table("evaluations")
+    evaluations.add_column("society", str, not_null_default="maft")
+    evaluations.add_column("task", str, not_null_default="")
+    db.execute("update evaluations set society = 'base' where iteration = 0")
+    db.execute("update evaluations set task = (select task from runs where runs.id = evaluations.run_id)")
+    evaluations.transform(pk=("run_id", "task", "society", "iteration", "method"))
+    db.table("diversity").create(
+        {
+            "run_id": str,
+            "task": str,
+            "society": str,
+            "iteration": int,
+            "metric": str,  # consensus | embedding_dissimilarity | critic_nll
+            "value": float,
+            "n": int,
+            "detail": str,  # how it was measured (embedding model, held-out critic)
+            "created_at": float,
+        },
+        pk=("run_id", "task", "society", "iteration", "metric"),
+        foreign_keys=[("run_id", "runs", "id")],
+    )
+
+
+MIGRATIONS: list[Migration] = [m001_initial, m002_costs_and_backend_state, m003_societies_tasks_and_diversity]
 
 
 def migrate(db: sqlite_utils.Database) -> None:

@@ -247,5 +247,6 @@ class Pipeline:
         return self._save_society(iteration, society, previous, jobs)
 
     def _evaluate(self, iteration: int, outcomes: list[DebateOutcome]) -> None:
-        for row in evaluate(self.run_row.id, iteration, outcomes, self.task, self.config.seed):
+        society = "base" if iteration == 0 else "maft"
+        for row in evaluate(self.run_row.id, society, iteration, outcomes, self.task, self.config.seed):
             self.store.save_evaluation(row)

@@ -10,7 +10,7 @@ from rich.table import Table
 from rich.text import Text
 
 from orchestrator.config import RunConfig
-from orchestrator.store import RunRow, Store
+from orchestrator.store import EvaluationRow, RunRow, Store
 
 METHOD_LABELS = {"single": "single agent", "majority": "majority vote", "debate": "debate"}
 
@@ -19,8 +19,24 @@ def _method_order(method: str) -> int:
     return list(METHOD_LABELS).index(method) if method in METHOD_LABELS else len(METHOD_LABELS)
 
 
-def society_label(iteration: int) -> str:
-    return "base" if iteration == 0 else f"multiagent FT, iteration {iteration}"
+def _evaluation_order(e: EvaluationRow) -> tuple[str, int, bool, str, int]:
+    return e.task, e.iteration, e.society != "base", e.society, _method_order(e.method)
+
+
+SOCIETY_LABELS = {
+    "base": "base",
+    "maft": "multiagent FT",
+    "star": "STaR",
+    "majority-ft": "majority FT",
+    "single-ft": "single-agent FT",
+    "no-summary": "multiagent FT, no summary",
+    "no-critic": "multiagent FT, no critic",
+}
+
+
+def society_label(society: str, iteration: int) -> str:
+    name = SOCIETY_LABELS.get(society, society)
+    return name if society == "base" else f"{name}, iteration {iteration}"
 
 
 def expected_responses(config: RunConfig) -> int:
@@ -84,7 +100,7 @@ def report_data(store: Store, run: RunRow) -> dict[str, Any]:
         "config": config.model_dump(mode="json"),
         "evaluations": [
             e.model_dump(exclude={"run_id", "created_at"})
-            for e in sorted(store.get_evaluations(run.id), key=lambda e: (e.iteration, _method_order(e.method)))
+            for e in sorted(store.get_evaluations(run.id), key=_evaluation_order)
         ],
         "datasets": [
             d.model_dump(exclude={"run_id", "created_at", "problem_ids"}) for d in store.get_datasets(run.id)
@@ -113,7 +129,7 @@ def accuracy_table(evaluations: list[dict[str, Any]], title: str) -> Table:
     table.add_column("n", justify="right")
     table.add_column("no answer", justify="right")
     for e in evaluations:
-        table.add_row(society_label(e["iteration"]), METHOD_LABELS.get(e["method"], e["method"]),
+        table.add_row(society_label(e["society"], e["iteration"]), METHOD_LABELS.get(e["method"], e["method"]),
                       f"{100 * e['accuracy']:.1f} ± {100 * e['stderr']:.1f} %", str(e["n"]), str(e["unparseable"]))
     return table
 

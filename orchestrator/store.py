@@ -139,6 +139,20 @@ class JobEventRow(BaseModel):
     message: str
 
 
+class DiversityRow(BaseModel):
+    """How different a society's agents are from each other at one iteration (METHOD.md §6)."""
+
+    run_id: str
+    task: str
+    society: str
+    iteration: int
+    metric: str  # consensus | embedding_dissimilarity | critic_nll
+    value: float
+    n: int
+    detail: str | None = None
+    created_at: float = Field(default_factory=_now)
+
+
 class UsageRow(BaseModel):
     """One line of the cost ledger: what one response or one finetune cost, and which price said so."""
 
@@ -163,7 +177,11 @@ class UsageRow(BaseModel):
 
 
 class EvaluationRow(BaseModel):
+    """Accuracy of one way of answering (`method`: single | majority | debate) by one society on one task."""
+
     run_id: str
+    task: str
+    society: str  # base | maft | a baseline (star, majority-ft, single-ft) | an ablation (no-summary, no-critic)
     iteration: int
     method: str
     n: int
@@ -183,7 +201,8 @@ _PKS: dict[str, str | tuple[str, ...]] = {
     "datasets": ("run_id", "iteration", "agent", "role"),
     "jobs": "key",
     "job_events": ("job_key", "created_at", "message"),
-    "evaluations": ("run_id", "iteration", "method"),
+    "evaluations": ("run_id", "task", "society", "iteration", "method"),
+    "diversity": ("run_id", "task", "society", "iteration", "metric"),
     "backend_state": "key",
 }
 
@@ -397,4 +416,11 @@ class Store:
             self._upsert("evaluations", [row])
 
     def get_evaluations(self, run_id: str) -> list[EvaluationRow]:
-        return self._select("evaluations", EvaluationRow, "run_id = ?", [run_id], "iteration, method")
+        return self._select("evaluations", EvaluationRow, "run_id = ?", [run_id], "task, society, iteration, method")
+
+    def save_diversity(self, rows: list[DiversityRow]) -> None:
+        with self.transaction():
+            self._upsert("diversity", rows)
+
+    def get_diversity(self, run_id: str) -> list[DiversityRow]:
+        return self._select("diversity", DiversityRow, "run_id = ?", [run_id], "task, society, iteration, metric")

@@ -51,3 +51,27 @@ def test_rows_round_trip_and_events_deduplicate(tmp_path):
     assert [e.message for e in store.get_job_events("j")] == ["started", "done"]
     assert store.get_job("j").status == "pending"
     assert store.get_run("missing") is None
+
+
+def test_m003_backfills_the_society_and_task_of_earlier_evaluations(tmp_path):
+    import sqlite_utils
+
+    from orchestrator.migrations import m001_initial, m002_costs_and_backend_state
+
+    path = tmp_path / "old.db"
+    db = sqlite_utils.Database(path)
+    db.table("_migrations").create({"name": str, "applied_at": float}, pk="name")
+    for migration in (m001_initial, m002_costs_and_backend_state):
+        migration(db)
+        db.table("_migrations").insert({"name": migration.__name__, "applied_at": 0})
+    db.table("runs").insert({"id": "r", "config": "{}", "status": "finished", "backend": "local", "model": "m",
+                             "task": "gsm8k", "iterations_done": 1, "created_at": 0, "updated_at": 0})
+    for iteration in (0, 1):
+        db.table("evaluations").insert({"run_id": "r", "iteration": iteration, "method": "debate", "n": 10,
+                                        "correct": 5, "accuracy": 0.5, "stderr": 0.16, "unparseable": 0,
+                                        "created_at": 0})
+    db.close()
+    store = Store(path)
+    rows = {(e.iteration, e.society, e.task) for e in store.get_evaluations("r")}
+    assert rows == {(0, "base", "gsm8k"), (1, "maft", "gsm8k")}
+    assert store.get_diversity("r") == []
