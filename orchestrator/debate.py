@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import random
+import time
 from collections.abc import Sequence
 
 from pydantic import BaseModel
@@ -64,9 +65,16 @@ class _Pending(BaseModel):
     kind: str  # answer | summary
 
 
-def request_seed(seed: int, key: str) -> int:
-    """A per-request seed that does not depend on the run's name, so equal configs sample equally."""
-    return int.from_bytes(hashlib.sha256(f"{seed}:{key}".encode()).digest()[:4], "big") & 0x7FFFFFFF
+def request_seed(seed: int, slot: str) -> int:
+    """A per-request seed from the run's seed and the request's place (problem, round, agent, kind), not from the
+    run's or the debate's name: equal configs sample equally, and the same question put to the same model in
+    another debate of the run (a baseline, an ablation) is the same request, answered once."""
+    return int.from_bytes(hashlib.sha256(f"{seed}:{slot}".encode()).digest()[:4], "big") & 0x7FFFFFFF
+
+
+def request_hash(request: ChatRequest) -> str:
+    """What makes two requests the same: model, conversation, sampling and seed (not our key)."""
+    return hashlib.sha256(request.model_dump_json(exclude={"key"}).encode()).hexdigest()
 
 
 class DebateRunner:
@@ -84,6 +92,7 @@ class DebateRunner:
         progress: Progress | None = None,
         iteration: int | None = None,
         ledger: Ledger | None = None,
+        reuse: bool = True,
     ) -> None:
         self.run_id = run_id
         self.name = name
@@ -94,6 +103,7 @@ class DebateRunner:
         self.progress = progress
         self.iteration = iteration
         self.ledger = ledger
+        self.reuse = reuse
 
     # public ----------------------------------------------------------------------------------------------
 
@@ -124,18 +134,18 @@ class DebateRunner:
     # requests --------------------------------------------------------------------------------------------
 
     def _key(self, problem_id: str, rnd: int, agent: int, kind: str) -> str:
-        return f"{self.name}/{problem_id}/r{rnd}/a{agent}/{kind}"
+        return f"{problem_id}/r{rnd}/a{agent}/{kind}"
 
-    def _request(self, local_key: str, model: str, messages: list[ChatMessage], max_tokens: int) -> ChatRequest:
+    def _request(self, slot: str, model: str, messages: list[ChatMessage], max_tokens: int) -> ChatRequest:
         gen = self.settings.generation
         return ChatRequest(
-            key=f"{self.run_id}/{local_key}",
+            key=f"{self.run_id}/{self.name}/{slot}",
             model=model,
             messages=tuple(messages),
             max_tokens=max_tokens,
             temperature=gen.temperature,
             top_p=gen.top_p,
-            seed=request_seed(self.settings.seed, local_key),
+            seed=request_seed(self.settings.seed, slot),
         )
 
     def _round1(self, problem: Problem, agent: int, society: Society) -> _Pending:
@@ -191,6 +201,8 @@ class DebateRunner:
     def _execute(self, pending: list[_Pending], stored: dict[str, ResponseRow], what: str) -> dict[str, ResponseRow]:
         """Ask the backend for what is not stored yet; store each answer as it arrives."""
         by_key = {p.request.key: p for p in pending}
+        if self.reuse:
+            self._reuse([p for p in pending if p.request.key not in stored], stored)
         missing = [p.request for p in pending if p.request.key not in stored]
         if missing and self.ledger is not None:
             self.ledger.check_chat(missing, f"{self.name} {what} ({len(missing)} requests)")
@@ -202,6 +214,7 @@ class DebateRunner:
             def keep(result: ChatResult) -> None:
                 item = by_key[result.key]
                 row = ResponseRow(
+                    request_hash=request_hash(item.request),
                     key=result.key,
                     run_id=self.run_id,
                     debate=self.name,
@@ -226,6 +239,21 @@ class DebateRunner:
 
             self.backend.chat(missing, on_result=keep)
         return {key: stored[key] for key in by_key}
+
+    def _reuse(self, pending: list[_Pending], stored: dict[str, ResponseRow]) -> None:
+        """Answer from the store what was already asked, word for word, elsewhere in the run: free, and the
+        same answer (a debate of the base society on the same problems, a baseline's first samples)."""
+        for item in pending:
+            digest = request_hash(item.request)
+            earlier = self.store.find_response(self.run_id, digest)
+            if earlier is None:
+                continue
+            row = earlier.model_copy(update={
+                "key": item.request.key, "debate": self.name, "problem_id": item.problem_id, "round": item.round,
+                "agent": item.agent, "kind": item.kind, "created_at": time.time(),
+            })
+            self.store.save_response(row)  # no ledger line: nothing was paid for it
+            stored[row.key] = row
 
     # voting ----------------------------------------------------------------------------------------------
 

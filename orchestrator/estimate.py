@@ -86,8 +86,10 @@ def _simulate(config: RunConfig, task: Task, pricing: Pricing, info: BackendInfo
     held_out = task.eval_problems(config.eval_size, config.seed)
 
     def debate(name: str, iteration: int, problems: list[Any], society: Society) -> list[DebateOutcome]:
+        # No reuse of identical requests: filler answers would make every summary look the same, and an
+        # estimate that counts each request once is the safe side of what a run can reuse.
         runner = DebateRunner(run_id=run.id, name=name, task=task, backend=backend, store=store, settings=settings,
-                              iteration=iteration, ledger=ledger)
+                              iteration=iteration, ledger=ledger, reuse=False)
         return runner.run(problems, society)
 
     society = Society.base(config.agents)

@@ -212,7 +212,24 @@ def m003_societies_tasks_and_diversity(db: sqlite_utils.Database) -> None:
     )
 
 
-MIGRATIONS: list[Migration] = [m001_initial, m002_costs_and_backend_state, m003_societies_tasks_and_diversity]
+def m004_societies_of_models_and_request_hashes(db: sqlite_utils.Database) -> None:
+    """Baselines and ablations train their own models: agents, datasets and jobs name their society. Responses
+    keep a hash of the exact request, so an identical request anywhere in the run is answered from the store."""
+    db.table("agents").add_column("society", str, not_null_default="maft")
+    db.table("agents").transform(pk=("run_id", "society", "iteration", "agent", "role"))
+    db.table("datasets").add_column("society", str, not_null_default="maft")
+    db.table("datasets").transform(pk=("run_id", "society", "iteration", "agent", "role"))
+    db.table("jobs").add_column("society", str, not_null_default="maft")
+    db.table("responses").add_column("request_hash", str)
+    db.table("responses").create_index(["run_id", "request_hash"])
+
+
+MIGRATIONS: list[Migration] = [
+    m001_initial,
+    m002_costs_and_backend_state,
+    m003_societies_tasks_and_diversity,
+    m004_societies_of_models_and_request_hashes,
+]
 
 
 def migrate(db: sqlite_utils.Database) -> None:

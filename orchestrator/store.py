@@ -52,9 +52,10 @@ class ProblemRow(BaseModel):
 
 
 class AgentRow(BaseModel):
-    """Which model plays agent `agent` in `role` at `iteration` (0 = the base model)."""
+    """Which model plays agent `agent` in `role` at `iteration` (0 = the base model) in a society."""
 
     run_id: str
+    society: str = "maft"
     iteration: int
     agent: int
     role: str  # generator | critic
@@ -76,6 +77,7 @@ class ResponseRow(BaseModel):
     messages: str  # the prompt conversation as JSON
     text: str
     answer: str | None = None
+    request_hash: str | None = None  # the exact request (model, messages, sampling, seed): reused if asked again
     finish_reason: str = "stop"
     prompt_tokens: int = 0
     completion_tokens: int = 0
@@ -96,6 +98,7 @@ class DebateRow(BaseModel):
 
 class DatasetRow(BaseModel):
     run_id: str
+    society: str = "maft"
     iteration: int
     agent: int
     role: str
@@ -114,6 +117,7 @@ class DatasetRow(BaseModel):
 class JobRow(BaseModel):
     key: str
     run_id: str
+    society: str = "maft"
     iteration: int
     agent: int
     role: str
@@ -195,10 +199,10 @@ class EvaluationRow(BaseModel):
 _PKS: dict[str, str | tuple[str, ...]] = {
     "runs": "id",
     "problems": ("run_id", "split", "problem_id"),
-    "agents": ("run_id", "iteration", "agent", "role"),
+    "agents": ("run_id", "society", "iteration", "agent", "role"),
     "responses": "key",
     "debates": ("run_id", "debate", "problem_id"),
-    "datasets": ("run_id", "iteration", "agent", "role"),
+    "datasets": ("run_id", "society", "iteration", "agent", "role"),
     "jobs": "key",
     "job_events": ("job_key", "created_at", "message"),
     "evaluations": ("run_id", "task", "society", "iteration", "method"),
@@ -331,10 +335,17 @@ class Store:
         with self.transaction():
             self._upsert("agents", rows)
 
-    def get_agents(self, run_id: str, iteration: int | None = None) -> list[AgentRow]:
-        if iteration is None:
-            return self._select("agents", AgentRow, "run_id = ?", [run_id], "iteration, agent, role")
-        return self._select("agents", AgentRow, "run_id = ? and iteration = ?", [run_id, iteration], "agent, role")
+    def get_agents(self, run_id: str, iteration: int | None = None, society: str | None = "maft") -> list[AgentRow]:
+        """The agents of one society (all societies with `society=None`), of one iteration or all."""
+        where: list[str] = ["run_id = ?"]
+        args: list[Any] = [run_id]
+        if society is not None:
+            where.append("society = ?")
+            args.append(society)
+        if iteration is not None:
+            where.append("iteration = ?")
+            args.append(iteration)
+        return self._select("agents", AgentRow, " and ".join(where), args, "society, iteration, agent, role")
 
     # responses -------------------------------------------------------------------------------------------
 
@@ -348,6 +359,11 @@ class Store:
     def get_responses(self, run_id: str, debate: str) -> dict[str, ResponseRow]:
         rows = self._select("responses", ResponseRow, "run_id = ? and debate = ?", [run_id, debate])
         return {r.key: r for r in rows}
+
+    def find_response(self, run_id: str, request_hash: str) -> ResponseRow | None:
+        """A response to exactly this request, given anywhere in the run (another debate, a baseline)."""
+        rows = self._select("responses", ResponseRow, "run_id = ? and request_hash = ?", [run_id, request_hash])
+        return rows[0] if rows else None
 
     def count_responses(self, run_id: str) -> int:
         return self.db["responses"].count_where("run_id = ?", [run_id])
@@ -367,12 +383,16 @@ class Store:
         with self.transaction():
             self._upsert("datasets", rows)
 
-    def get_datasets(self, run_id: str, iteration: int | None = None) -> list[DatasetRow]:
-        if iteration is None:
-            return self._select("datasets", DatasetRow, "run_id = ?", [run_id], "iteration, agent, role")
-        return self._select(
-            "datasets", DatasetRow, "run_id = ? and iteration = ?", [run_id, iteration], "agent, role"
-        )
+    def get_datasets(self, run_id: str, iteration: int | None = None, society: str | None = None) -> list[DatasetRow]:
+        where: list[str] = ["run_id = ?"]
+        args: list[Any] = [run_id]
+        if society is not None:
+            where.append("society = ?")
+            args.append(society)
+        if iteration is not None:
+            where.append("iteration = ?")
+            args.append(iteration)
+        return self._select("datasets", DatasetRow, " and ".join(where), args, "society, iteration, agent, role")
 
     # jobs ------------------------------------------------------------------------------------------------
 

@@ -1,8 +1,7 @@
 """A stateful fake of the OpenAI HTTP API on 127.0.0.1, for tests that drive the official `openai` SDK.
 
-Why a real server: openai >= 3 sends requests through httpx2, which respx-style transport mocks do not intercept,
-and only a real socket lets a test see what a backend does when a connection is dropped without a response.
-Standard library only (`ThreadingHTTPServer` in a daemon thread), so the fake needs nothing beyond the dev extras.
+The server, fault injection, counts and chat answers are shared with the other fakes (`tests/fake_http.py`, which
+also says why a real server); this module holds what is OpenAI's: routes, shapes, files, jobs and batches.
 
 What it serves (bodies shaped like OpenAI's, so the SDK's typed models parse them):
   chat      POST /v1/chat/completions                      answers arithmetic and GSM8K prompts, right with a
@@ -37,165 +36,46 @@ Details a test may rely on, beyond OpenAI's shapes:
 
 from __future__ import annotations
 
-import collections
-import contextlib
-import functools
-import hashlib
 import json
 import math
 import random
 import re
-import socket
-import string
-import sys
-import threading
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
-from types import TracebackType
-from typing import Any
-from urllib.parse import parse_qsl, unquote, urlsplit
+from typing import Any, Self
+
+from tests.fake_http import (
+    FAULT_KINDS,
+    GSM8K_DIR,
+    ApiError,
+    Call,
+    FakeLLMServer,
+    ModelInfo,
+    Reply,
+    Route,
+    content_text,
+    count_tokens,
+    find_route,
+    messages_tokens,
+    parse_multipart,
+)
+
+__all__ = ["API_KEY", "BASE_MODELS", "FAULT_KINDS", "GSM8K_DIR", "ApiError", "Call", "FakeOpenAI", "Reply"]
 
 API_KEY = "sk-fake-test-key"
 ORG = "fake-org"
 BASE_MODELS = ("gpt-4.1-mini-2025-04-14", "gpt-4.1-nano-2025-04-14", "gpt-4o-mini-2024-07-18", "gpt-3.5-turbo-0125")
-GSM8K_DIR = Path(__file__).resolve().parents[1] / "orchestrator" / "tasks" / "data" / "gsm8k"
-FAULT_KINDS = ("429", "500", "503", "slow", "drop", "drop_after")
 AUTO_EPOCHS = 3  # what "auto" n_epochs resolves to; trained_tokens = file tokens x epochs
 MIN_TRAINING_EXAMPLES = 10  # OpenAI refuses smaller training files
 MAX_STEP_EVENTS = 20  # long jobs log every k-th step, like OpenAI, so event lists stay short
 TRAINING_ROLES = ("system", "user", "assistant")
 _TERMINAL_JOB = ("succeeded", "failed", "cancelled")
 _TERMINAL_BATCH = ("completed", "failed", "expired", "cancelled")
+_Model = ModelInfo
 
 
-# ---------------------------------------------------------------- tokens and answers (pure functions)
-
-
-def count_tokens(text: str) -> int:
-    """The fake's tokenizer: four characters a token, so tests can compute expected usage by hand."""
-    return math.ceil(len(text) / 4)
-
-
-def content_text(content: Any) -> str:
-    """A message's text: a string, or the text parts of a list of content parts (other parts count as nothing)."""
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        return "".join(str(part.get("text", "")) for part in content if isinstance(part, dict))
-    return ""
-
-
-def messages_tokens(messages: Iterable[Mapping[str, Any]]) -> int:
-    return sum(count_tokens(content_text(m.get("content"))) for m in messages)
-
-
-def evaluate_arithmetic(expression: str) -> int | None:
-    """Value of `a+b*c-d...` (non-negative integers, + - *, usual precedence); None for anything else.
-
-    A tiny parser instead of `eval`, because the text comes from the request.
-    """
-    tokens = re.findall(r"\d+|\S", expression)
-    numbers, operators = tokens[0::2], tokens[1::2]
-    if len(tokens) % 2 == 0 or not all(t.isdigit() for t in numbers) or not all(o in "+-*" for o in operators):
-        return None
-    terms, signs = [int(numbers[0])], [1]
-    for operator, number in zip(operators, numbers[1:], strict=True):
-        if operator == "*":
-            terms[-1] *= int(number)
-        else:
-            terms.append(int(number))
-            signs.append(1 if operator == "+" else -1)
-    return sum(sign * term for sign, term in zip(signs, terms, strict=True))
-
-
-def normalize_question(text: str) -> str:
-    return " ".join(text.split())
-
-
-@functools.cache
-def gsm8k_answers() -> dict[str, str]:
-    """Question (whitespace-normalized) -> gold answer, from the GSM8K files shipped with the package.
-
-    Loaded once per process on first use: most tests never ask a GSM8K question.
-    """
-    answers: dict[str, str] = {}
-    for split in ("train", "test"):
-        with (GSM8K_DIR / f"{split}.jsonl").open(encoding="utf-8") as f:
-            for line in f:
-                row = json.loads(line)
-                gold = row["answer"].rpartition("####")[2]
-                answers[normalize_question(row["question"])] = gold.strip().replace(",", "")
-    return answers
-
-
-@dataclass(frozen=True)
-class Problem:
-    kind: str  # "arithmetic" or "gsm8k"
-    answer: int | float
-
-
-_ARITHMETIC_PROMPT = re.compile(r"What is the result of\s*([0-9+\-*\s]+?)\s*\?")
-_GSM8K_PROMPT = re.compile(
-    r"Can you solve the following math problem\?\s*(.*?)\s*(?:Explain your reasoning|Provide a bullet point)", re.S
-)
-SUMMARY_PREFIX = "Here are a list of opinions"
-
-
-def parse_number(text: str) -> int | float:
-    try:
-        return int(text)
-    except ValueError:
-        return float(text)
-
-
-def format_number(value: int | float) -> str:
-    if isinstance(value, float) and value.is_integer():
-        return str(int(value))
-    return str(value)
-
-
-def first_user_text(messages: list[dict[str, Any]]) -> str:
-    return next((content_text(m.get("content")) for m in messages if m.get("role") == "user"), "")
-
-
-def find_problem(text: str) -> Problem | None:
-    """The problem a prompt asks about: Du et al.'s arithmetic prompt, or a GSM8K question from the shipped data."""
-    if match := _ARITHMETIC_PROMPT.search(text):
-        value = evaluate_arithmetic(match.group(1))
-        return None if value is None else Problem("arithmetic", value)
-    if match := _GSM8K_PROMPT.search(text):
-        answer = gsm8k_answers().get(normalize_question(match.group(1)))
-        return None if answer is None else Problem("gsm8k", parse_number(answer))
-    return None
-
-
-def render_answer(problem: Problem, value: int | float) -> str:
-    if problem.kind == "arithmetic":
-        return f"Let me compute step by step. The answer is {format_number(value)}."
-    return f"Reasoning: I worked through the problem step by step. The answer is \\boxed{{{format_number(value)}}}"
-
-
-def summarize_opinions(text: str) -> str:
-    """A summary that names each agent's final number (the last number in each quoted response)."""
-    responses = re.findall(r"```(.*?)```", text, re.S) or [text]
-    finals = [numbers[-1] for r in responses if (numbers := re.findall(r"-?\d+(?:\.\d+)?", r))]
-    if not finals:
-        return "The agents gave no numerical answers."
-    return "Summary of the opinions: the agents' final answers were " + ", ".join(finals) + "."
-
-
-def request_rng(*parts: Any) -> random.Random:
-    """A RNG fixed by the request's content, so the same request always gets the same answer."""
-    blob = json.dumps(parts, sort_keys=True, default=str).encode()
-    return random.Random(int.from_bytes(hashlib.sha256(blob).digest()[:8], "big"))
-
-
-def wrong_value(value: int | float, rng: random.Random) -> int | float:
-    return value + rng.choice([-10, -7, -5, -3, -2, -1, 1, 2, 3, 5, 7, 10])
-
+# ---------------------------------------------------------------- training files (OpenAI's rules)
 
 def check_training_example(line: str) -> tuple[int, str | None]:
     """Tokens of one line of a chat finetuning file, and what is wrong with it (None when it is fine)."""
@@ -240,148 +120,54 @@ def check_training_file(data: bytes) -> tuple[int, int, str | None]:
     return len(lines), tokens, None
 
 
-def parse_multipart(body: bytes, content_type: str) -> dict[str, tuple[str | None, bytes]]:
-    """Form fields of a multipart/form-data body: name -> (filename or None, raw bytes)."""
-    match = re.search(r'boundary="?([^";]+)"?', content_type)
-    if not match:
-        raise ApiError(400, "Expected a multipart/form-data body with a boundary.")
-    fields: dict[str, tuple[str | None, bytes]] = {}
-    for part in body.split(b"--" + match.group(1).encode())[1:-1]:
-        head, _, data = part.partition(b"\r\n\r\n")
-        disposition = head.decode("utf-8", "replace")
-        name = re.search(r'\bname="([^"]*)"', disposition)
-        filename = re.search(r'\bfilename="([^"]*)"', disposition)
-        if name:
-            fields[name.group(1)] = (filename.group(1) if filename else None, data.removesuffix(b"\r\n"))
-    return fields
-
-
-# ---------------------------------------------------------------- HTTP plumbing
-
-
-class ApiError(Exception):
-    """An error answered as OpenAI does: `{"error": {message, type, param, code}}` with an HTTP status."""
-
-    def __init__(
-        self,
-        status: int,
-        message: str,
-        *,
-        type: str = "invalid_request_error",
-        param: str | None = None,
-        code: str | None = None,
-        headers: dict[str, str] | None = None,
-    ) -> None:
-        super().__init__(message)
-        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
-        self.headers = headers or {}
-
-    def payload(self) -> dict[str, Any]:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
-
-    def reply(self) -> Reply:
-        return Reply.json(self.payload(), self.status, self.headers)
+# ---------------------------------------------------------------- routes
 
 
 def not_found(what: str, object_id: str, *, param: str | None = None, code: str | None = None) -> ApiError:
     return ApiError(404, f"No such {what}: '{object_id}'.", param=param, code=code)
 
 
-@dataclass
-class Reply:
-    status: int = 200
-    body: bytes = b""
-    content_type: str = "application/json"
-    headers: dict[str, str] = field(default_factory=dict)
-    drop: bool = False  # close the socket without answering
-
-    @classmethod
-    def json(cls, obj: Any, status: int = 200, headers: dict[str, str] | None = None) -> Reply:
-        return cls(status, json.dumps(obj).encode(), headers=headers or {})
-
-
-@dataclass
-class Call:
-    """One parsed request, as the handlers see it."""
-
-    method: str
-    path: str
-    query: list[tuple[str, str]]
-    headers: Mapping[str, str]
-    body: bytes
-    params: tuple[str, ...] = ()
-
-    def json(self) -> dict[str, Any]:
-        try:
-            data = json.loads(self.body or b"{}")
-        except json.JSONDecodeError as e:
-            raise ApiError(400, f"We could not parse the JSON body of your request. ({e})") from None
-        if not isinstance(data, dict):
-            raise ApiError(400, "The request body must be a JSON object.")
-        return data
-
-    def arg(self, name: str) -> str | None:
-        return next((v for k, v in self.query if k == name), None)
-
-    def limit(self, default: int = 20) -> int:
-        raw = self.arg("limit")
-        if raw is None:
-            return default
-        if not raw.isdigit() or not 1 <= int(raw) <= 100:
-            raise ApiError(400, f"Invalid 'limit': {raw!r}; expected an integer between 1 and 100.", param="limit")
-        return int(raw)
-
-
 @dataclass(frozen=True)
-class Route:
-    method: str
-    template: str  # relative to the API prefix, e.g. "/files/{id}/content"
-    handler: str  # name of the FakeOpenAI method that answers it
+class OpenAIRoute(Route):
+    """A route relative to the API prefix ("/v1", "/openai" or "/openai/v1")."""
+
     gated: bool = False  # served only when finetuning=True (files, jobs, batches: a chat-only server lacks them)
     azure_only: bool = False
 
-    @functools.cached_property
-    def pattern(self) -> re.Pattern[str]:
-        return re.compile(re.sub(r"\\\{\w+\\\}", "([^/]+)", re.escape(self.template)) + "$")
-
 
 ROUTES = (
-    Route("POST", "/chat/completions", "_chat"),
-    Route("POST", "/deployments/{deployment}/chat/completions", "_chat", azure_only=True),
-    Route("GET", "/models", "_list_models"),
-    Route("GET", "/models/{id}", "_get_model"),
-    Route("POST", "/files", "_upload_file", gated=True),
-    Route("GET", "/files", "_list_files", gated=True),
-    Route("GET", "/files/{id}", "_get_file", gated=True),
-    Route("DELETE", "/files/{id}", "_delete_file", gated=True),
-    Route("GET", "/files/{id}/content", "_get_file_content", gated=True),
-    Route("POST", "/fine_tuning/jobs", "_create_job", gated=True),
-    Route("GET", "/fine_tuning/jobs", "_list_jobs", gated=True),
-    Route("GET", "/fine_tuning/jobs/{id}", "_get_job", gated=True),
-    Route("POST", "/fine_tuning/jobs/{id}/cancel", "_cancel_job", gated=True),
-    Route("GET", "/fine_tuning/jobs/{id}/events", "_list_job_events", gated=True),
-    Route("POST", "/batches", "_create_batch", gated=True),
-    Route("GET", "/batches", "_list_batches", gated=True),
-    Route("GET", "/batches/{id}", "_get_batch", gated=True),
-    Route("POST", "/batches/{id}/cancel", "_cancel_batch", gated=True),
+    OpenAIRoute("POST", "/chat/completions", "_chat"),
+    OpenAIRoute("POST", "/deployments/{deployment}/chat/completions", "_chat", azure_only=True),
+    OpenAIRoute("GET", "/models", "_list_models"),
+    OpenAIRoute("GET", "/models/{id}", "_get_model"),
+    OpenAIRoute("POST", "/files", "_upload_file", gated=True),
+    OpenAIRoute("GET", "/files", "_list_files", gated=True),
+    OpenAIRoute("GET", "/files/{id}", "_get_file", gated=True),
+    OpenAIRoute("DELETE", "/files/{id}", "_delete_file", gated=True),
+    OpenAIRoute("GET", "/files/{id}/content", "_get_file_content", gated=True),
+    OpenAIRoute("POST", "/fine_tuning/jobs", "_create_job", gated=True),
+    OpenAIRoute("GET", "/fine_tuning/jobs", "_list_jobs", gated=True),
+    OpenAIRoute("GET", "/fine_tuning/jobs/{id}", "_get_job", gated=True),
+    OpenAIRoute("POST", "/fine_tuning/jobs/{id}/cancel", "_cancel_job", gated=True),
+    OpenAIRoute("GET", "/fine_tuning/jobs/{id}/events", "_list_job_events", gated=True),
+    OpenAIRoute("POST", "/batches", "_create_batch", gated=True),
+    OpenAIRoute("GET", "/batches", "_list_batches", gated=True),
+    OpenAIRoute("GET", "/batches/{id}", "_get_batch", gated=True),
+    OpenAIRoute("POST", "/batches/{id}/cancel", "_cancel_batch", gated=True),
 )
 # Longest first: "/openai/v1/files" is Azure's v1 API, not "/openai" + "/v1/files".
 PREFIXES = ("/openai/v1", "/openai", "/v1")
 
 
-def match_route(method: str, path: str) -> tuple[str, Route, tuple[str, ...]] | None:
+def match_route(method: str, path: str) -> tuple[str, OpenAIRoute, tuple[str, ...]] | None:
     """(prefix, route, url-decoded path parameters) for a request path, or None when nothing serves it."""
     for prefix in PREFIXES:
         if not path.startswith(prefix + "/"):
             continue
-        rest = path[len(prefix) :]
-        for route in ROUTES:
-            servable = route.method == method and (not route.azure_only or prefix == "/openai")
-            if servable and (match := route.pattern.match(rest)):
-                return prefix, route, tuple(unquote(p) for p in match.groups())
-        return None
+        routes = [r for r in ROUTES if not r.azure_only or prefix == "/openai"]
+        found = find_route(routes, method, path[len(prefix) :])
+        return None if found is None else (prefix, *found)
     return None
-
 
 def page(items: list[dict[str, Any]], after: str | None, limit: int) -> dict[str, Any]:
     """One cursor page of `items` (already in listing order), starting after the item whose id is `after`."""
@@ -397,23 +183,6 @@ def page(items: list[dict[str, Any]], after: str | None, limit: int) -> dict[str
         "last_id": data[-1]["id"] if data else None,
     }
 
-
-@dataclass
-class _Injection:
-    pattern: re.Pattern[str]
-    kind: str
-    times: int
-    retry_after: float | None
-    delay: float
-
-
-@dataclass
-class _Model:
-    id: str
-    root: str  # the base model at the bottom of a chain of finetunes
-    depth: int  # how many finetunes deep (0 for a base model)
-    created: int
-    owned_by: str
 
 
 @dataclass
@@ -432,23 +201,20 @@ class _BatchState:
     cancelled_in_progress: bool = False
 
 
-def _empty_usage() -> dict[str, int]:
-    keys = ("prompt_tokens", "completion_tokens", "cached_tokens", "requests", "batch_prompt_tokens",
-            "batch_completion_tokens", "trained_tokens")
-    return dict.fromkeys(keys, 0)
-
-
 # ---------------------------------------------------------------- the fake
 
 
-class FakeOpenAI:
+class FakeOpenAI(FakeLLMServer):
     """The fake provider: state, behaviour switches for tests, and one handler method per route.
 
     All state lives behind one lock; handlers sleep (latency, "slow" faults) outside it, so a slow request never
     blocks the others.
     """
 
+    name = "fake_openai"
     api_key: str = API_KEY
+    usage_keys = ("prompt_tokens", "completion_tokens", "cached_tokens", "requests", "batch_prompt_tokens",
+                  "batch_completion_tokens", "trained_tokens")
 
     def __init__(
         self,
@@ -465,102 +231,35 @@ class FakeOpenAI:
         batch_polls_per_state: int = 1,
         base_models: Iterable[str] = BASE_MODELS,
     ) -> None:
-        self.seed, self.finetuning, self.chat_latency = seed, finetuning, chat_latency
-        self.base_accuracy, self.finetune_bonus = base_accuracy, finetune_bonus
+        super().__init__(seed=seed, chat_latency=chat_latency, base_accuracy=base_accuracy,
+                         finetune_bonus=finetune_bonus, accuracy=accuracy)
+        self.finetuning = finetuning
         self.job_polls_per_state, self.batch_polls_per_state = job_polls_per_state, batch_polls_per_state
         self.max_running_jobs, self.daily_job_limit = max_running_jobs, daily_job_limit
         self.base_url = ""
         self.azure_endpoint = ""
-        self.counts: collections.Counter[str] = collections.Counter()
         self.files: dict[str, dict[str, Any]] = {}
         self.file_contents: dict[str, bytes] = {}
         self.jobs: dict[str, dict[str, Any]] = {}
         self.batches: dict[str, dict[str, Any]] = {}
-        self.usage: dict[str, dict[str, int]] = {}
-        self._lock = threading.RLock()
-        self._stopping = threading.Event()
-        self._ids = random.Random(f"ids/{seed}")
-        self._storm_rng = random.Random(f"storm/{seed}")
-        self._storm: tuple[float, tuple[str, ...], float | None, float] = (0.0, (), None, 0.0)
-        self._injections: list[_Injection] = []
         self._fail_rules: list[tuple[str, str, str]] = []
-        self._accuracy = dict(accuracy or {})
         self._models = {m: _Model(m, m, 0, 1_700_000_000, "system") for m in base_models}
         self._aliases = {re.sub(r"-(\d{4}-\d{2}-\d{2}|\d{4})$", "", m): m for m in base_models}
         self._seen_prefixes: set[tuple[str, str]] = set()
         self._job_state: dict[str, _JobState] = {}
         self._batch_state: dict[str, _BatchState] = {}
         self._expire_next: int | None = None
-        self._server: _Server | None = None
-        self._thread: threading.Thread | None = None
-        self._connections: set[socket.socket] = set()
 
     # ------------------------------------------------------------ lifecycle
 
-    def start(self) -> FakeOpenAI:
-        """Listen on a free port of 127.0.0.1 and serve from a daemon thread."""
-        self._stopping.clear()
-        self._server = _Server(("127.0.0.1", 0), _Handler)
-        self._server.fake = self
-        port = self._server.server_address[1]
-        self.azure_endpoint = f"http://127.0.0.1:{port}"
-        self.base_url = f"{self.azure_endpoint}/v1"
-        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.01}, daemon=True)
-        self._thread.start()
+    def start(self) -> Self:
+        """Listen on a free port of 127.0.0.1; `base_url` is its /v1 API, `azure_endpoint` its root."""
+        super().start()
+        self.azure_endpoint = self.origin
+        self.base_url = f"{self.origin}/v1"
         return self
 
-    def stop(self) -> None:
-        """Stop serving, wake sleeping handlers and close kept-alive connections, so no thread outlives a test."""
-        if self._server is None:
-            return
-        self._stopping.set()
-        self._server.shutdown()
-        with self._lock:
-            connections = list(self._connections)
-        for connection in connections:
-            with contextlib.suppress(OSError):
-                connection.shutdown(socket.SHUT_RDWR)
-        self._server.server_close()
-        if self._thread is not None:
-            self._thread.join(timeout=5)
-        self._server = self._thread = None
-
-    def __enter__(self) -> FakeOpenAI:
-        return self.start()
-
-    def __exit__(self, *exc: type[BaseException] | BaseException | TracebackType | None) -> None:
-        self.stop()
-
     # ------------------------------------------------------------ behaviour switches
-
-    def inject(
-        self, path_regex: str, kind: str, *, times: int = 1, retry_after: float | None = None, delay: float = 0.0
-    ) -> None:
-        """Answer the next `times` requests whose "METHOD /path" matches (re.search) with a fault.
-
-        kind: "429", "500", "503" (OpenAI error JSON; Retry-After and retry-after-ms when retry_after is given),
-        "slow" (sleep `delay` seconds, then answer normally), "drop" (close the socket without any response), or
-        "drop_after" (do the work, e.g. create the job and bill the chat, then close the socket without answering:
-        the lost-response case that idempotency keys exist for).
-        """
-        if kind not in FAULT_KINDS:
-            raise ValueError(f"unknown fault kind {kind!r}; expected one of {FAULT_KINDS}")
-        with self._lock:
-            self._injections.append(_Injection(re.compile(path_regex), kind, times, retry_after, delay))
-
-    def storm(
-        self,
-        rate: float,
-        kinds: tuple[str, ...] = ("429", "500", "drop"),
-        *,
-        retry_after: float | None = None,
-        delay: float = 0.05,
-    ) -> None:
-        """Fault every request on every endpoint with probability `rate` (seeded RNG); rate 0 turns it off."""
-        if unknown := set(kinds) - set(FAULT_KINDS):
-            raise ValueError(f"unknown fault kinds {sorted(unknown)}")
-        with self._lock:
-            self._storm = (rate, tuple(kinds), retry_after, delay)
 
     def fail_jobs(
         self, suffix_contains: str, *, code: str = "invalid_training_file", message: str = "Injected failure."
@@ -575,9 +274,6 @@ class FakeOpenAI:
         with self._lock:
             self._fail_rules.clear()
 
-    def set_accuracy(self, model: str, p: float) -> None:
-        with self._lock:
-            self._accuracy[model] = p
 
     def expire_batch(self, batch_id: str | None, after_lines: int) -> None:
         """The batch (None: the next one created) ends `expired` with output for only its first `after_lines`
@@ -597,14 +293,9 @@ class FakeOpenAI:
         root base model's accuracy (its entry, else base_accuracy) plus finetune_bonus per finetune, capped at 1."""
         with self._lock:
             info = self._resolve_model(model)
-            if info is None:
-                raise KeyError(model)
-            for name in (model, info.id):
-                if name in self._accuracy:
-                    return self._accuracy[name]
-            base = self._accuracy.get(info.root, self.base_accuracy)
-            return min(1.0, base + self.finetune_bonus * info.depth)
-
+        if info is None:
+            raise KeyError(model)
+        return self._accuracy_for(info, model)
     @property
     def model_ids(self) -> list[str]:
         with self._lock:
@@ -617,49 +308,21 @@ class FakeOpenAI:
 
     # ------------------------------------------------------------ request entry point
 
-    def serve(self, method: str, target: str, headers: Mapping[str, str], body: bytes) -> Reply:
-        """Answer one HTTP request: count it, maybe fault it, check the key, then route it."""
-        split = urlsplit(target)
-        path, query = split.path, parse_qsl(split.query, keep_blank_values=True)
-        matched = match_route(method, path)
-        key = f"{method} {matched[0]}{matched[1].template}" if matched else f"{method} {path}"
-        with self._lock:
-            self.counts[key] += 1
-            fault = self._take_fault(f"{method} {path}")
-        kind = fault.kind if fault else None
-        if fault is not None and kind == "drop":
-            return Reply(drop=True)
-        if fault is not None and kind == "slow":
-            self._stopping.wait(fault.delay)
-        if fault is not None and kind in ("429", "500", "503"):
-            return fault_error(fault.kind, fault.retry_after).reply()
-        try:
-            reply = self._route(Call(method, path, query, headers, body), matched)
-        except ApiError as e:
-            reply = e.reply()
-        except Exception as e:  # a bug in the fake: say so loudly instead of hanging the client
-            reply = ApiError(500, f"fake_openai bug: {type(e).__name__}: {e}", type="server_error").reply()
-        return Reply(drop=True) if kind == "drop_after" else reply
+    # ------------------------------------------------------------ request entry point
 
-    def _route(self, call: Call, matched: tuple[str, Route, tuple[str, ...]] | None) -> Reply:
+    def resolve(self, method: str, path: str) -> tuple[str, tuple[str, OpenAIRoute, tuple[str, ...]] | None]:
+        """Counted as "METHOD prefix+template", or "METHOD /raw/path" when no route serves it."""
+        matched = match_route(method, path)
+        return (f"{method} {matched[0]}{matched[1].template}" if matched else f"{method} {path}"), matched
+
+    def dispatch(self, call: Call, matched: tuple[str, OpenAIRoute, tuple[str, ...]] | None) -> Reply:
         self._authorize(call.headers)
         if matched is None or (matched[1].gated and not self.finetuning):
             raise ApiError(404, f"Invalid URL ({call.method} {call.path})")
         prefix, route, call.params = matched
         if prefix == "/openai" and call.arg("api-version") is None:
             raise ApiError(404, "Resource not found: Azure paths need an api-version query parameter.")
-        handler: Callable[[Call], Reply] = getattr(self, route.handler)
-        return handler(call)
-
-    def _take_fault(self, line: str) -> _Injection | None:
-        for injection in self._injections:
-            if injection.times > 0 and injection.pattern.search(line):
-                injection.times -= 1
-                return injection
-        rate, kinds, retry_after, delay = self._storm
-        if rate > 0 and self._storm_rng.random() < rate:
-            return _Injection(re.compile(""), self._storm_rng.choice(kinds), 1, retry_after, delay)
-        return None
+        return self.call_handler(route.handler, call)
 
     def _authorize(self, headers: Mapping[str, str]) -> None:
         bearer = headers.get("Authorization") or ""
@@ -673,9 +336,6 @@ class FakeOpenAI:
             code="invalid_api_key",
         )
 
-    def _new_id(self, prefix: str, length: int = 24) -> str:
-        with self._lock:
-            return prefix + "".join(self._ids.choices(string.ascii_letters + string.digits, k=length))
 
     # ------------------------------------------------------------ models
 
@@ -716,8 +376,7 @@ class FakeOpenAI:
         body = call.json()
         if call.params:  # Azure: the deployment names the model
             body["model"] = call.params[0]
-        if self.chat_latency:
-            self._stopping.wait(self.chat_latency)
+        self._wait_chat_latency()
         return Reply.json(self.complete_chat(body))
 
     def complete_chat(self, body: dict[str, Any], *, batch: bool = False) -> dict[str, Any]:
@@ -762,19 +421,6 @@ class FakeOpenAI:
             "system_fingerprint": "fp_fake",
         }
 
-    def _answer(self, model: str, body: dict[str, Any], index: int, p: float) -> str:
-        """The text of one choice: right with probability p, decided by the request's content alone."""
-        messages = body["messages"]
-        text = first_user_text(messages)
-        if text.startswith(SUMMARY_PREFIX):
-            return summarize_opinions(text)
-        problem = find_problem(text)
-        if problem is None:
-            return "I am not sure."
-        rng = request_rng(self.seed, model, body.get("seed"), messages, index)
-        value = problem.answer if rng.random() < p else wrong_value(problem.answer, rng)
-        return render_answer(problem, value)
-
     def _cached_tokens(self, model: str, first_message: dict[str, Any]) -> int:
         """A repeated first message is a cache hit: its tokens count as cached (a crude model of prompt caching)."""
         key = (model, json.dumps(first_message, sort_keys=True))
@@ -783,12 +429,6 @@ class FakeOpenAI:
                 return count_tokens(content_text(first_message.get("content")))
             self._seen_prefixes.add(key)
             return 0
-
-    def _bill(self, model: str, **amounts: int) -> None:
-        with self._lock:
-            row = self.usage.setdefault(model, _empty_usage())
-            for name, amount in amounts.items():
-                row[name] += amount
 
     def _bill_chat(self, model: str, prompt: int, completion: int, cached: int, *, batch: bool) -> None:
         if batch:
@@ -1187,19 +827,6 @@ class FakeOpenAI:
         return str(self.store_file(f"{batch['id']}_{kind}.jsonl", content, "batch_output")["id"])
 
 
-def fault_error(kind: str, retry_after: float | None) -> ApiError:
-    """The error answer of an injected 429, 500 or 503."""
-    headers = {}
-    if retry_after is not None:
-        headers = {"Retry-After": f"{retry_after:g}", "retry-after-ms": str(round(retry_after * 1000))}
-    if kind == "429":
-        return ApiError(429, "Rate limit reached for requests (injected by fake_openai).", type="requests",
-                        code="rate_limit_exceeded", headers=headers)
-    if kind == "503":
-        return ApiError(503, "The server is overloaded or not ready yet.", type="server_error", headers=headers)
-    return ApiError(500, "The server had an error while processing your request. Sorry about that!",
-                    type="server_error")
-
 
 def check_metadata(metadata: Any) -> dict[str, str] | None:
     """OpenAI's rule: at most 16 string pairs, keys up to 64 and values up to 512 characters."""
@@ -1273,91 +900,3 @@ def parse_batch_input(data: bytes, endpoint: str) -> tuple[list[dict[str, Any]],
                        "param": None})
     return requests, errors
 
-
-class _Server(ThreadingHTTPServer):
-    daemon_threads = True  # a handler stuck in a "slow" fault must never keep the test process alive
-    request_queue_size = 128  # backends open many connections at once
-    fake: FakeOpenAI
-
-    def handle_error(self, request: Any, client_address: Any) -> None:
-        """Clients that hang up (timeouts, a stopped server) are expected; anything else is printed."""
-        if not isinstance(sys.exc_info()[1], OSError):
-            super().handle_error(request, client_address)
-
-
-class _Handler(BaseHTTPRequestHandler):
-    """Reads a request, lets the fake answer it, and writes (or withholds) the answer on a keep-alive connection."""
-
-    protocol_version = "HTTP/1.1"
-    wbufsize = -1  # headers and body leave in one write (the base class flushes after each request)
-    server: _Server
-
-    def setup(self) -> None:
-        super().setup()
-        # Without this, Nagle's algorithm and delayed ACKs add ~40 ms to every small answer.
-        self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        with self.server.fake._lock:
-            self.server.fake._connections.add(self.connection)
-
-    def finish(self) -> None:
-        with self.server.fake._lock:
-            self.server.fake._connections.discard(self.connection)
-        with contextlib.suppress(OSError):
-            super().finish()
-
-    def do_GET(self) -> None:
-        self._serve()
-
-    def do_POST(self) -> None:
-        self._serve()
-
-    def do_DELETE(self) -> None:
-        self._serve()
-
-    def do_PUT(self) -> None:
-        self._serve()
-
-    def do_PATCH(self) -> None:
-        self._serve()
-
-    def _serve(self) -> None:
-        body = self._read_body()
-        headers = {k: v for k, v in self.headers.items()}
-        reply = self.server.fake.serve(self.command, self.path, _Headers(headers), body)
-        if reply.drop:
-            self.close_connection = True
-            with contextlib.suppress(OSError):
-                self.connection.shutdown(socket.SHUT_RDWR)
-            return
-        self.send_response(reply.status)
-        self.send_header("Content-Type", reply.content_type)
-        self.send_header("Content-Length", str(len(reply.body)))
-        self.send_header("x-request-id", self.server.fake._new_id("req_"))
-        for name, value in reply.headers.items():
-            self.send_header(name, value)
-        self.end_headers()
-        self.wfile.write(reply.body)
-
-    def _read_body(self) -> bytes:
-        if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
-            chunks = []
-            while size := int(self.rfile.readline().split(b";")[0].strip() or b"0", 16):
-                chunks.append(self.rfile.read(size))
-                self.rfile.readline()
-            while self.rfile.readline() not in (b"\r\n", b"\n", b""):
-                pass  # trailers
-            return b"".join(chunks)
-        return self.rfile.read(int(self.headers.get("Content-Length") or 0))
-
-    def log_message(self, format: str, *args: Any) -> None:
-        """Silent: pytest output should show test failures, not access logs."""
-
-
-class _Headers(dict[str, str]):
-    """Case-insensitive header lookup, as HTTP requires."""
-
-    def __init__(self, headers: Mapping[str, str]) -> None:
-        super().__init__({k.lower(): v for k, v in headers.items()})
-
-    def get(self, key: str, default: Any = None) -> Any:  # type: ignore[override]
-        return super().get(key.lower(), default)

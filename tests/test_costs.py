@@ -78,7 +78,10 @@ def test_every_response_and_job_has_one_ledger_line(tmp_path):
     usage = store.get_usage("r")
     chat = [u for u in usage if u.billing == "standard"]
     training = [u for u in usage if u.billing == "training"]
-    assert len(chat) == len(backend.requests) == store.count_responses("r")
+    assert len(chat) == len(backend.requests)
+    # the rest were asked word for word before (e.g. a summary of the same answers) and cost nothing again
+    reused = store.count_responses("r") - len(backend.requests)
+    assert reused >= 0
     assert len(training) == 6 and all(u.estimated == 0 and u.trained_tokens == 100 for u in training)
     assert sum(u.prompt_tokens for u in chat) == sum(len(r.messages[0].content) for r in backend.requests)
     summary = cost_summary(usage)
@@ -121,8 +124,9 @@ def test_the_dry_run_counts_exactly_the_calls_a_run_makes(tmp_path):
     info = BilledBackend().describe()
     lines = estimate_run(config, get_task(config.task), Pricing(load_prices(), MINI), info)
     backend = BilledBackend()
-    run_priced(tmp_path, backend, iterations=2)
-    assert sum(line.calls for line in lines) == len(backend.requests)
+    store = run_priced(tmp_path, backend, iterations=2)
+    # every response of the run: asked of the provider, or identical to an earlier one and answered from the store
+    assert sum(line.calls for line in lines) == store.count_responses("r") >= len(backend.requests)
     stages = {(line.iteration, line.stage) for line in lines}
     assert stages == {(0, "evaluation"), (1, "debate"), (1, "training"), (1, "evaluation"), (2, "debate"),
                       (2, "training"), (2, "evaluation")}

@@ -16,28 +16,13 @@ import openai
 import pytest
 
 from backends.base import BASE_MODEL_ID, ChatMessage, ChatRequest, ChatResult, FinetuneSpec, JobRef, MemoryState
+from backends.chat_files import CharEstimate, load_token_counter
+from backends.hosted import Backoff, Scrubber, parse_dotenv, parse_retry_after, read_environment
+from backends.hosted_chat import ChatBody, CompletionPayload, chat_body
 from backends.openai import OpenAIBackend
 from backends.openai_batch import batch_input
-from backends.openai_chat import ChatBody, CompletionPayload, chat_body
-from backends.openai_client import (
-    NO_KEY_PLACEHOLDER,
-    Backoff,
-    OpenAIRequestError,
-    Scrubber,
-    is_retryable,
-    parse_dotenv,
-    parse_retry_after,
-    read_environment,
-    resolve_credentials,
-)
-from backends.openai_finetune import (
-    CharEstimate,
-    job_status,
-    load_token_counter,
-    maft_key,
-    sanitize_suffix,
-    validate_training_file,
-)
+from backends.openai_client import NO_KEY_PLACEHOLDER, OpenAIRequestError, is_retryable, resolve_credentials
+from backends.openai_finetune import job_status, maft_key, sanitize_suffix, validate_training_file
 from backends.rate_limit import RateLimiter, TokenBucket, estimate_request_tokens
 from orchestrator.config import OpenAIConfig
 from orchestrator.errors import UserError

@@ -172,3 +172,31 @@ def test_every_job_status_change_is_stored_as_an_event(tmp_path):
     job = store.get_jobs("r")[0]
     changes = [e.message for e in store.get_job_events(job.key) if e.level == "status"]
     assert changes == ["status queued -> running", "status running -> succeeded"]
+
+
+def test_an_identical_request_anywhere_in_the_run_is_answered_from_the_store(tmp_path):
+    from orchestrator.config import GenerationConfig
+    from orchestrator.debate import DebateRunner, DebateSettings, Society
+    from orchestrator.tasks import get_task
+
+    task = get_task("arithmetic:easy")
+    problems = task.eval_problems(4, 0)
+    store = Store(tmp_path / "d.db")
+    from orchestrator.store import RunRow
+
+    store.save_run(RunRow(id="r", config="{}", backend="scripted", model="m", task=task.name))
+    settings = DebateSettings(rounds=2, summarize=True, generation=GenerationConfig(), seed=0)
+    backend = ScriptedBackend()
+
+    def debate(name: str, society: Society):
+        return DebateRunner(run_id="r", name=name, task=task, backend=backend, store=store,
+                            settings=settings).run(problems, society)
+
+    first = debate("eval-0", Society.base(3))
+    asked = len(backend.requests)
+    again = debate("ablation/eval-0", Society.base(3))
+    assert len(backend.requests) == asked  # nothing asked twice
+    assert [o.vote.final for o in again] == [o.vote.final for o in first]
+    other = debate("other/eval-0", Society(generators=["ft(base)-x"] * 3, critics=["base"] * 3))
+    assert len(backend.requests) > asked and len(other) == 4  # a different model is a different request
+    assert len(store.get_responses("r", "ablation/eval-0")) == len(store.get_responses("r", "eval-0"))
