@@ -34,7 +34,23 @@ class Society(BaseModel):
 
     @classmethod
     def base(cls, agents: int) -> Society:
-        return cls(generators=[BASE_MODEL_ID] * agents, critics=[BASE_MODEL_ID] * agents)
+        return cls.uniform(agents, BASE_MODEL_ID)
+
+    @classmethod
+    def uniform(cls, agents: int, model: str) -> Society:
+        """Every generator and critic the same model (the base society, or a single-model baseline's)."""
+        return cls(generators=[model] * agents, critics=[model] * agents)
+
+    def model(self, agent: int, role: str) -> str:
+        return (self.generators if role == "generator" else self.critics)[agent]
+
+    def replaced(self, models: dict[tuple[int, str], tuple[str, str]]) -> Society:
+        """This society with the models trained for some (agent, role) slots swapped in."""
+        def pick(agent: int, role: str) -> str:
+            return models[(agent, role)][0] if (agent, role) in models else self.model(agent, role)
+
+        n = range(len(self.generators))
+        return Society(generators=[pick(i, "generator") for i in n], critics=[pick(i, "critic") for i in n])
 
 
 class DebateSettings(BaseModel):
@@ -131,6 +147,19 @@ class DebateRunner:
                 transcript.answers.append(row.answer)
         return self._vote(problems, transcripts, n_agents)
 
+    def ask(self, items: Sequence[tuple[Problem, str, list[ChatMessage]]], kind: str, what: str) -> list[ResponseRow]:
+        """Single questions outside a debate (e.g. STaR's rationalizations): (problem, model, messages) each,
+        stored, reused and costed like debate answers."""
+        stored = self.store.get_responses(self.run_id, self.name)
+        pending = [
+            _Pending(request=self._request(self._key(problem.id, 1, 0, kind), model, messages,
+                                           self.settings.generation.max_tokens),
+                     problem_id=problem.id, round=1, agent=0, kind=kind)
+            for problem, model, messages in items
+        ]
+        done = self._execute(pending, stored, what)
+        return [done[p.request.key] for p in pending]
+
     # requests --------------------------------------------------------------------------------------------
 
     def _key(self, problem_id: str, rnd: int, agent: int, kind: str) -> str:
@@ -225,7 +254,7 @@ class DebateRunner:
                     model_id=item.request.model,
                     messages=json.dumps([m.model_dump(exclude_none=True) for m in item.request.messages]),
                     text=result.text,
-                    answer=self.task.extract_answer(result.text) if item.kind == "answer" else None,
+                    answer=self.task.extract_answer(result.text) if item.kind != "summary" else None,
                     finish_reason=result.finish_reason,
                     prompt_tokens=result.usage.prompt_tokens,
                     completion_tokens=result.usage.completion_tokens,
@@ -264,7 +293,8 @@ class DebateRunner:
         for problem in problems:
             agents = [transcripts[(problem.id, n)] for n in range(n_agents)]
             finals = [a.answers[-1] for a in agents]
-            rng = random.Random(f"{self.settings.seed}:{self.name}:{problem.id}")
+            # Seeded by problem, not by debate name: the same answers always give the same majority.
+            rng = random.Random(f"{self.settings.seed}:vote:{problem.id}")
             vote = majority_vote(finals, self.task.equivalent, rng)
             outcomes.append(DebateOutcome(problem=problem, agents=agents, vote=vote))
             rows.append(

@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import json
 import random
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
+from pydantic import BaseModel
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
@@ -60,7 +61,27 @@ def stored_config(store: Store, run_id: str) -> RunConfig:
     return RunConfig.model_validate_json(store.require_run(run_id).config)
 
 
+class Variant(BaseModel):
+    """One way of finetuning a society with debate data: the method itself, or one of the paper's ablations."""
+
+    society: str = "maft"
+    summarize: bool = True
+    train_critics: bool = True
+
+    def debate(self, name: str) -> str:
+        return name if self.society == "maft" else f"{self.society}/{name}"
+
+    def job_key(self, run_id: str, iteration: int, agent: int, role: str) -> str:
+        where = "" if self.society == "maft" else f"{self.society}/"
+        return f"{run_id}/{where}iteration-{iteration}/agent-{agent + 1}/{role}"
+
+
+ABLATIONS = ("no-summary", "no-critic")
+
+
 class Pipeline:
+    """One run: its problems, its societies, and the steps that debate, build data, finetune and evaluate."""
+
     def __init__(
         self,
         *,
@@ -85,39 +106,69 @@ class Pipeline:
         self.ledger = ledger
         self.info = backend.describe()
         self.task: Task = get_task(config.task)
-        self.settings = DebateSettings(
-            rounds=config.rounds, summarize=config.summarize, generation=config.generation, seed=config.seed
-        )
+        self.maft = Variant(summarize=config.summarize)
+
+    def settings(self, *, summarize: bool | None = None, rounds: int | None = None) -> DebateSettings:
+        return DebateSettings(rounds=rounds or self.config.rounds,
+                              summarize=self.config.summarize if summarize is None else summarize,
+                              generation=self.config.generation, seed=self.config.seed)
 
     # the whole run ---------------------------------------------------------------------------------------
 
-    def run(self) -> None:
+    def run(self, baselines: Sequence[str] = ()) -> None:
+        """The base society's evaluation, L iterations of multiagent finetuning, then any baselines asked for."""
+        with self._status():
+            train, held_out = self.problems()
+            society = self.stored_society("maft", 0) or self.save_society("maft", 0, Society.base(self.config.agents))
+            self.console.rule("[bold]the base society on the held-out problems")
+            self.evaluate("base", 0, self.debate("eval-0", held_out, society, 0), society)
+            for iteration in range(1, self.config.iterations + 1):
+                society = self._iteration(self.maft, iteration, society, train, held_out)
+                self.run_row.iterations_done = max(self.run_row.iterations_done, iteration)
+                self.store.save_run(self.run_row)
+            self.run_baselines(baselines, train, held_out)
+
+    def run_baselines(self, names: Sequence[str], train: list[Problem], held_out: list[Problem]) -> None:
+        from orchestrator.baselines import SINGLE_MODEL_METHODS
+
+        for name in names:
+            if name in ABLATIONS:
+                variant = Variant(society=name, summarize=name != "no-summary" and self.config.summarize,
+                                  train_critics=name != "no-critic")
+                society = self.stored_society("maft", 0) or Society.base(self.config.agents)
+                for iteration in range(1, self.config.iterations + 1):
+                    society = self._iteration(variant, iteration, society, train, held_out)
+            else:
+                SINGLE_MODEL_METHODS[name](self).run(train, held_out)
+
+    @contextmanager
+    def _status(self) -> Iterator[None]:
         self._set_status("running")
         try:
-            train, held_out = self._problems()
-            society = self._society(0) or self._save_society(0, Society.base(self.config.agents), None)
-            self.console.rule("[bold]baseline: the base society on the held-out problems")
-            self._evaluate(0, self._debate("eval-0", held_out, society))
-            for iteration in range(1, self.config.iterations + 1):
-                society = self._iteration(iteration, society, train, held_out)
+            yield
         except BaseException as exc:
             self._set_status("interrupted" if isinstance(exc, KeyboardInterrupt) else "failed", str(exc) or None)
             raise
         self._set_status("finished")
 
-    def _iteration(self, iteration: int, previous: Society, train: list[Problem], held_out: list[Problem]) -> Society:
+    def _iteration(self, variant: Variant, iteration: int, previous: Society, train: list[Problem],
+                   held_out: list[Problem]) -> Society:
         total = self.config.iterations
-        finished = self._society(iteration)
+        label = "" if variant.society == "maft" else f"{variant.society}: "
+        settings = self.settings(summarize=variant.summarize)
+        finished = self.stored_society(variant.society, iteration)
         if finished is None:
-            self.console.rule(f"[bold]iteration {iteration}/{total}: debate on {len(train)} training problems")
-            outcomes = self._debate(f"train-{iteration}", train, previous)
-            datasets = self._datasets(iteration, outcomes)
-            self.console.rule(f"[bold]iteration {iteration}/{total}: finetuning {2 * self.config.agents} models")
-            finished = self._finetune(iteration, previous, datasets)
-        self.console.rule(f"[bold]iteration {iteration}/{total}: the finetuned society on the held-out problems")
-        self._evaluate(iteration, self._debate(f"eval-{iteration}", held_out, finished))
-        self.run_row.iterations_done = max(self.run_row.iterations_done, iteration)
-        self.store.save_run(self.run_row)
+            self.console.rule(f"[bold]{label}iteration {iteration}/{total}: debate on {len(train)} training problems")
+            outcomes = self.debate(variant.debate(f"train-{iteration}"), train, previous, iteration, settings)
+            datasets = self._datasets(variant, iteration, outcomes)
+            self.console.rule(f"[bold]{label}iteration {iteration}/{total}: finetuning {len(datasets)} models")
+            starts = {(d.agent, d.role): previous.model(d.agent, d.role) for d in datasets}
+            models = self.finetune(variant.society, iteration, datasets, starts, key=variant.job_key)
+            society = previous.replaced(models)
+            finished = self.save_society(variant.society, iteration, society, previous, models)
+        self.console.rule(f"[bold]{label}iteration {iteration}/{total}: the finetuned society on held-out problems")
+        outcomes = self.debate(variant.debate(f"eval-{iteration}"), held_out, finished, iteration, settings)
+        self.evaluate(variant.society, iteration, outcomes, finished)
         return finished
 
     # steps -----------------------------------------------------------------------------------------------
@@ -127,45 +178,51 @@ class Pipeline:
         self.run_row.error = error
         self.store.save_run(self.run_row)
 
-    def _problems(self) -> tuple[list[Problem], list[Problem]]:
-        """Draw the problems once and record their ids; later sessions read the same ones back."""
+    def problems(self, task: Task | None = None) -> tuple[list[Problem], list[Problem]]:
+        """Draw the problems once and record their ids; later sessions read the same ones back. With another
+        `task` (zero-shot transfer) only its held-out problems are drawn, under the split `eval@TASK`."""
         run_id = self.run_row.id
-        splits: dict[str, list[Problem]] = {}
-        for split, size in (("train", self.config.train_size), ("eval", self.config.eval_size)):
+        task = task or self.task
+        transfer = task.name != self.task.name
+        wanted = [(f"eval@{task.name}", self.config.eval_size)] if transfer else [
+            ("train", self.config.train_size), ("eval", self.config.eval_size)]
+        splits: dict[str, list[Problem]] = {"train": []}
+        for split, size in wanted:
             rows = self.store.get_problems(run_id, split)
             if rows:
                 splits[split] = [Problem(id=r.problem_id, question=r.question, answer=r.answer) for r in rows]
                 continue
-            draw = self.task.train_problems if split == "train" else self.task.eval_problems
+            draw = task.train_problems if split == "train" else task.eval_problems
             problems = draw(size, self.config.seed)
             self.store.save_problems(
                 [ProblemRow(run_id=run_id, split=split, position=i, problem_id=p.id, question=p.question,
                             answer=p.answer) for i, p in enumerate(problems)]
             )
             splits[split] = problems
-        overlap = {p.id for p in splits["train"]} & {p.id for p in splits["eval"]}
+        held_out = splits[wanted[-1][0]]
+        overlap = {p.id for p in splits["train"]} & {p.id for p in held_out}
         if overlap:  # the tasks guarantee this; a user's JSONL with duplicate ids could still break it
             first = sorted(overlap)[0]
             raise UserError(f"train and eval problems overlap ({first}, ...): give each problem a unique id")
-        return splits["train"], splits["eval"]
+        return splits["train"], held_out
 
-    def _society(self, iteration: int) -> Society | None:
-        rows = self.store.get_agents(self.run_row.id, iteration)
+    def stored_society(self, society: str, iteration: int) -> Society | None:
+        rows = self.store.get_agents(self.run_row.id, iteration, society)
         if len(rows) != 2 * self.config.agents:
             return None
         by = {(r.agent, r.role): r.model_id for r in rows}
         n = range(self.config.agents)
         return Society(generators=[by[(i, "generator")] for i in n], critics=[by[(i, "critic")] for i in n])
 
-    def _save_society(self, iteration: int, society: Society, parent: Society | None,
-                      jobs: dict[tuple[int, str], str] | None = None) -> Society:
-        rows = []
-        for i in range(self.config.agents):
-            for role, models, parents in (("generator", society.generators, parent.generators if parent else None),
-                                          ("critic", society.critics, parent.critics if parent else None)):
-                rows.append(AgentRow(run_id=self.run_row.id, iteration=iteration, agent=i, role=role,
-                                     model_id=models[i], parent_model_id=parents[i] if parents else None,
-                                     job_key=(jobs or {}).get((i, role))))
+    def save_society(self, name: str, iteration: int, society: Society, parent: Society | None = None,
+                     models: dict[tuple[int, str], tuple[str, str]] | None = None) -> Society:
+        """Record who plays every agent and role; `models` gives the job behind each newly trained model."""
+        rows = [
+            AgentRow(run_id=self.run_row.id, society=name, iteration=iteration, agent=i, role=role,
+                     model_id=society.model(i, role), parent_model_id=parent.model(i, role) if parent else None,
+                     job_key=(models or {}).get((i, role), ("", ""))[1] or None)
+            for i in range(self.config.agents) for role in ROLES
+        ]
         self.store.save_agents(rows)
         return society
 
@@ -179,74 +236,87 @@ class Pipeline:
         with Progress(*columns, console=self.console) as progress:
             yield progress
 
-    def _debate(self, name: str, problems: list[Problem], society: Society) -> list[DebateOutcome]:
-        iteration = int(name.rsplit("-", 1)[1])
-        with self._progress() as progress:
-            runner = DebateRunner(run_id=self.run_row.id, name=name, task=self.task, backend=self.backend,
-                                  store=self.store, settings=self.settings, progress=progress,
-                                  iteration=iteration, ledger=self.ledger)
-            return runner.run(problems, society)
+    def runner(self, name: str, iteration: int, settings: DebateSettings | None = None,
+               progress: Progress | None = None, task: Task | None = None) -> DebateRunner:
+        return DebateRunner(run_id=self.run_row.id, name=name, task=task or self.task, backend=self.backend,
+                            store=self.store, settings=settings or self.settings(), progress=progress,
+                            iteration=iteration, ledger=self.ledger)
 
-    def _datasets(self, iteration: int, outcomes: list[DebateOutcome]) -> list[DatasetRow]:
+    def debate(self, name: str, problems: list[Problem], society: Society, iteration: int,
+               settings: DebateSettings | None = None, task: Task | None = None) -> list[DebateOutcome]:
+        with self._progress() as progress:
+            return self.runner(name, iteration, settings, progress, task).run(problems, society)
+
+    def dataset_path(self, society: str, iteration: int, agent: int, role: str) -> Path:
+        where = self.workdir / "datasets" / ("" if society == "maft" else society) / f"iteration-{iteration}"
+        return where / f"agent-{agent + 1}-{role}.jsonl"
+
+    def _datasets(self, variant: Variant, iteration: int, outcomes: list[DebateOutcome]) -> list[DatasetRow]:
         """Build and record every agent's sets; deterministic, so rebuilding after a crash gives the same files."""
         rows: list[DatasetRow] = []
-        folder = self.workdir / "datasets" / f"iteration-{iteration}"
         for agent in range(self.config.agents):
             rng = random.Random(f"{self.config.seed}:critic-mix:{iteration}:{agent}")
             data = build_agent_data(outcomes, agent, self.task.equivalent, w=self.config.critic_mix, rng=rng,
                                     all_turns=self.config.critic_train_all_turns)
-            for role, examples in (("generator", data.generator), ("critic", data.critic)):
-                path = folder / f"agent-{agent + 1}-{role}.jsonl"
-                sha = write_jsonl(path, examples)
+            roles = (("generator", data.generator), ("critic", data.critic))
+            for role, examples in roles if variant.train_critics else roles[:1]:
+                path = self.dataset_path(variant.society, iteration, agent, role)
+                critic = role == "critic"
                 rows.append(DatasetRow(
-                    run_id=self.run_row.id, iteration=iteration, agent=agent, role=role, path=str(path), sha256=sha,
-                    n_examples=len(examples),
-                    n_generation=len(examples) if role == "generator" else 0,
-                    n_critic_neg=data.critic_neg_used if role == "critic" else 0,
-                    n_critic_pos=data.critic_pos_used if role == "critic" else 0,
-                    n_critic_neg_available=data.critic_neg_available if role == "critic" else 0,
-                    n_critic_pos_available=data.critic_pos_available if role == "critic" else 0,
+                    run_id=self.run_row.id, society=variant.society, iteration=iteration, agent=agent, role=role,
+                    path=str(path), sha256=write_jsonl(path, examples), n_examples=len(examples),
+                    n_generation=0 if critic else len(examples),
+                    n_critic_neg=data.critic_neg_used if critic else 0,
+                    n_critic_pos=data.critic_pos_used if critic else 0,
+                    n_critic_neg_available=data.critic_neg_available if critic else 0,
+                    n_critic_pos_available=data.critic_pos_available if critic else 0,
                     problem_ids=json.dumps([e.problem_id for e in examples]),
                 ))
         self.store.save_datasets(rows)
         return rows
 
-    def _finetune(self, iteration: int, previous: Society, datasets: list[DatasetRow]) -> Society:
+    def finetune(self, society: str, iteration: int, datasets: list[DatasetRow],
+                 starts: dict[tuple[int, str], str], *, key: Callable[[str, int, int, str], str],
+                 restart: bool | None = None) -> dict[tuple[int, str], tuple[str, str]]:
+        """Train a model on each dataset; returns (model id, job key) per (agent, role) that was trained.
+
+        A set smaller than the provider accepts is not sent: that model stays as it was. `starts` gives the
+        model each one continues from (strategy continue); with restart every one starts from the base model.
+        """
+        restart = self.config.strategy == "restart" if restart is None else restart
         plans: list[FinetunePlan] = []
-        models = {(i, "generator"): previous.generators[i] for i in range(self.config.agents)}
-        models |= {(i, "critic"): previous.critics[i] for i in range(self.config.agents)}
-        jobs: dict[tuple[int, str], str] = {}
         for ds in datasets:
-            key = f"{self.run_row.id}/iteration-{iteration}/agent-{ds.agent + 1}/{ds.role}"
-            start_from = models[(ds.agent, ds.role)] if self.config.strategy == "continue" else BASE_MODEL_ID
-            job = JobRow(key=key, run_id=self.run_row.id, iteration=iteration, agent=ds.agent, role=ds.role,
-                         backend=self.config.backend, base_model_id=start_from, dataset_sha256=ds.sha256)
+            job_key = key(self.run_row.id, iteration, ds.agent, ds.role)
+            start_from = BASE_MODEL_ID if restart else starts[(ds.agent, ds.role)]
+            job = JobRow(key=job_key, run_id=self.run_row.id, society=society, iteration=iteration, agent=ds.agent,
+                         role=ds.role, backend=self.config.backend, base_model_id=start_from,
+                         dataset_sha256=ds.sha256)
             if ds.n_examples < max(1, self.info.min_training_examples):
                 # Too little agreed with the majority: this model stays as it was rather than training on
                 # nothing, or on a file the provider would refuse.
                 why = (f"{ds.n_examples} examples, the {self.info.name} backend needs at least "
                        f"{self.info.min_training_examples}" if ds.n_examples else "no training examples")
-                if self.store.get_job(key) is None:
+                if self.store.get_job(job_key) is None:
                     self.store.save_job(job.model_copy(update={"status": "skipped", "error": why}))
-                self.console.print(f"agent {ds.agent + 1} {ds.role}: {why}; it keeps its model")
+                self.console.print(f"{society} agent {ds.agent + 1} {ds.role}: {why}; it keeps its model")
                 continue
-            jobs[(ds.agent, ds.role)] = key
-            suffix = f"{self.run_row.id[:18]}-i{iteration}-a{ds.agent + 1}-{ds.role[0]}"
-            spec = FinetuneSpec(key=key, base_model=start_from, training_file=Path(ds.path), suffix=suffix,
+            label = "" if society == "maft" else f"{society}-"
+            suffix = f"{self.run_row.id[:18]}-{label}i{iteration}-a{ds.agent + 1}-{ds.role[0]}"
+            spec = FinetuneSpec(key=job_key, base_model=start_from, training_file=Path(ds.path), suffix=suffix,
                                 params=self.config.training, seed=self.config.seed + iteration)
             plans.append(FinetunePlan(job=job, spec=spec, epochs_estimate=self.info.training_epochs))
         results = run_jobs(plans, self.backend, self.store, ledger=self.ledger,
                            max_active=self.info.max_concurrent_jobs, poll_interval=self.poll_interval)
-        for slot, key in jobs.items():
-            model_id = results[key].model_id
+        trained: dict[tuple[int, str], tuple[str, str]] = {}
+        for plan in plans:
+            model_id = results[plan.job.key].model_id
             if model_id is None:  # a backend bug; never silently keep the old model
-                raise RuntimeError(f"job {key} succeeded without a model id")
-            models[slot] = model_id
-        n = range(self.config.agents)
-        society = Society(generators=[models[(i, "generator")] for i in n], critics=[models[(i, "critic")] for i in n])
-        return self._save_society(iteration, society, previous, jobs)
+                raise RuntimeError(f"job {plan.job.key} succeeded without a model id")
+            trained[(plan.job.agent, plan.job.role)] = (model_id, plan.job.key)
+        return trained
 
-    def _evaluate(self, iteration: int, outcomes: list[DebateOutcome]) -> None:
-        society = "base" if iteration == 0 else "maft"
-        for row in evaluate(self.run_row.id, society, iteration, outcomes, self.task, self.config.seed):
+    def evaluate(self, society: str, iteration: int, outcomes: list[DebateOutcome], models: Society,
+                 task: Task | None = None) -> None:
+        task = task or self.task
+        for row in evaluate(self.run_row.id, society, iteration, outcomes, task, self.config.seed):
             self.store.save_evaluation(row)

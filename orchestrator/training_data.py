@@ -114,6 +114,21 @@ def build_agent_data(
     )
 
 
+def agreeing_examples(
+    outcomes: Sequence[DebateOutcome], equivalent: Callable[[str, str], bool], *, all_turns: bool = False
+) -> list[Example]:
+    """Every answer of every agent that agrees with its debate's majority, for one model (single-agent FT):
+    round-1 answers as generator examples, whole conversations whose final answer agrees as critic examples."""
+    examples: list[Example] = []
+    for outcome in outcomes:
+        for agent, transcript in enumerate(outcome.agents):
+            if agrees(transcript.answers[0], outcome.vote.final, equivalent):
+                examples.append(_generator_example(outcome, agent))
+            if len(transcript.answers) > 1 and agrees(transcript.answers[-1], outcome.vote.final, equivalent):
+                examples.append(_critic_example(outcome, agent, all_turns))
+    return examples
+
+
 def write_jsonl(path: Path, examples: Sequence[Example]) -> str:
     """Write atomically (a crash never leaves half a file under the final name); return the sha256."""
     data = "".join(e.to_json() + "\n" for e in examples).encode("utf-8")

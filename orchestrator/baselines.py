@@ -1,0 +1,131 @@
+"""The paper's single-model baselines (METHOD.md §6), each iterated like the method and evaluated the same way.
+
+- STaR: one model answers; answers the ground truth marks right are kept, wrong ones are retried with the answer
+  as a hint (rationalization) and kept when right; each iteration finetunes the base model afresh on what the
+  previous model produced (as in the STaR paper). The only baseline that looks at ground truth.
+- majority FT: N independent samples per problem, no debate; every sample that agrees with their majority vote
+  is kept; one model is finetuned on all of them.
+- single-agent FT: the full debate; every answer that agrees with the debate's majority (round-1 answers and
+  critics' final answers alike) goes into one dataset for one model.
+
+Each finetuned model is evaluated as a society of N copies, so single agent, majority vote and debate accuracy
+come out of one evaluation debate, as for the multiagent society. Where a baseline asks exactly what the main
+run already asked (the base model's first samples), the store answers for free.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+
+import prompts
+from backends.base import BASE_MODEL_ID, ChatMessage
+from orchestrator.debate import DebateOutcome, Society
+from orchestrator.pipeline import Pipeline
+from orchestrator.store import DatasetRow
+from orchestrator.tasks import Problem
+from orchestrator.training_data import Example, agreeing_examples, write_jsonl
+from orchestrator.voting import agrees
+
+ROLE = "single"
+
+
+class SingleModelMethod:
+    """One model, finetuned L times on data it produced, evaluated as N copies of itself."""
+
+    society = ""
+    restart = False  # True: every iteration trains the base model afresh
+
+    def __init__(self, pipeline: Pipeline) -> None:
+        self.p = pipeline
+
+    def examples(self, iteration: int, model: str, train: list[Problem]) -> list[Example]:
+        raise NotImplementedError
+
+    def run(self, train: list[Problem], held_out: list[Problem]) -> None:
+        p, n = self.p, self.p.config.agents
+        model = BASE_MODEL_ID
+        for iteration in range(1, p.config.iterations + 1):
+            society = p.stored_society(self.society, iteration)
+            if society is None:
+                p.console.rule(f"[bold]{self.society}: iteration {iteration}/{p.config.iterations}")
+                dataset = self._dataset(iteration, self.examples(iteration, model, train))
+                trained = p.finetune(self.society, iteration, [dataset], {(0, ROLE): model}, key=self._key,
+                                     restart=self.restart)
+                new_model, job = trained.get((0, ROLE), (model, ""))
+                society = Society.uniform(n, new_model)
+                jobs = {(i, role): (new_model, job) for i in range(n) for role in ("generator", "critic")} if job \
+                    else None
+                p.save_society(self.society, iteration, society, Society.uniform(n, model), jobs)
+            model = society.generators[0]
+            outcomes = p.debate(f"{self.society}/eval-{iteration}", held_out, society, iteration)
+            p.evaluate(self.society, iteration, outcomes, society)
+
+    def _key(self, run_id: str, iteration: int, agent: int, role: str) -> str:
+        return f"{run_id}/{self.society}/iteration-{iteration}/{role}"
+
+    def _dataset(self, iteration: int, examples: list[Example]) -> DatasetRow:
+        p = self.p
+        path = p.dataset_path(self.society, iteration, 0, ROLE)
+        row = DatasetRow(run_id=p.run_row.id, society=self.society, iteration=iteration, agent=0, role=ROLE,
+                         path=str(path), sha256=write_jsonl(path, examples), n_examples=len(examples),
+                         n_generation=len(examples), problem_ids=json.dumps([e.problem_id for e in examples]))
+        p.store.save_datasets([row])
+        return row
+
+
+class MajorityFT(SingleModelMethod):
+    society = "majority-ft"
+
+    def examples(self, iteration: int, model: str, train: list[Problem]) -> list[Example]:
+        p = self.p
+        outcomes = p.debate(f"{self.society}/train-{iteration}", train, Society.uniform(p.config.agents, model),
+                            iteration, p.settings(rounds=1))
+        return [
+            Example(messages=agent.messages[:2], problem_id=o.problem.id)
+            for o in outcomes for agent in o.agents
+            if agrees(agent.answers[0], o.vote.final, p.task.equivalent)
+        ]
+
+
+class SingleAgentFT(SingleModelMethod):
+    society = "single-ft"
+
+    def examples(self, iteration: int, model: str, train: list[Problem]) -> list[Example]:
+        p = self.p
+        outcomes: list[DebateOutcome] = p.debate(f"{self.society}/train-{iteration}", train,
+                                                 Society.uniform(p.config.agents, model), iteration)
+        return agreeing_examples(outcomes, p.task.equivalent, all_turns=p.config.critic_train_all_turns)
+
+
+class Star(SingleModelMethod):
+    society = "star"
+    restart = True
+
+    def examples(self, iteration: int, model: str, train: list[Problem]) -> list[Example]:
+        p = self.p
+        first = p.debate(f"{self.society}/train-{iteration}", train, Society.uniform(1, model), iteration,
+                         p.settings(rounds=1))
+        kept = [Example(messages=o.agents[0].messages[:2], problem_id=o.problem.id)
+                for o in first if p.task.is_correct(o.agents[0].answers[0], o.problem)]
+        wrong = [o for o in first if not p.task.is_correct(o.agents[0].answers[0], o.problem)]
+        family = p.task.family
+        asks = [(o.problem, model, [ChatMessage(role="user", content=prompts.render(
+            f"{family}/rationalize.txt", question=o.problem.question, answer=o.problem.answer))]) for o in wrong]
+        runner = p.runner(f"{self.society}/rationale-{iteration}", iteration)
+        rationales = runner.ask(asks, "rationale", "rationalizations") if asks else []
+        for outcome, row in zip(wrong, rationales, strict=True):
+            if p.task.is_correct(row.answer, outcome.problem):
+                # learned without the hint: the model must come to the answer on its own next time
+                prompt = outcome.agents[0].messages[0]
+                kept.append(Example(messages=[prompt, ChatMessage(role="assistant", content=row.text)],
+                                    problem_id=outcome.problem.id))
+        order = {pr.id: i for i, pr in enumerate(train)}
+        return sorted(kept, key=lambda e: order[e.problem_id])
+
+
+SINGLE_MODEL_METHODS: dict[str, Callable[[Pipeline], SingleModelMethod]] = {
+    "star": Star,
+    "majority-ft": MajorityFT,
+    "single-ft": SingleAgentFT,
+}
