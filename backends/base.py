@@ -170,3 +170,42 @@ class Backend(Protocol):
     def cancel(self, job: JobRef) -> None: ...
 
     def close(self) -> None: ...
+
+
+# -- optional capabilities ------------------------------------------------------------------------------------------
+# Not every provider can do these, so they are separate protocols: callers check `isinstance(backend, ...)` and
+# say plainly what is missing, instead of every backend growing methods that raise "not supported".
+
+
+class ScoreRequest(BaseModel):
+    """How surprising `continuation` is as the assistant's reply to `messages` under `model`.
+
+    The diversity metric "NLL of other agents' answers under a held-out critic" needs exactly this: a fixed
+    answer scored as a reply to a fixed conversation, with the prompt itself not scored. `key` is ours, for
+    logs and error messages.
+    """
+
+    model_config = ConfigDict(frozen=True)
+
+    key: str
+    model: str = BASE_MODEL_ID
+    messages: tuple[ChatMessage, ...]
+    continuation: str
+
+
+@runtime_checkable
+class SupportsScoring(Protocol):
+    """A backend that can score a given reply token by token (a local model; few hosted APIs can)."""
+
+    def score(self, requests: Sequence[ScoreRequest]) -> list[float]:
+        """Mean negative log-likelihood per token (nats) of each request's `continuation` as the assistant's
+        reply, end-of-turn token included, in the order given."""
+        ...
+
+
+@runtime_checkable
+class SupportsEmbeddings(Protocol):
+    """A backend with an embedding endpoint; `model` picks one of the provider's embedding models (None: its
+    default)."""
+
+    def embed(self, texts: Sequence[str], model: str | None = None) -> list[list[float]]: ...

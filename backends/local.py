@@ -31,9 +31,11 @@ from backends.base import (
     JobRef,
     JobState,
     ResultCallback,
+    ScoreRequest,
 )
 from backends.local_generate import AdapterPool, adapter_dir, adapter_name_for, generate_chats
 from backends.local_model import DEFAULT_MODEL, load_model, resolve_device
+from backends.local_score import score_requests
 from backends.local_train import train_lora
 from orchestrator.errors import UserError
 
@@ -81,6 +83,13 @@ class LocalBackend:
         if not requests:
             return []
         return generate_chats(self.pool, requests, batch_size=self.batch_size, on_result=on_result)
+
+    def score(self, requests: Sequence[ScoreRequest]) -> list[float]:
+        """SupportsScoring: mean NLL per token (nats) of each fixed reply under its request's model (base or
+        adapter), all models in the same batches; see `local_score`."""
+        if not requests:
+            return []
+        return score_requests(self.pool, requests, batch_size=self.batch_size)
 
     def start_finetune(self, spec: FinetuneSpec) -> JobRef:
         """Train now unless this key already succeeded; a failure is recorded in the job, not raised."""

@@ -191,7 +191,9 @@ class MiniLMEmbedder:
     def _load(self) -> tuple[Any, Any]:
         if self._model is None:
             from transformers import AutoModel, AutoTokenizer
+            from transformers.utils import logging as hf_logging
 
+            hf_logging.disable_progress_bar()  # as in local_model: our own progress bars are the only ones
             started = time.perf_counter()
             folder = self.model_dir or minilm_dir()
             self._tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)

@@ -142,7 +142,7 @@ def test_dissimilarity_of_a_mixed_case_averaged_over_problems() -> None:
     assert embedding_dissimilarity(outcomes, embedder) == pytest.approx((mixed + 1.0) / 2)
     assert embedding_dissimilarity(outcomes, embedder, round_index=1) == pytest.approx((0 + 2 / 3) / 2)
     assert all(len(call) == len(set(call)) for call in embedder.calls)  # each distinct text embedded once
-    assert sorted(embedder.calls[0]) == ["x", "x2", "xy", "y", "z"]
+    assert sorted(embedder.calls[1]) == ["x", "x2", "xy", "y", "z"]  # one call for all problems
 
 
 def test_a_zero_vector_is_similar_to_nothing() -> None:
@@ -347,7 +347,7 @@ def test_score_is_the_mean_nll_of_the_reply_tokens_by_hand(backend: LocalBackend
     model = AutoModelForCausalLM.from_pretrained(tiny_dir).eval()
     history = [{"role": "user", "content": "What is 2+2?"}, {"role": "assistant", "content": "It is 5."}]
     turns = [*history, {"role": "user", "content": "Check again."}]
-    prompt = tokenizer.apply_chat_template(turns, add_generation_prompt=True, tokenize=False)
+    prompt = str(tokenizer.apply_chat_template(turns, add_generation_prompt=True, tokenize=False))
     ids = tokenizer(prompt + "It is 4.<|im_end|>", add_special_tokens=False)["input_ids"]
     n_prompt = len(tokenizer(prompt, add_special_tokens=False)["input_ids"])
     with torch.no_grad():
@@ -368,3 +368,15 @@ def test_critic_nll_runs_on_the_local_backend(backend: LocalBackend, trained_id:
     each = backend.score([ask(QUESTION, TARGET, model=trained_id), ask(QUESTION, "7 + 9 = 16")])
     assert tuned_critic == pytest.approx(sum(each) / 2, rel=1e-5)
     assert tuned_critic < base_critics
+
+
+@pytest.mark.slow
+def test_smollm2_scores_replies_sensibly_even_with_leading_newlines(tmp_path: Path) -> None:
+    """SmolLM2's tokenizer merges a reply's leading "\\n" with the header's into "\\n\\n", which breaks the
+    prompt-prefix check of the training encoder; scoring falls back to the reply without it."""
+    backend = LocalBackend("smollm2", workdir=tmp_path, device="cpu", show_progress=False)
+    reply = "2 + 3 = 5. The answer is \\boxed{5}."
+    plain, newlines, nonsense = backend.score(
+        [ask("What is 2+3?", reply), ask("What is 2+3?", "\n\n" + reply), ask("What is 2+3?", "Bananas are cheese.")]
+    )
+    assert plain == pytest.approx(newlines) and plain < nonsense
