@@ -64,16 +64,7 @@ def score_requests(pool: AdapterPool, requests: Sequence[ScoreRequest], *, batch
 
 def _make_row(pool: AdapterPool, index: int, request: ScoreRequest) -> _Row:
     context = [m.model_copy(update={"weight": 0}) if m.role == "assistant" else m for m in request.messages]
-    try:
-        example = _encode(pool, context, request.continuation)
-    except UserError:
-        # A reply starting with whitespace can merge with the template's newline after the assistant header
-        # (SmolLM2 has a "\n\n" token), so the prompt is no longer a token prefix. Score the reply without that
-        # leading whitespace rather than fail a whole metric on one answer; any other template problem raises.
-        stripped = request.continuation.lstrip()
-        if stripped == request.continuation:
-            raise
-        example = _encode(pool, context, stripped)
+    example = _encode(pool, context, request.continuation)  # leading whitespace is dropped as in training
     scored_at = [i for i, label in enumerate(example.labels) if label != IGNORE_INDEX]
     if not scored_at:
         raise UserError(f"score request {request.key!r}: the chat template renders no assistant tokens to score")

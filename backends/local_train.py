@@ -103,7 +103,10 @@ def encode_example(
     so far) and ends with the end-of-turn token, so the model learns to stop; the template's trailing newline
     after it is not learned because generation never gets there.
     """
-    turns = [{"role": m.role, "content": m.content} for m in messages]
+    # Leading whitespace carries no meaning after a role header, but it can merge with the template's newline
+    # into one token (SmolLM2 has "\n\n"), and then no prefix of the conversation tokenizes as a prefix of the
+    # whole: a model's answer starting with a blank line must not break its agent's finetune.
+    turns = [{"role": m.role, "content": m.content.lstrip()} for m in messages]
     full = _render_tokens(tokenizer, turns, generation_prompt=False)
     labels = [IGNORE_INDEX] * len(full)
     eos = tokenizer.eos_token_id

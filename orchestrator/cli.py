@@ -22,6 +22,22 @@ from orchestrator.tasks import TASK_SPECS_HELP, get_task
 
 DB_HELP = "SQLite file that tracks every run (default: ./maft.db, or $MAFT_DB)."
 
+BASELINES = ("star", "majority-ft", "single-ft", "no-summary", "no-critic")
+BASELINES_HELP = ("star: STaR (ground-truth filtered answers, rationalized when wrong); majority-ft: one model on "
+                  "answers that agree with a majority of N samples; single-ft: one model on every debate answer "
+                  "that agrees with the majority; no-summary / no-critic: multiagent FT with concatenated answers / "
+                  "with only generators finetuned.")
+
+
+def parse_baselines(text: str | None) -> tuple[str, ...]:
+    if not text:
+        return ()
+    names = BASELINES if text.strip() == "all" else tuple(n.strip() for n in text.split(",") if n.strip())
+    unknown = [n for n in names if n not in BASELINES]
+    if unknown:
+        raise UserError(f"baseline '{unknown[0]}' is unknown: use {', '.join(BASELINES)} or all")
+    return names
+
 
 def _db_path(db: str | None) -> Path:
     return Path(db or os.environ.get("MAFT_DB") or "maft.db")
@@ -94,12 +110,14 @@ def cli() -> None:
               "would take the run past this many dollars; the run stops cleanly and can be resumed.")
 @click.option("--prices", type=click.Path(path_type=Path), help="TOML file of prices that replace the packaged "
               "table model by model (see orchestrator/prices.toml). [default: $MAFT_PRICES]")
+@click.option("--baselines", metavar="LIST", help=f"After the run, also train and evaluate these, comma-separated: "
+              f"{', '.join(BASELINES)}, or all. {BASELINES_HELP}")
 def run(config_file: Path | None, backend: str | None, model: str | None, task: str | None, agents: int | None,
         rounds: int | None, iterations: int | None, train_size: int | None, eval_size: int | None,
         seed: int | None, strategy: str | None, summarize: bool | None, critic_mix: float | None,
         device: str | None, name: str | None, resume: str | None, db: str | None, workdir: Path | None,
         quiet: bool, base_url: str | None, batch: bool | None, dry_run: bool, max_cost: float | None,
-        prices: Path | None) -> None:
+        prices: Path | None, baselines: str | None) -> None:
     """Run (or resume) the whole loop: debate → per-agent data → 2N finetunes → evaluation, L times.
 
     With no options it runs a small job on the bundled SmolLM2-135M-Instruct on CPU: 3 agents, 2 rounds,
@@ -115,6 +133,7 @@ def run(config_file: Path | None, backend: str | None, model: str | None, task: 
     }
     if max_cost is not None and max_cost < 0:
         raise UserError(f"--max-cost must be 0 or more dollars, got {max_cost}")
+    chosen = parse_baselines(baselines)
     if dry_run and not resume:
         file_values = read_toml(config_file) if config_file else {}
         config = build_config(file_values, flags, str(config_file) if config_file else "command-line flags")
@@ -136,7 +155,7 @@ def run(config_file: Path | None, backend: str | None, model: str | None, task: 
             config = build_config(file_values, flags, str(config_file) if config_file else "command-line flags")
             run_id = name or config.default_name()
         _run(store, config, run_id, must_exist=resume is not None, db=db, workdir=workdir, quiet=quiet,
-             max_cost=max_cost, prices=prices)
+             max_cost=max_cost, prices=prices, baselines=chosen)
     finally:
         store.close()
 
@@ -160,12 +179,16 @@ def _dry_run(config: RunConfig, prices: Path | None) -> None:
 
 
 def _run(store: Store, config: RunConfig, run_id: str, *, must_exist: bool, db: str | None, workdir: Path | None,
-         quiet: bool, max_cost: float | None, prices: Path | None) -> None:
+         quiet: bool, max_cost: float | None, prices: Path | None, baselines: tuple[str, ...] = (),
+         transfer: tuple[str, ...] = (), more_only: bool = False) -> None:
+    """Run (or resume) a run; with `more_only`, only its baselines and transfer evaluations (`eval`)."""
     from backends import create_backend
     from orchestrator.pipeline import Pipeline, open_run
-    from orchestrator.report import accuracy_table, datasets_table, report_data
+    from orchestrator.report import accuracy_table, comparison_table, datasets_table, report_data
 
     console = Console()
+    for spec in transfer:
+        get_task(spec)  # a bad task spec fails before anything runs
     run_row = open_run(store, config, run_id, must_exist=must_exist)
     work = workdir or store.path.resolve().parent / "maft-runs" / run_id
     backend_obj = create_backend(config, work, state=StoreState(store, config.backend), show_progress=not quiet)
@@ -178,8 +201,13 @@ def _run(store: Store, config: RunConfig, run_id: str, *, must_exist: bool, db: 
     resume_cmd = f"orchestrator run --resume {run_id}{_db_flag(db)}"
     started = time.monotonic()
     try:
-        Pipeline(config=config, run=run_row, store=store, backend=backend_obj, workdir=work, console=console,
-                 show_progress=not quiet, ledger=ledger, poll_interval=_poll_interval(config)).run()
+        pipeline = Pipeline(config=config, run=run_row, store=store, backend=backend_obj, workdir=work,
+                            console=console, show_progress=not quiet, ledger=ledger,
+                            poll_interval=_poll_interval(config))
+        if more_only:
+            pipeline.run_more(baselines, transfer)
+        else:
+            pipeline.run(baselines)
     except KeyboardInterrupt:
         console.print(f"[yellow]interrupted: everything finished so far is stored; continue with `{resume_cmd}`")
         sys.exit(130)
@@ -191,6 +219,8 @@ def _run(store: Store, config: RunConfig, run_id: str, *, must_exist: bool, db: 
     data = report_data(store, run_row)
     console.print(datasets_table(data["datasets"]))
     console.print(accuracy_table(data["evaluations"], f"held-out accuracy · {config.task} · run {run_id}"))
+    if len({(e["society"], e["task"]) for e in data["evaluations"]}) > 2:
+        console.print(comparison_table(data["evaluations"], f"comparison · run {run_id}"))
     spent = store.total_cost(run_id)
     console.print(f"finished in {time.monotonic() - started:.0f} s" + (f" · ${spent:.4f} spent" if spent else "")
                   + f" · `orchestrator report {run_id}{_db_flag(db)}` shows it again")
@@ -247,7 +277,7 @@ def status(run_id: str | None, db: str | None, as_json: bool, watch: bool, inter
 @click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON instead of tables.")
 def report(run_id: str, db: str | None, as_json: bool) -> None:
     """Show a run's held-out accuracy (± standard error, n, unanswered) and its dataset sizes per agent and role."""
-    from orchestrator.report import accuracy_table, datasets_table, report_data
+    from orchestrator.report import accuracy_table, comparison_table, datasets_table, report_data
 
     store = _open_store(db, must_exist=True)
     try:
@@ -260,6 +290,7 @@ def report(run_id: str, db: str | None, as_json: bool) -> None:
         console.print(datasets_table(data["datasets"]))
         title = f"held-out accuracy · {data['config']['task']} · run {run_id}"
         console.print(accuracy_table(data["evaluations"], title))
+        console.print(comparison_table(data["evaluations"], f"comparison · run {run_id}"))
     finally:
         store.close()
 
@@ -360,5 +391,37 @@ def jobs_cancel(run_id: str, db: str | None) -> None:
                            f"iteration {job.iteration})")
         finally:
             backend.close()
+    finally:
+        store.close()
+
+
+@cli.command("eval")
+@click.argument("run_id", metavar="RUN")
+@click.option("--baselines", metavar="LIST", help=f"Train and evaluate these on RUN's problems, comma-separated: "
+              f"{', '.join(BASELINES)}, or all. {BASELINES_HELP}")
+@click.option("--task", "tasks", multiple=True, metavar="TASK",
+              help=f"Zero-shot transfer: evaluate every society of RUN (base, each iteration, each baseline) on "
+                   f"this task's held-out problems; repeatable. {TASK_SPECS_HELP}")
+@click.option("--db", help=DB_HELP)
+@click.option("--workdir", type=click.Path(path_type=Path), help="Where datasets and adapters are written. "
+              "[default: maft-runs/RUN beside the database]")
+@click.option("--max-cost", type=float, metavar="USD", help="Budget for the run as a whole (what it already spent "
+              "counts); steps that could pass it are not started.")
+@click.option("--prices", type=click.Path(path_type=Path), help="TOML file of prices replacing the packaged ones.")
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+def eval_command(run_id: str, baselines: str | None, tasks: tuple[str, ...], db: str | None, workdir: Path | None,
+                 max_cost: float | None, prices: Path | None, quiet: bool) -> None:
+    """Evaluate more for a stored run: the paper's baselines and ablations, and zero-shot transfer to other
+    tasks. Every response already stored is reused, and nothing finished is redone."""
+    from orchestrator.pipeline import stored_config
+
+    chosen = parse_baselines(baselines)
+    if not chosen and not tasks:
+        raise UserError("nothing to evaluate: give --baselines and/or --task")
+    store = _open_store(db, must_exist=True)
+    try:
+        config = stored_config(store, run_id)
+        _run(store, config, run_id, must_exist=True, db=db, workdir=workdir, quiet=quiet, max_cost=max_cost,
+             prices=prices, baselines=chosen, transfer=tasks, more_only=True)
     finally:
         store.close()

@@ -32,6 +32,16 @@ class GenerationConfig(BaseModel):
     summary_max_tokens: int = Field(128, ge=1, le=32768)
 
 
+class DiversityConfig(BaseModel):
+    """Which diversity measures each evaluation computes (consensus always; it costs nothing)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    embeddings: Literal["minilm", "provider", "off"] = "minilm"  # provider: the backend's embedding endpoint
+    embedding_model: str | None = None  # with "provider": which of its models (None: its default)
+    critic_nll: bool = True  # where the backend can score text (local): the held-out critics' NLL
+
+
 class LocalConfig(BaseModel):
     """Settings only the local backend reads."""
 
@@ -91,6 +101,7 @@ class TogetherConfig(BaseModel):
 # Fields that change how a run is carried out but not what it computes: they may differ on resume.
 _OPERATIONAL: dict[str, Any] = {
     "iterations": True,
+    "diversity": True,  # measured after the fact: it changes no answer and no model
     "local": {"device", "batch_size"},
     "openai": {"concurrency", "requests_per_minute", "tokens_per_minute", "max_retries", "timeout", "batch",
                "poll_interval", "max_concurrent_jobs", "base_url", "azure_endpoint", "api_version"},
@@ -128,6 +139,7 @@ class RunConfig(BaseModel):
     local: LocalConfig = Field(default_factory=LocalConfig)
     openai: OpenAIConfig = Field(default_factory=OpenAIConfig)
     together: TogetherConfig = Field(default_factory=TogetherConfig)
+    diversity: DiversityConfig = Field(default_factory=DiversityConfig)
 
     @model_validator(mode="after")
     def _consistent(self) -> RunConfig:

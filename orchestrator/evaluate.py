@@ -10,8 +10,22 @@ import math
 import random
 from collections.abc import Sequence
 
-from orchestrator.debate import DebateOutcome
-from orchestrator.store import EvaluationRow
+from rich.console import Console
+
+from backends.base import Backend, SupportsScoring
+from orchestrator.config import DiversityConfig
+from orchestrator.debate import DebateOutcome, Society
+from orchestrator.diversity import (
+    BackendEmbedder,
+    Embedder,
+    MiniLMEmbedder,
+    consensus,
+    critic_nll,
+    embedding_dissimilarity,
+    minilm_dir,
+)
+from orchestrator.errors import UserError
+from orchestrator.store import DiversityRow, EvaluationRow
 from orchestrator.tasks import Task
 from orchestrator.voting import majority_vote
 
@@ -60,3 +74,53 @@ def evaluate(
         _row(run_id, society, iteration, "majority", majority, outcomes, task),
         _row(run_id, society, iteration, "debate", final, outcomes, task),
     ]
+
+
+class DiversityMeter:
+    """The diversity measures of one run's evaluations, each computed where it can be: consensus always, the
+    embedding measure when its model is installed (or the provider embeds), the critics' NLL where the backend
+    can score text. What cannot be measured is said once, not failed on."""
+
+    def __init__(self, settings: DiversityConfig, backend: Backend, run_id: str, console: Console) -> None:
+        self.settings = settings
+        self.backend = backend
+        self.run_id = run_id
+        self.console = console
+        self._embedder: Embedder | None = None
+        self._said: set[str] = set()
+
+    def measure(self, society: str, iteration: int, outcomes: Sequence[DebateOutcome], models: Society,
+                task: Task) -> list[DiversityRow]:
+        def row(metric: str, value: float, detail: str) -> DiversityRow:
+            return DiversityRow(run_id=self.run_id, task=task.name, society=society, iteration=iteration,
+                                metric=metric, value=value, n=len(outcomes), detail=detail)
+
+        rows = [row("consensus", consensus(outcomes, task.equivalent), "round-1 answers agreeing with their majority")]
+        embedder = self._get_embedder()
+        if embedder is not None:
+            rows.append(row("embedding_dissimilarity", embedding_dissimilarity(outcomes, embedder),
+                            f"1 - mean pairwise cosine of round-1 responses ({self.settings.embeddings})"))
+        if self.settings.critic_nll and isinstance(self.backend, SupportsScoring) and len(models.critics) > 1:
+            rows.append(row("critic_nll", critic_nll(outcomes, self.backend, models.critics),
+                            "mean NLL per token of other agents' round-1 responses under each critic"))
+        return rows
+
+    def _get_embedder(self) -> Embedder | None:
+        if self.settings.embeddings == "off":
+            return None
+        if self._embedder is None:
+            try:
+                if self.settings.embeddings == "provider":
+                    self._embedder = BackendEmbedder(self.backend, self.settings.embedding_model)
+                else:
+                    minilm_dir()  # raises when the model package is not installed
+                    self._embedder = MiniLMEmbedder()
+            except UserError as exc:
+                self._say(f"embedding diversity not measured: {exc}")
+                return None
+        return self._embedder
+
+    def _say(self, message: str) -> None:
+        if message not in self._said:
+            self._said.add(message)
+            self.console.print(f"[yellow]{message}")

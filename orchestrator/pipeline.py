@@ -22,7 +22,7 @@ from orchestrator.config import RunConfig
 from orchestrator.costs import Ledger
 from orchestrator.debate import DebateOutcome, DebateRunner, DebateSettings, Society
 from orchestrator.errors import UserError
-from orchestrator.evaluate import evaluate
+from orchestrator.evaluate import DiversityMeter, evaluate
 from orchestrator.finetune import FinetunePlan, run_jobs
 from orchestrator.store import AgentRow, DatasetRow, JobRow, ProblemRow, RunRow, Store
 from orchestrator.tasks import Problem, Task, get_task
@@ -107,6 +107,7 @@ class Pipeline:
         self.info = backend.describe()
         self.task: Task = get_task(config.task)
         self.maft = Variant(summarize=config.summarize)
+        self._diversity: DiversityMeter | None = None
 
     def settings(self, *, summarize: bool | None = None, rounds: int | None = None) -> DebateSettings:
         return DebateSettings(rounds=rounds or self.config.rounds,
@@ -127,6 +128,27 @@ class Pipeline:
                 self.run_row.iterations_done = max(self.run_row.iterations_done, iteration)
                 self.store.save_run(self.run_row)
             self.run_baselines(baselines, train, held_out)
+
+    def run_more(self, baselines: Sequence[str] = (), transfer: Sequence[str] = ()) -> None:
+        """`orchestrator eval`: baselines for a run whose iterations are done, and zero-shot transfer: every
+        society of the run evaluated on another task's held-out problems."""
+        with self._status():
+            train, held_out = self.problems()
+            self.run_baselines(baselines, train, held_out)
+            for spec in transfer:
+                self.transfer(get_task(spec))
+
+    def transfer(self, task: Task) -> None:
+        _, held_out = self.problems(task)
+        for name, iteration in self.store.societies(self.run_row.id):
+            society = self.stored_society(name, iteration)
+            if society is None:
+                continue
+            evaluated = "base" if iteration == 0 else name
+            debate = f"transfer/{task.name}/{'' if name == 'maft' else name + '/'}eval-{iteration}"
+            self.console.rule(f"[bold]zero-shot on {task.name}: {evaluated}, iteration {iteration}")
+            self.evaluate(evaluated, iteration, self.debate(debate, held_out, society, iteration, task=task),
+                          society, task)
 
     def run_baselines(self, names: Sequence[str], train: list[Problem], held_out: list[Problem]) -> None:
         from orchestrator.baselines import SINGLE_MODEL_METHODS
@@ -320,3 +342,11 @@ class Pipeline:
         task = task or self.task
         for row in evaluate(self.run_row.id, society, iteration, outcomes, task, self.config.seed):
             self.store.save_evaluation(row)
+        if outcomes:
+            self.store.save_diversity(self.diversity.measure(society, iteration, outcomes, models, task))
+
+    @property
+    def diversity(self) -> DiversityMeter:
+        if self._diversity is None:
+            self._diversity = DiversityMeter(self.config.diversity, self.backend, self.run_row.id, self.console)
+        return self._diversity

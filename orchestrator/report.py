@@ -228,3 +228,45 @@ def status_view(data: dict[str, Any]) -> Group:
     if data["jobs"]:
         parts.append(jobs_table(data["jobs"]))
     return Group(*parts)
+
+
+def comparison_rows(evaluations: list[dict[str, Any]]) -> tuple[list[str], list[tuple[str, dict[str, dict]]]]:
+    """The paper's Table 1: the base model alone, by majority vote and by debate, then every finetuned society
+    (at its last iteration) by debate; one column per task the run was evaluated on."""
+    tasks = list(dict.fromkeys(e["task"] for e in evaluations))
+    rows: list[tuple[str, dict[str, dict]]] = []
+    for method in METHOD_LABELS:
+        cells = {e["task"]: e for e in evaluations if e["society"] == "base" and e["method"] == method}
+        if cells:
+            rows.append((f"base · {METHOD_LABELS[method]}", cells))
+    finetuned = [s for s in dict.fromkeys(e["society"] for e in evaluations) if s != "base"]
+    for society in sorted(finetuned, key=lambda s: list(SOCIETY_LABELS).index(s) if s in SOCIETY_LABELS else 99):
+        cells = {}
+        for task in tasks:
+            mine = [e for e in evaluations if e["society"] == society and e["task"] == task and e["method"] == "debate"]
+            if mine:
+                cells[task] = max(mine, key=lambda e: e["iteration"])
+        label = SOCIETY_LABELS.get(society, society)
+        last = max(c["iteration"] for c in cells.values())
+        rows.append((f"{label} · debate, iteration {last}", cells))
+    return tasks, rows
+
+
+def comparison_table(evaluations: list[dict[str, Any]], title: str) -> Table:
+    tasks, rows = comparison_rows(evaluations)
+    table = Table(title=title, caption="accuracy ± standard error on the held-out problems (n in each cell's task)")
+    table.add_column("method")
+    for task in tasks:
+        table.add_column(task, justify="right")
+    best = {t: max((c[t]["accuracy"] for _, c in rows if t in c), default=None) for t in tasks}
+    for label, cells in rows:
+        shown = []
+        for task in tasks:
+            cell = cells.get(task)
+            if cell is None:
+                shown.append("")
+                continue
+            text = f"{100 * cell['accuracy']:.1f} ± {100 * cell['stderr']:.1f}"
+            shown.append(f"[bold]{text}[/]" if cell["accuracy"] == best[task] else text)
+        table.add_row(label, *shown)
+    return table

@@ -347,6 +347,13 @@ class Store:
             args.append(iteration)
         return self._select("agents", AgentRow, " and ".join(where), args, "society, iteration, agent, role")
 
+    def societies(self, run_id: str) -> list[tuple[str, int]]:
+        """Every (society, iteration) with stored agents, in the order they were made."""
+        rows = self.db.execute(
+            "select society, iteration from agents where run_id = ? group by society, iteration "
+            "order by min(created_at)", [run_id]).fetchall()
+        return [(str(r[0]), int(r[1])) for r in rows]
+
     # responses -------------------------------------------------------------------------------------------
 
     def save_response(self, row: ResponseRow, usage: UsageRow | None = None) -> None:

@@ -97,3 +97,23 @@ def test_a_rerun_with_baselines_asks_nothing_again(tmp_path):
     again = ScriptedBackend()
     run(tmp_path, again)
     assert again.requests == [] and again.specs == []
+
+
+def test_zero_shot_transfer_evaluates_every_society_on_the_other_tasks_held_out_problems(tmp_path):
+    backend = ScriptedBackend()
+    config = RunConfig(train_size=12, eval_size=6, seed=2)
+    store = Store(tmp_path / "m.db")
+    row = open_run(store, config, "r", must_exist=False)
+    pipeline = Pipeline(config=config, run=row, store=store, backend=backend, workdir=tmp_path / "w",
+                        console=Console(quiet=True), show_progress=False, poll_interval=0)
+    pipeline.run(("majority-ft",))
+    asked = len(backend.requests)
+    pipeline.run_more(transfer=("arithmetic:medium",))
+    transfer = [e for e in store.get_evaluations("r") if e.task == "arithmetic:medium"]
+    assert {(e.society, e.iteration) for e in transfer} == {("base", 0), ("maft", 1), ("majority-ft", 1)}
+    assert all(e.n == 6 for e in transfer)
+    medium = store.get_problems("r", "eval@arithmetic:medium")
+    assert len(medium) == 6 and all(p.problem_id.startswith("arithmetic:medium/") for p in medium)
+    questions = {r.messages[0].content for r in backend.requests[asked:]}
+    assert any("*" in q for q in questions)  # the other task's prompts
+    assert store.get_run("r").status == "finished"

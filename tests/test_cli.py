@@ -68,7 +68,7 @@ def test_status_and_report_need_an_existing_database_and_run(tmp_path):
 
 
 def test_status_and_report_of_a_finished_run(tmp_path):
-    config = RunConfig(train_size=6, eval_size=5)
+    config = RunConfig(train_size=12, eval_size=5)
     store = Store(tmp_path / "m.db")
     run = open_run(store, config, "demo", must_exist=False)
     Pipeline(config=config, run=run, store=store, backend=ScriptedBackend(), workdir=tmp_path / "w",
@@ -106,7 +106,7 @@ def test_dry_run_prints_the_plan_and_writes_nothing(tmp_path):
 def test_cost_and_jobs_commands_read_the_ledger(tmp_path):
     from orchestrator.costs import Ledger, Pricing, load_prices
 
-    config = RunConfig(train_size=6, eval_size=5)
+    config = RunConfig(train_size=12, eval_size=5)
     store = Store(tmp_path / "m.db")
     run = open_run(store, config, "demo", must_exist=False)
     ledger = Ledger(store, "demo", Pricing(load_prices(), "gpt-4.1-mini-2025-04-14"))

@@ -60,7 +60,7 @@ def test_a_user_price_file_replaces_entries_and_bad_files_are_user_errors(tmp_pa
 
 
 def run_priced(tmp_path, backend, max_cost=None, **overrides):
-    config = RunConfig(**{"train_size": 6, "eval_size": 5, **overrides})
+    config = RunConfig(**{"train_size": 12, "eval_size": 5, **overrides})
     store = Store(tmp_path / "m.db")
     run = open_run(store, config, "r", must_exist=False)
     ledger = Ledger(store, "r", Pricing(load_prices(), MINI), max_cost=max_cost)
@@ -120,7 +120,7 @@ def test_the_budget_stops_before_overspending_and_the_run_resumes(tmp_path):
 
 
 def test_the_dry_run_counts_exactly_the_calls_a_run_makes(tmp_path):
-    config = RunConfig(train_size=6, eval_size=5, iterations=2)
+    config = RunConfig(train_size=12, eval_size=5, iterations=2)
     info = BilledBackend().describe()
     lines = estimate_run(config, get_task(config.task), Pricing(load_prices(), MINI), info)
     backend = BilledBackend()

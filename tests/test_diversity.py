@@ -372,8 +372,8 @@ def test_critic_nll_runs_on_the_local_backend(backend: LocalBackend, trained_id:
 
 @pytest.mark.slow
 def test_smollm2_scores_replies_sensibly_even_with_leading_newlines(tmp_path: Path) -> None:
-    """SmolLM2's tokenizer merges a reply's leading "\\n" with the header's into "\\n\\n", which breaks the
-    prompt-prefix check of the training encoder; scoring falls back to the reply without it."""
+    """SmolLM2's tokenizer merges a reply's leading "\\n" with the header's into "\\n\\n", which would break the
+    prompt-prefix check of the training encoder; the encoder drops leading whitespace, in training and scoring."""
     backend = LocalBackend("smollm2", workdir=tmp_path, device="cpu", show_progress=False)
     reply = "2 + 3 = 5. The answer is \\boxed{5}."
     plain, newlines, nonsense = backend.score(

@@ -74,6 +74,12 @@ def test_the_whole_loop_on_the_bundled_model(tmp_path: Path) -> None:
     evaluations = db.execute("select iteration, method, n from evaluations where run_id='e2e'").fetchall()
     assert {(e[0], e[1]) for e in evaluations} >= {(0, "debate"), (1, "debate"), (0, "single")}
     assert all(e[2] == 3 for e in evaluations)
+    diversity = db.execute("select society, iteration, metric, value from diversity where run_id='e2e'").fetchall()
+    metrics = {(d[0], d[1], d[2]) for d in diversity}
+    for society, iteration in (("base", 0), ("maft", 1)):
+        for metric in ("consensus", "embedding_dissimilarity", "critic_nll"):
+            assert (society, iteration, metric) in metrics
+    assert all(d[3] >= 0 for d in diversity)
     responses = db.execute("select count(*) from responses where run_id='e2e'").fetchone()[0]
     db.close()
 

@@ -389,3 +389,8 @@ def test_bundled_smollm2_loads_from_cache_and_answers(tmp_path: Path) -> None:
     assert loaded.source == "cache" and loaded.load_seconds < 15
     assert "5" in result.text
     assert result.usage.prompt_tokens > 10 and 0 < result.usage.completion_tokens <= 24
+    # an answer that starts with a blank line ("\n\n" is one SmolLM2 token) still trains on exactly its reply
+    messages = [ChatMessage(role="user", content="What is 2+3?"), ChatMessage(role="assistant", content="\n\nIt is 5.")]
+    example = encode_example(loaded.tokenizer, messages, max_length=256)
+    learned = [t for t, label in zip(example.input_ids, example.labels, strict=True) if label != -100]
+    assert loaded.tokenizer.decode(learned).startswith("It is 5.")

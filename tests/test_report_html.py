@@ -201,12 +201,17 @@ def test_summary_names_best_society_against_base_consensus_and_cost(built):
 
 
 def test_base_and_multiagent_only_with_nothing_billed(tmp_path):
-    """Today's common run: no baselines, no diversity rows (consensus comes from the debates), no ledger."""
+    """The common run: no baselines, no ledger; and, as in runs from before diversity was measured, no diversity
+    rows (consensus then comes from the debates)."""
     config = RunConfig(task="arithmetic:easy", agents=3, rounds=2, iterations=1, train_size=8, eval_size=6, seed=1)
     store = Store(tmp_path / "m.db")
     run = open_run(store, config, "plain", must_exist=False)
     Pipeline(config=config, run=run, store=store, backend=ScriptedBackend(), workdir=tmp_path / "work",
              console=Console(quiet=True), show_progress=False, poll_interval=0).run()
+    measured = {(d.society, d.iteration, d.metric) for d in store.get_diversity("plain")}
+    assert {("base", 0, "consensus"), ("maft", 1, "consensus")} <= measured
+    store.db.execute("delete from diversity")
+    store.db.conn.commit()
     files = write_report(store, "plain", tmp_path / "out")
     page = files.html.read_text()
     assert {p.name for p in files.plots} == {"plain-accuracy.png", "plain-diversity.png"}
