@@ -274,10 +274,17 @@ def status(run_id: str | None, db: str | None, as_json: bool, watch: bool, inter
 @cli.command()
 @click.argument("run_id", metavar="RUN")
 @click.option("--db", help=DB_HELP)
-@click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON instead of tables.")
-def report(run_id: str, db: str | None, as_json: bool) -> None:
-    """Show a run's held-out accuracy (± standard error, n, unanswered) and its dataset sizes per agent and role."""
-    from orchestrator.report import accuracy_table, comparison_table, datasets_table, report_data
+@click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON instead of tables and files.")
+@click.option("--out", "out_dir", type=click.Path(path_type=Path), help="Folder for the HTML and Markdown report "
+              "and its plots. [default: maft-reports beside the database]")
+@click.option("--iteration", type=int, help="Show finetuned societies at this iteration in the comparison "
+              "(default: each at its last).")
+def report(run_id: str, db: str | None, as_json: bool, out_dir: Path | None, iteration: int | None) -> None:
+    """Write RUN's report: one self-contained HTML file and a Markdown file with the configuration, dataset sizes
+    per agent and role, the comparison table (the layout of the paper's Table 1), plots of accuracy, diversity
+    and cost per iteration, and sample debates; print a short summary and the accuracy table."""
+    from orchestrator.report import accuracy_table, comparison_table, report_data
+    from orchestrator.report_html import write_report
 
     store = _open_store(db, must_exist=True)
     try:
@@ -287,10 +294,14 @@ def report(run_id: str, db: str | None, as_json: bool) -> None:
             _print_json(data)
             return
         console = Console()
-        console.print(datasets_table(data["datasets"]))
         title = f"held-out accuracy · {data['config']['task']} · run {run_id}"
         console.print(accuracy_table(data["evaluations"], title))
         console.print(comparison_table(data["evaluations"], f"comparison · run {run_id}"))
+        files = write_report(store, run_id, out_dir or store.path.resolve().parent / "maft-reports",
+                             iteration=iteration)
+        for line in files.summary:
+            console.print(line, highlight=False)
+        console.print(f"report: {files.html}\n        {files.markdown}", highlight=False)
     finally:
         store.close()
 

@@ -105,6 +105,7 @@ def report_data(store: Store, run: RunRow) -> dict[str, Any]:
         "datasets": [
             d.model_dump(exclude={"run_id", "created_at", "problem_ids"}) for d in store.get_datasets(run.id)
         ],
+        "diversity": [d.model_dump(exclude={"run_id", "created_at"}) for d in store.get_diversity(run.id)],
     }
 
 

@@ -90,8 +90,11 @@ def test_status_and_report_of_a_finished_run(tmp_path):
     }
     assert len(report["datasets"]) == 6
 
-    table = cli("report", "demo", "--db", db)
+    assert {(d["society"], d["metric"]) for d in report["diversity"]} >= {("base", "consensus"), ("maft", "consensus")}
+    table = cli("report", "demo", "--db", db, "--out", str(tmp_path / "reports"))
     assert table.returncode == 0 and "multiagent FT, iteration 1" in table.stdout and "±" in table.stdout
+    assert (tmp_path / "reports" / "demo.html").is_file() and (tmp_path / "reports" / "demo.md").is_file()
+    assert "best on arithmetic:easy" in table.stdout
     text = cli("status", "demo", "--db", db)
     assert text.returncode == 0 and "finished" in text.stdout and "succeeded" in text.stdout
 
