@@ -137,7 +137,7 @@ def run(config_file: Path | None, backend: str | None, model: str | None, task: 
     if dry_run and not resume:
         file_values = read_toml(config_file) if config_file else {}
         config = build_config(file_values, flags, str(config_file) if config_file else "command-line flags")
-        _dry_run(config, prices)
+        _dry_run(config, prices, chosen)
         return
     from orchestrator.pipeline import stored_config
 
@@ -148,7 +148,7 @@ def run(config_file: Path | None, backend: str | None, model: str | None, task: 
             config = build_config(base, flags, f"run {resume} with your flags")
             run_id = resume
             if dry_run:
-                _dry_run(config, prices)
+                _dry_run(config, prices, chosen)
                 return
         else:
             file_values = read_toml(config_file) if config_file else {}
@@ -164,7 +164,7 @@ def _pricing(config: RunConfig, info: BackendInfo, prices: Path | None) -> Prici
     return Pricing(load_prices(prices) if info.billed else None, info.base_model, full_finetune=info.full_finetune)
 
 
-def _dry_run(config: RunConfig, prices: Path | None) -> None:
+def _dry_run(config: RunConfig, prices: Path | None, baselines: tuple[str, ...] = ()) -> None:
     from backends import create_backend
     from orchestrator.estimate import estimate_run
     from orchestrator.report import estimate_table
@@ -172,7 +172,7 @@ def _dry_run(config: RunConfig, prices: Path | None) -> None:
     task = get_task(config.task)
     backend = create_backend(config, Path("maft-runs") / "dry-run", state=MemoryState(), show_progress=False)
     info = backend.describe()  # describing never loads a model or calls the network
-    lines = estimate_run(config, task, _pricing(config, info, prices), info)
+    lines = estimate_run(config, task, _pricing(config, info, prices), info, baselines)
     Console().print(estimate_table(lines, f"dry run · {config.backend} · {config.model} · {config.task} · "
                                           f"{config.agents} agents × {config.rounds} rounds × "
                                           f"{config.iterations} iteration(s)"))

@@ -125,11 +125,9 @@ def _train(outcomes: list[DebateOutcome], society: Society, iteration: int, conf
     return new
 
 
-def estimate_run(config: RunConfig, task: Task, pricing: Pricing, info: BackendInfo) -> list[EstimateLine]:
-    expected = _simulate(config, task, pricing, info, 0.5)
-    at_most = _simulate(config, task, pricing, info, 1.0)
+def _aggregate(rows: list[UsageRow], ceiling: list[UsageRow]) -> dict[tuple[str, int], EstimateLine]:
     out: dict[tuple[str, int], EstimateLine] = {}
-    for row, ceiling in zip(expected, at_most, strict=True):
+    for row, top in zip(rows, ceiling, strict=True):
         key = (row.stage, row.iteration or 0)
         line = out.setdefault(key, EstimateLine(stage=key[0], iteration=key[1], calls=0, prompt_tokens=0,
                                                 completion_tokens=0, trained_tokens=0, expected_usd=0.0,
@@ -139,6 +137,60 @@ def estimate_run(config: RunConfig, task: Task, pricing: Pricing, info: BackendI
         line.completion_tokens += row.completion_tokens
         line.trained_tokens += row.trained_tokens
         line.expected_usd += row.cost_usd
-        line.at_most_usd += ceiling.cost_usd
-    order = {"evaluation": 2, "debate": 0, "training": 1}
-    return sorted(out.values(), key=lambda e: (e.iteration, order.get(e.stage, 3)))
+        line.at_most_usd += top.cost_usd
+    return out
+
+
+def _training_share(rows: list[UsageRow], baseline: str, iteration: int) -> float:
+    """The share of the society's training tokens a baseline trains on: STaR one generator's data, majority FT
+    and no-critic the generators', single-agent FT and no-summary everything."""
+    def kept(row: UsageRow) -> bool:
+        if baseline == "star":
+            return row.agent == 0 and row.role == "generator"
+        if baseline in ("majority-ft", "no-critic"):
+            return row.role == "generator"
+        return True
+
+    mine = [r for r in rows if r.stage == "training" and r.iteration == iteration]
+    total = sum(r.trained_tokens for r in mine)
+    return sum(r.trained_tokens for r in mine if kept(r)) / total if total else 0.0
+
+
+def _baseline_lines(society: dict[tuple[str, int], EstimateLine], rows: list[UsageRow], config: RunConfig,
+                    baseline: str) -> list[EstimateLine]:
+    """A baseline's cost, scaled from the society's own lines (approximate, on the safe side).
+
+    Each baseline is evaluated like the society (one evaluation debate per iteration). At iteration 1 its
+    debate is the base society's, answered from the store for free, except STaR's (one answer and at most one
+    rationalization per problem) and no-summary's critic rounds; later iterations debate with its own models.
+    """
+    n, m = config.agents, config.rounds
+    per_problem = n * m + (n * (m - 1) if config.summarize else 0)
+    later = {"star": 2 / per_problem, "majority-ft": n / per_problem}.get(baseline, 1.0)
+    first = {"star": 2 / per_problem, "no-summary": 1 - n / per_problem}.get(baseline, 0.0)
+    lines = []
+    for (stage, iteration), line in society.items():
+        if iteration == 0:
+            continue
+        share = {"evaluation": 1.0, "debate": first if iteration == 1 else later,
+                 "training": _training_share(rows, baseline, iteration)}[stage]
+        if share > 0:
+            lines.append(EstimateLine(
+                stage=f"{baseline} · {stage}", iteration=iteration, calls=round(line.calls * share),
+                prompt_tokens=round(line.prompt_tokens * share),
+                completion_tokens=round(line.completion_tokens * share),
+                trained_tokens=round(line.trained_tokens * share), expected_usd=line.expected_usd * share,
+                at_most_usd=line.at_most_usd * share))
+    return lines
+
+
+def estimate_run(config: RunConfig, task: Task, pricing: Pricing, info: BackendInfo,
+                 baselines: Sequence[str] = ()) -> list[EstimateLine]:
+    expected = _simulate(config, task, pricing, info, 0.5)
+    at_most = _simulate(config, task, pricing, info, 1.0)
+    society = _aggregate(expected, at_most)
+    lines = list(society.values())
+    for baseline in baselines:
+        lines += _baseline_lines(society, at_most, config, baseline)
+    order = {"debate": 0, "training": 1, "evaluation": 2}
+    return sorted(lines, key=lambda e: (e.iteration, e.stage not in order, order.get(e.stage, 3), e.stage))

@@ -132,3 +132,18 @@ def test_the_dry_run_counts_exactly_the_calls_a_run_makes(tmp_path):
                       (2, "training"), (2, "evaluation")}
     for line in lines:
         assert 0 < line.expected_usd < line.at_most_usd
+
+
+def test_the_dry_run_adds_every_baseline_asked_for():
+    config = RunConfig(train_size=12, eval_size=5, iterations=2)
+    info = BilledBackend().describe()
+    pricing = Pricing(load_prices(), MINI)
+    plain = estimate_run(config, get_task(config.task), pricing, info)
+    more = estimate_run(config, get_task(config.task), pricing, info, ("star", "single-ft"))
+    extra = [line for line in more if "·" in line.stage]
+    assert {line.stage.split(" · ")[0] for line in extra} == {"star", "single-ft"}
+    assert len(more) > len(plain) and sum(e.at_most_usd for e in more) > sum(e.at_most_usd for e in plain)
+    # single-agent FT trains one model on everything the society trains on; STaR on one generator's share
+    society_training = sum(e.trained_tokens for e in plain if e.stage == "training")
+    assert sum(e.trained_tokens for e in extra if e.stage == "single-ft · training") == society_training
+    assert 0 < sum(e.trained_tokens for e in extra if e.stage == "star · training") < society_training / 3
