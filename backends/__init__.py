@@ -27,4 +27,8 @@ def create_backend(config: RunConfig, workdir: Path, *, state: BackendState, sho
         from backends.openai import OpenAIBackend
 
         return OpenAIBackend(config.model, config.openai, state, show_progress=show_progress)
+    if config.backend == "together":
+        from backends.together import TogetherBackend
+
+        return TogetherBackend(config.model, config.together, state, show_progress=show_progress)
     raise ValueError(f"unknown backend {config.backend!r}")

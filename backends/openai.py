@@ -1,8 +1,9 @@
 """The openai backend: OpenAI, Azure OpenAI, or any OpenAI-compatible server (vLLM, llama.cpp, Ollama) for chat.
 
 This module only wires the parts together; each lives in its own module:
-`openai_client` (keys, clients, retries), `rate_limit` (concurrency and per-minute budgets), `openai_chat`
-(concurrent chat), `openai_batch` (chat through the Batch API), `openai_finetune` (file checks, uploads, jobs).
+`openai_client` (keys and clients), `openai_batch` (chat through the Batch API), `openai_finetune` (file rules,
+uploads, jobs); what every hosted provider shares lives in `hosted` (.env, secrets, retries, idempotent uploads
+and jobs), `hosted_chat` (concurrent chat), `chat_files` (training file checks) and `rate_limit`.
 `BASE_MODEL_ID` stands for the provider's base model given as `model`; every other model id (an `ft:` id, an
 Azure deployment name) goes to the server as it is.
 """
@@ -28,9 +29,10 @@ from backends.base import (
     JobState,
     ResultCallback,
 )
+from backends.hosted import Backoff, read_environment
+from backends.hosted_chat import ChatRunner
 from backends.openai_batch import BatchRunner
-from backends.openai_chat import ChatRunner
-from backends.openai_client import Backoff, ClientFactory, is_hosted, read_environment, resolve_credentials
+from backends.openai_client import ClientFactory, is_hosted, resolve_credentials
 from backends.openai_finetune import DEFAULT_MAX_EXAMPLE_TOKENS, MIN_EXAMPLES, FinetuneJobs
 from backends.rate_limit import RateLimiter
 from orchestrator.config import OpenAIConfig

@@ -21,17 +21,9 @@ from openai import OpenAI
 from pydantic import BaseModel, ValidationError
 
 from backends.base import BackendState, ChatRequest, ChatResult, ResultCallback
-from backends.openai_chat import ChatBody, CompletionPayload, chat_body
-from backends.openai_client import (
-    Backoff,
-    ClientFactory,
-    OpenAIRequestError,
-    call_with_retries,
-    error_message,
-    is_retryable,
-    key_error,
-    status_of,
-)
+from backends.hosted import Backoff, call_with_retries, create_once, error_message, scan
+from backends.hosted_chat import ChatBody, CompletionPayload, chat_body
+from backends.openai_client import OPENAI_ERRORS, ClientFactory, OpenAIRequestError
 from orchestrator.config import OpenAIConfig
 from orchestrator.errors import UserError
 
@@ -112,21 +104,21 @@ class BatchRunner:
 
     def _call(self, what: str, fn: Callable[[], Any]) -> Any:
         try:
-            return call_with_retries(fn, what=what, max_retries=self.settings.max_retries, backoff=self.backoff,
-                                     scrubber=self.clients.scrubber, sleep=self.sleep)
+            return call_with_retries(fn, errors=OPENAI_ERRORS, what=what, max_retries=self.settings.max_retries,
+                                     backoff=self.backoff, scrubber=self.clients.scrubber, sleep=self.sleep)
         except openai.APIStatusError as exc:
             raise self._refused(exc, what) from None
 
-    def _refused(self, exc: openai.APIStatusError, what: str) -> Exception:
+    def _refused(self, exc: Exception, what: str) -> Exception:
         creds, scrub = self.clients.credentials, self.clients.scrubber
-        refused = key_error(exc, creds, scrub)
+        refused = self.clients.key_error(exc)
         if refused is not None:
             return refused
         if isinstance(exc, openai.NotFoundError):
             return UserError(f"this server ({creds.where}) has no Batch API ({what}: 404): set openai.batch = false")
         if isinstance(exc, openai.BadRequestError):
             return UserError(f"the server refused {what}: {scrub.scrub(error_message(exc))}")
-        return OpenAIRequestError(what, status_of(exc), scrub.scrub(error_message(exc)))
+        return OPENAI_ERRORS.failure(exc, what, scrub)
 
     # -- the whole round ----------------------------------------------------------------------------------------
 
@@ -233,9 +225,9 @@ class BatchRunner:
 
     def _retrieve(self, batch_id: str) -> Any | None:
         try:
-            return call_with_retries(lambda: self.client.batches.retrieve(batch_id), what=f"looking up {batch_id}",
-                                     max_retries=self.settings.max_retries, backoff=self.backoff,
-                                     scrubber=self.clients.scrubber, sleep=self.sleep)
+            return call_with_retries(lambda: self.client.batches.retrieve(batch_id), errors=OPENAI_ERRORS,
+                                     what=f"looking up {batch_id}", max_retries=self.settings.max_retries,
+                                     backoff=self.backoff, scrubber=self.clients.scrubber, sleep=self.sleep)
         except openai.NotFoundError:
             return None
         except openai.APIStatusError as exc:
@@ -243,9 +235,9 @@ class BatchRunner:
 
     def _file_exists(self, file_id: str) -> bool:
         try:
-            call_with_retries(lambda: self.client.files.retrieve(file_id), what="checking a batch input file",
-                              max_retries=self.settings.max_retries, backoff=self.backoff,
-                              scrubber=self.clients.scrubber, sleep=self.sleep)
+            call_with_retries(lambda: self.client.files.retrieve(file_id), errors=OPENAI_ERRORS,
+                              what="checking a batch input file", max_retries=self.settings.max_retries,
+                              backoff=self.backoff, scrubber=self.clients.scrubber, sleep=self.sleep)
             return True
         except openai.NotFoundError:  # deleted: upload again
             return False
@@ -254,37 +246,29 @@ class BatchRunner:
 
     def _create(self, input_file_id: str, sha: str, used: set[str]) -> str:
         """Create the batch; after a retryable failure look for it before trying again (it may exist)."""
-        attempts = self.settings.max_retries + 1
-        attempt = 0
-        while True:
-            attempt += 1
-            try:
-                batch = self.client.batches.create(completion_window="24h", endpoint=ENDPOINT,
-                                                   input_file_id=input_file_id, metadata={"maft_batch": sha})
-                return str(batch.id)
-            except (openai.APIStatusError, openai.APIConnectionError) as exc:
-                if isinstance(exc, openai.APIStatusError) and not is_retryable(exc):
-                    raise self._refused(exc, "creating a batch") from None
-                if attempt >= attempts:
-                    raise OpenAIRequestError("creating a batch", status_of(exc),
-                                             self.clients.scrubber.scrub(error_message(exc)), attempt) from None
-                self.sleep(self.backoff.delay(attempt, exc))
-            found = self._find(sha, used, usable_only=True)
-            if found is not None:
-                return found
+
+        def create() -> str:
+            batch = self.client.batches.create(completion_window="24h", endpoint=ENDPOINT,
+                                               input_file_id=input_file_id, metadata={"maft_batch": sha})
+            return str(batch.id)
+
+        return create_once(create, lambda: self._find(sha, used, usable_only=True), errors=OPENAI_ERRORS,
+                           what="creating a batch", max_retries=self.settings.max_retries, backoff=self.backoff,
+                           scrubber=self.clients.scrubber, refused=lambda exc: self._refused(exc, "creating a batch"),
+                           sleep=self.sleep)
 
     def _find(self, sha: str, used: set[str], *, usable_only: bool) -> str | None:
         """The newest batch on the server carrying `metadata.maft_batch == sha` (the list is newest first)."""
 
-        def scan() -> str | None:
+        def find() -> str | None:
             batches: Iterator[Any] = iter(self.client.batches.list(limit=100))
-            for _, batch in zip(range(_BATCHES_SCANNED), batches, strict=False):
+            for batch in scan(batches, _BATCHES_SCANNED):
                 if ((batch.metadata or {}).get("maft_batch") == sha and batch.id not in used
                         and not (usable_only and batch.status in UNUSABLE)):
                     return str(batch.id)
             return None
 
-        return self._call("listing batches", scan)  # type: ignore[no-any-return]
+        return self._call("listing batches", find)  # type: ignore[no-any-return]
 
     def _wait(self, batch_id: str) -> Any:
         """Poll until the batch ends: every `poll_initial` seconds at first, growing to `poll_interval`."""

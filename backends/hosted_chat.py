@@ -1,4 +1,6 @@
-"""Many chat completions at once through the async SDK client, each under the rate limiter, each retried alone.
+"""Many chat completions at once through an OpenAI-compatible async SDK client, each under the rate limiter, each
+retried alone. Used by every hosted backend: OpenAI's `AsyncOpenAI` and Together's `AsyncTogether` take the same
+`chat.completions.create(model=, messages=, max_tokens=, temperature=, top_p=, seed=)` and answer the same shape.
 
 A debate round is a few thousand independent requests: they all start at once as asyncio tasks and the limiter
 decides how many are in flight. tenacity is the only retry layer (clients are built with `max_retries=0`): 429,
@@ -11,22 +13,13 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any
+from typing import Any, Protocol
 
-import openai
 from pydantic import BaseModel, ConfigDict, Field
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, stop_after_attempt
 
 from backends.base import ChatRequest, ChatResult, ResultCallback, Usage
-from backends.openai_client import (
-    Backoff,
-    ClientFactory,
-    OpenAIRequestError,
-    error_message,
-    is_retryable,
-    key_error,
-    status_of,
-)
+from backends.hosted import Backoff, Scrubber, SdkErrors, error_message
 from backends.rate_limit import RateLimiter, estimate_request_tokens
 from orchestrator.errors import UserError
 
@@ -40,7 +33,7 @@ class ChatBody(BaseModel):
     """The JSON body of `POST /v1/chat/completions`; also the `body` of a Batch API line.
 
     `max_tokens` rather than `max_completion_tokens`: the finetunable models take it, and so does every
-    OpenAI-compatible server (vLLM, llama.cpp, Ollama). Our `weight` field is for training files only.
+    OpenAI-compatible server (Together, vLLM, llama.cpp, Ollama). Our `weight` field is for training files only.
     """
 
     model: str
@@ -73,6 +66,7 @@ class _CompletionUsage(BaseModel):
     prompt_tokens: int = 0
     completion_tokens: int = 0
     prompt_tokens_details: _PromptDetails | None = None
+    cached_tokens: int | None = None  # some providers report it at the top level of `usage`
 
 
 class _Message(BaseModel):
@@ -95,7 +89,7 @@ class CompletionPayload(BaseModel):
     def to_result(self, key: str, billing: str = "standard") -> ChatResult:
         choice = self.choices[0] if self.choices else _Choice()
         usage = self.usage or _CompletionUsage()
-        cached = usage.prompt_tokens_details.cached_tokens if usage.prompt_tokens_details else None
+        cached = usage.prompt_tokens_details.cached_tokens if usage.prompt_tokens_details else usage.cached_tokens
         return ChatResult.model_validate({
             "key": key,
             "text": choice.message.content or "",
@@ -106,25 +100,51 @@ class CompletionPayload(BaseModel):
         })
 
 
+class ChatClients(Protocol):
+    """What the runner needs of a provider's client maker: a fresh async client per event loop, the SDK's
+    errors, and what error messages may say (the server, the key's variable) once scrubbed."""
+
+    @property
+    def errors(self) -> SdkErrors: ...
+
+    @property
+    def scrubber(self) -> Scrubber: ...
+
+    @property
+    def where(self) -> str: ...
+
+    @property
+    def key_variable(self) -> str: ...
+
+    def async_(self) -> Any: ...
+
+
+# Turns a request that failed for good into the error to raise, or None for the runner's default.
+Refusal = Callable[[ChatRequest, str, Exception], Exception | None]
+
+
 class ChatRunner:
     """Answers a list of ChatRequests concurrently; results in input order, `on_result` as each one finishes."""
 
     def __init__(
         self,
-        clients: ClientFactory,
+        clients: ChatClients,
         limiter: RateLimiter,
         *,
         resolve_model: Callable[[str], str],
         max_retries: int,
         backoff: Backoff,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+        refusal: Refusal | None = None,
     ) -> None:
+        """`refusal` lets a provider name its own failures (e.g. a model that needs a dedicated endpoint)."""
         self.clients = clients
         self.limiter = limiter
         self.resolve_model = resolve_model
         self.max_retries = max_retries
         self.backoff = backoff
         self.sleep = sleep
+        self.refusal = refusal
 
     def run(self, requests: Sequence[ChatRequest], on_result: ResultCallback | None = None) -> list[ChatResult]:
         """Runs its own event loop, so `on_result` is called in the caller's thread."""
@@ -157,13 +177,14 @@ class ChatRunner:
             await client.close()
         return [r for r in results if r is not None]
 
-    async def _one(self, client: openai.AsyncOpenAI, request: ChatRequest) -> ChatResult:
+    async def _one(self, client: Any, request: ChatRequest) -> ChatResult:
         body = chat_body(request, self.resolve_model(request.model))
         cost = estimate_request_tokens((m.content for m in body.messages), body.max_tokens)
+        errors = self.clients.errors
         retrying = AsyncRetrying(
             stop=stop_after_attempt(self.max_retries + 1),
             wait=self.backoff.tenacity_wait,
-            retry=retry_if_exception(is_retryable),
+            retry=retry_if_exception(errors.is_retryable),
             before_sleep=self._before_sleep,
             reraise=True,
             sleep=self.sleep,
@@ -174,7 +195,7 @@ class ChatRunner:
                 with attempt:
                     async with self.limiter.slot(cost):
                         completion = await client.chat.completions.create(**body.params())
-        except openai.OpenAIError as exc:
+        except errors.base as exc:
             attempts = int(retrying.statistics.get("attempt_number", 1))
             raise self._failure(request, body.model, exc, attempts) from None
         result = CompletionPayload.model_validate(completion.model_dump()).to_result(request.key)
@@ -184,17 +205,19 @@ class ChatRunner:
     def _before_sleep(self, state: RetryCallState) -> None:
         """A 429 means every request is about to hit the same limit: hold them all for the wait."""
         exc = state.outcome.exception() if state.outcome is not None else None
-        if isinstance(exc, openai.RateLimitError) and state.next_action is not None:
+        if isinstance(exc, self.clients.errors.rate_limit) and state.next_action is not None:
             self.limiter.pause(state.next_action.sleep)
 
-    def _failure(self, request: ChatRequest, model: str, exc: openai.OpenAIError, attempts: int) -> Exception:
+    def _failure(self, request: ChatRequest, model: str, exc: Exception, attempts: int) -> Exception:
         """The error to raise for a request that will not succeed: a UserError when the user can fix it."""
-        creds = self.clients.credentials
-        detail = self.clients.scrubber.scrub(error_message(exc))
-        refused = key_error(exc, creds, self.clients.scrubber)
+        c = self.clients
+        detail = c.scrubber.scrub(error_message(exc))
+        refused = c.errors.key_error(exc, where=c.where, key_variable=c.key_variable, scrubber=c.scrubber)
         if refused is not None:
             return refused
-        if isinstance(exc, openai.NotFoundError):
+        if self.refusal is not None and (own := self.refusal(request, model, exc)) is not None:
+            return own
+        if isinstance(exc, c.errors.not_found):
             return UserError(f"model {model} is not available on this server: {detail} "
-                             f"(server {creds.where}; check the model name or --base-url)")
-        return OpenAIRequestError(f"chat request {request.key!r}", status_of(exc), detail, attempts)
+                             f"(server {c.where}; check the model name or --base-url)")
+        return c.errors.failure(exc, f"chat request {request.key!r}", c.scrubber, attempts)

@@ -1,0 +1,297 @@
+"""The together backend: chat and LoRA (or full) finetuning on Together AI through the official `together` SDK.
+
+This module wires the parts together: keys and clients (below), concurrent chat (`hosted_chat`, the same runner
+as OpenAI's, given Together's async client), finetuning jobs (`together_finetune`). `BASE_MODEL_ID` stands for the
+base model given as `model`; a finetuned agent is the job's `output_name`, which Together serves without a
+dedicated endpoint only for LoRA adapters of some base models ("serverless LoRA"). Before a round is sent, every
+finetuned model in it is checked once: listed by `GET /v1/models` (free), or else its first request goes alone
+before the others, so a model that needs a dedicated endpoint stops the run with what to do, never half a round.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import httpx
+import together
+from pydantic import SecretStr
+from together import AsyncTogether, Together
+
+from backends.base import (
+    BASE_MODEL_ID,
+    BackendInfo,
+    BackendState,
+    ChatRequest,
+    ChatResult,
+    FinetuneSpec,
+    JobRef,
+    JobState,
+    ResultCallback,
+)
+from backends.hosted import (
+    Backoff,
+    HostedRequestError,
+    Scrubber,
+    SdkErrors,
+    call_with_retries,
+    env_value,
+    error_message,
+    read_environment,
+)
+from backends.hosted_chat import ChatRunner
+from backends.rate_limit import RateLimiter
+from backends.together_finetune import MIN_EXAMPLES, TogetherJobs
+from orchestrator.config import TogetherConfig
+from orchestrator.errors import UserError
+
+# The SDK's upload helper sends the file's bytes with the raw httpx client, so a dropped connection there is httpx's
+TOGETHER_ERRORS = SdkErrors.of(together, "TogetherError", raw_connection=(httpx.TransportError,))
+KEY_VARIABLE = "TOGETHER_API_KEY"
+BASE_URL_VARIABLE = "TOGETHER_BASE_URL"
+DEFAULT_API_ROOT = "https://api.together.ai"
+MODELS_PAGE = "https://api.together.ai/models"
+# Together's words when a model has no serverless deployment ("Unable to access non-serverless model X. Please
+# visit ... to create and start a new dedicated endpoint for the model.")
+_NEEDS_ENDPOINT = re.compile(r"(?i)dedicated endpoint|non-serverless")
+
+
+def api_root(base_url: str | None) -> str:
+    """What the SDK (>= 3) wants as `base_url`: the server's root, since it puts `/v1/...` in every path. A base
+    URL ending in `/v1` (the OpenAI-compatible form Together's docs and older SDKs use) is cut back to it."""
+    url = (base_url or DEFAULT_API_ROOT).rstrip("/")
+    return url[: -len("/v1")] if url.endswith("/v1") else url
+
+
+class TogetherClients:
+    """Makes SDK clients for one key: a sync one (files, jobs, models) and async ones (chat, one per event loop).
+    The key is held as a SecretStr and handed only to the SDK; clients retry nothing (`max_retries=0`)."""
+
+    errors = TOGETHER_ERRORS
+    key_variable = KEY_VARIABLE
+
+    def __init__(self, api_key: str, base_url: str | None, *, timeout: float) -> None:
+        self._key = SecretStr(api_key)
+        self.base_url = base_url
+        self.timeout = timeout
+        self.scrubber = Scrubber([api_key])
+
+    @property
+    def where(self) -> str:
+        return f"{api_root(self.base_url)}/v1"
+
+    def sync(self) -> Together:
+        return Together(api_key=self._key.get_secret_value(), base_url=api_root(self.base_url), max_retries=0,
+                        timeout=self.timeout)
+
+    def async_(self) -> AsyncTogether:
+        return AsyncTogether(api_key=self._key.get_secret_value(), base_url=api_root(self.base_url), max_retries=0,
+                             timeout=self.timeout)
+
+    def key_error(self, exc: BaseException) -> UserError | None:
+        return self.errors.key_error(exc, where=self.where, key_variable=self.key_variable, scrubber=self.scrubber)
+
+
+def resolve_clients(settings: TogetherConfig, env: Mapping[str, str]) -> TogetherClients:
+    """The key from TOGETHER_API_KEY (environment over ./.env); the server from settings, else TOGETHER_BASE_URL,
+    else Together's. A missing key is a one-line UserError naming the variable."""
+    key = env_value(env, KEY_VARIABLE)
+    if key is None:
+        raise UserError(f"no Together API key: set {KEY_VARIABLE} in the environment or in ./.env")
+    return TogetherClients(key, settings.base_url or env_value(env, BASE_URL_VARIABLE), timeout=settings.timeout)
+
+
+def needs_endpoint(exc: BaseException) -> bool:
+    """Whether an error is Together saying that a model must first be deployed on a dedicated endpoint."""
+    code = TOGETHER_ERRORS.status_code(exc)
+    return code is not None and 400 <= code < 500 and bool(_NEEDS_ENDPOINT.search(error_message(exc)))
+
+
+def endpoint_error(model: str, *, finetuned: bool = True) -> UserError:
+    what = "finetuned model" if finetuned else "model"
+    return UserError(f"{what} {model} needs a dedicated endpoint on Together before it can answer: create and start "
+                     f"one ({MODELS_PAGE}/{model}), then `orchestrator run --resume RUN`")
+
+
+def listed_models(payload: Any) -> set[str]:
+    """The model ids in a `GET /v1/models` answer: a JSON list (Together's) or `{"data": [...]}` (OpenAI's)."""
+    items = payload.get("data", []) if isinstance(payload, dict) else payload
+    if not isinstance(items, list):
+        return set()
+    return {str(item["id"]) for item in items if isinstance(item, dict) and item.get("id")}
+
+
+class TogetherBackend:
+    """Chat and finetuning on Together AI through the official SDK.
+
+    Building one and `describe()` need no key and make no request (so `run --dry-run` works without a key); the
+    key is read at the first call that needs it, which in a run is the first debate round, before any work.
+    """
+
+    name = "together"
+
+    def __init__(
+        self,
+        model: str,
+        settings: TogetherConfig,
+        state: BackendState,
+        *,
+        show_progress: bool = True,
+        environ: Mapping[str, str] | None = None,
+        dotenv: Path | None = None,
+        backoff: Backoff | None = None,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
+        """`environ` and `dotenv` replace the process environment and `./.env` (tests); `backoff` and `sleep`
+        set how long retries wait."""
+        self.model = model
+        self.settings = settings
+        self.state = state
+        self.show_progress = show_progress
+        self.backoff = backoff or Backoff()
+        self.sleep = sleep
+        self.limiter = RateLimiter(settings.concurrency, settings.requests_per_minute, settings.tokens_per_minute)
+        self._environ = environ
+        self._dotenv = dotenv
+        self._lock = threading.RLock()  # the pipeline polls jobs from several threads
+        self._clients: TogetherClients | None = None
+        self._client: Together | None = None
+        self._chat: ChatRunner | None = None
+        self._jobs: TogetherJobs | None = None
+        self._servable: set[str] = set()  # finetuned models seen answering (or listed): no check needed again
+
+    def resolve_model(self, model_id: str) -> str:
+        return self.model if model_id == BASE_MODEL_ID else model_id
+
+    @property
+    def clients(self) -> TogetherClients:
+        """Key and client makers; a missing key is a one-line UserError here."""
+        with self._lock:
+            if self._clients is None:
+                self._clients = resolve_clients(self.settings, read_environment(self._environ, self._dotenv))
+            return self._clients
+
+    @property
+    def client(self) -> Together:
+        """The sync client (files, jobs, models), made on first use and shared by threads."""
+        with self._lock:
+            if self._client is None:
+                self._client = self.clients.sync()
+            return self._client
+
+    @property
+    def chats(self) -> ChatRunner:
+        with self._lock:
+            if self._chat is None:
+                self._chat = ChatRunner(self.clients, self.limiter, resolve_model=self.resolve_model,
+                                        max_retries=self.settings.max_retries, backoff=self.backoff,
+                                        refusal=self._refusal)
+            return self._chat
+
+    @property
+    def jobs(self) -> TogetherJobs:
+        with self._lock:
+            if self._jobs is None:
+                self._jobs = TogetherJobs(self.client, self.clients, self.state, self.settings, base_model=self.model,
+                                          backoff=self.backoff, sleep=self.sleep)
+            return self._jobs
+
+    def _log(self, message: str) -> None:
+        if self.show_progress:
+            print(message, file=sys.stderr, flush=True)
+
+    # -- Backend protocol -----------------------------------------------------------------------------------
+
+    def describe(self) -> BackendInfo:
+        return BackendInfo(
+            name=self.name,
+            base_model=self.model,
+            device=None,
+            supports_finetuning=True,
+            supports_batch=False,
+            pricing_source="orchestrator/prices.toml (Together list prices)",
+            max_concurrent_jobs=self.settings.max_concurrent_jobs,
+            billed=True,
+            training_epochs=self.settings.n_epochs,
+            min_training_examples=MIN_EXAMPLES,
+            full_finetune=not self.settings.lora,
+        )
+
+    def chat(self, requests: Sequence[ChatRequest], on_result: ResultCallback | None = None) -> list[ChatResult]:
+        """Answer every request. A finetuned model not yet known to answer is checked first: listed by the
+        server (free), or its first request is sent alone, before every other request of the round."""
+        if not requests:
+            return []
+        done: dict[str, ChatResult] = {}
+
+        def keep(result: ChatResult) -> None:
+            done[result.key] = result
+            if on_result is not None:
+                on_result(result)
+
+        probes = self._probes(requests)
+        if probes:
+            self._log(f"checking that {len(probes)} finetuned model(s) answer without a dedicated endpoint")
+            self.chats.run(probes, keep)  # a model that needs an endpoint raises here, before the round is sent
+            self._servable.update(self.resolve_model(p.model) for p in probes)
+        rest = [r for r in requests if r.key not in done]
+        if rest:
+            self.chats.run(rest, keep)
+        return [done[r.key] for r in requests]
+
+    def _probes(self, requests: Sequence[ChatRequest]) -> list[ChatRequest]:
+        """The first request of every finetuned model that is neither known to answer nor listed as servable."""
+        first: dict[str, ChatRequest] = {}
+        for request in requests:
+            model = self.resolve_model(request.model)
+            if request.model != BASE_MODEL_ID and model != self.model and model not in self._servable:
+                first.setdefault(model, request)
+        if not first:
+            return []
+        self._servable.update(self._listed() & set(first))
+        return [r for m, r in first.items() if m not in self._servable]
+
+    def _listed(self) -> set[str]:
+        """The models `GET /v1/models` lists as servable (free). Empty when the server has no such list, so that
+        every unlisted model is then checked by its first request instead."""
+        errors = self.clients.errors
+        try:
+            payload = call_with_retries(lambda: self.client.get("/v1/models", cast_to=object), errors=errors,
+                                        what="listing models", max_retries=self.settings.max_retries,
+                                        backoff=self.backoff, scrubber=self.clients.scrubber, sleep=self.sleep)
+        except errors.status as exc:
+            refused = self.clients.key_error(exc)
+            if refused is not None:
+                raise refused from None
+            return set()
+        except HostedRequestError:
+            return set()
+        return listed_models(payload)
+
+    def _refusal(self, request: ChatRequest, model: str, exc: Exception) -> Exception | None:
+        """A 4xx saying that a model needs a dedicated endpoint becomes the UserError that says how to get one."""
+        if needs_endpoint(exc):
+            return endpoint_error(model, finetuned=model != self.model)
+        return None
+
+    def start_finetune(self, spec: FinetuneSpec) -> JobRef:
+        return self.jobs.start(spec)
+
+    def poll(self, job: JobRef) -> JobState:
+        return self.jobs.poll(job)
+
+    def cancel(self, job: JobRef) -> None:
+        self.jobs.cancel(job)
+
+    def close(self) -> None:
+        with self._lock:
+            if self._client is not None:
+                self._client.close()
+            self._client = None
+            self._jobs = None
+            self._chat = None

@@ -1,0 +1,402 @@
+"""Finetuning on Together AI: check the file, upload it once, start one job per key, poll, cancel.
+
+The same guards as OpenAI's (`backends.hosted` holds them): the file is checked locally first (Together's rules,
+failing on the exact line and rule), uploaded once per content hash, and a job is created at most once per key.
+Together's jobs carry no metadata, so the key travels in the job's suffix instead: `<suffix>-<8 hex of the key>`;
+after a crash between creating a job and storing its id, the job is found by listing jobs and matching that
+marker and the training file.
+
+Loss mask: Together trains on assistant turns by default (`train_on_inputs="auto"`) and honours a per-message
+`weight` of 0 or 1 on any role, but as soon as one message in a conversation has a weight it trains on *every*
+message without one (train_on_inputs becomes true). Our files weight only assistant turns (OpenAI's format), so a
+file with weights is uploaded as a copy that spells out every weight: 0 on system and user turns, the file's own
+(default 1) on assistant turns. The loss then covers exactly the assistant turns the file asks for.
+
+Strategy `continue`: Together starts a job from an earlier job's checkpoint (`from_checkpoint=<job id>`), not from
+a model name, so every completed job's output name is remembered with its job id (`model:<output name>`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import tempfile
+import time
+from collections.abc import Callable, Mapping
+from datetime import datetime
+from pathlib import Path
+from types import MappingProxyType
+from typing import TYPE_CHECKING, Any
+
+from together import Together
+
+from backends.base import BASE_MODEL_ID, BackendState, FinetuneSpec, JobEvent, JobRef, JobState, JobStatus
+from backends.chat_files import ChatFileRules, FileCheck, validate_chat_file
+from backends.hosted import (
+    Backoff,
+    EventsRecord,
+    PreparedJob,
+    call_with_retries,
+    create_once,
+    error_message,
+    key_digest,
+    sanitize_suffix,
+    scan,
+    start_once,
+    train_loss_in,
+    upload_once,
+)
+from orchestrator.config import TogetherConfig
+from orchestrator.errors import UserError
+
+if TYPE_CHECKING:
+    from backends.together import TogetherClients
+
+MIN_EXAMPLES = 1  # the SDK's MIN_SAMPLES
+MAX_SUFFIX_CHARS = 40  # "up to 40 character suffix" (SDK docstring of fine_tuning.create)
+MARKER_CHARS = 8  # hex digits of the key's hash at the end of the suffix
+TOGETHER_RULES = ChatFileRules(
+    provider="Together",
+    example_keys=("messages",),
+    message_keys=("role", "content", "weight"),
+    roles=("system", "user", "assistant"),
+    weight_roles=("system", "user", "assistant"),
+    min_examples=MIN_EXAMPLES,
+    alternate=True,
+)
+_STATUS: Mapping[str, JobStatus] = MappingProxyType({
+    "pending": "queued",
+    "queued": "queued",
+    "running": "running",
+    "compressing": "running",
+    "uploading": "running",
+    "cancel_requested": "running",
+    "completed": "succeeded",
+    "error": "failed",
+    "user_error": "failed",
+    "cancelled": "cancelled",
+})
+DEAD = frozenset({"error", "user_error", "cancelled", "cancel_requested"})  # never re-attach to these
+_JOBS_SCANNED = 500
+_EVENTS_KEPT = 5000  # Together lists a job's every event on each poll: remember them all (a job logs ~10-100)
+
+
+def job_status(remote: str | None) -> JobStatus:
+    """Our status for Together's; one we do not know is not an end, so it counts as running."""
+    return _STATUS.get(str(remote or ""), "running")
+
+
+def key_marker(key: str) -> str:
+    return key_digest(key, MARKER_CHARS)
+
+
+def job_suffix(suffix: str, key: str) -> str:
+    """The job's suffix: ours, sanitized to Together's limits (letters, digits and `-`; 40 characters with the
+    marker), then `-` and the key's marker, so a job can be found by its key after a crash."""
+    return f"{sanitize_suffix(suffix, MAX_SUFFIX_CHARS - MARKER_CHARS - 1, underscore=False)}-{key_marker(key)}"
+
+
+def carries_marker(job: Any, marker: str) -> bool:
+    """Whether a listed job was created for the key with this marker (its suffix, or its output name, ends so)."""
+    suffix = str(getattr(job, "suffix", None) or "")
+    if suffix:
+        return suffix.endswith(f"-{marker}")
+    return f"-{marker}" in str(getattr(job, "x_model_output_name", None) or "")
+
+
+def upload_copy(path: Path, check: FileCheck) -> bytes:
+    """The bytes to upload: the file itself, or, when it weights some messages, a copy with every weight
+    spelled out (0 on system and user turns), since Together then trains on every unweighted message."""
+    data = path.read_bytes()
+    if not check.weighted:
+        return data
+    lines = []
+    for line in data.decode("utf-8").splitlines():
+        example = json.loads(line)
+        example["messages"] = [{**m, "weight": m.get("weight", 1) if m["role"] == "assistant" else 0}
+                               for m in example["messages"]]
+        lines.append(json.dumps(example, ensure_ascii=False))
+    return ("\n".join(lines) + "\n").encode("utf-8")
+
+
+def _timestamp(value: Any) -> float:
+    if isinstance(value, int | float):
+        return float(value)
+    try:
+        return datetime.fromisoformat(str(value).replace("Z", "+00:00")).timestamp()
+    except ValueError:
+        return time.time()
+
+
+def _event_id(event: Any) -> str:
+    """An event's `hash` when Together sends one, else one made of what identifies it (time, type, step, text)."""
+    given = getattr(event, "hash", None) or (getattr(event, "model_extra", None) or {}).get("hash")
+    if isinstance(given, str) and given:
+        return given
+    parts = [str(getattr(event, name, "") or "") for name in ("created_at", "type", "step", "message")]
+    return hashlib.sha256("\x1f".join(parts).encode()).hexdigest()[:16]
+
+
+class TogetherJobs:
+    """Files and fine-tuning jobs through the sync client, idempotent by FinetuneSpec.key."""
+
+    def __init__(
+        self,
+        client: Together,
+        clients: TogetherClients,
+        state: BackendState,
+        settings: TogetherConfig,
+        *,
+        base_model: str,
+        backoff: Backoff,
+        sleep: Callable[[float], None],
+    ) -> None:
+        self.client = client
+        self.clients = clients
+        self.state = state
+        self.settings = settings
+        self.base_model = base_model  # the root every job of the run starts from, directly or via checkpoints
+        self.backoff = backoff
+        self.sleep = sleep
+        self._limits: dict[str, Any] = {}
+
+    # -- plumbing
+
+    def _call(self, what: str, fn: Callable[[], Any], *, missing_ok: bool = False) -> Any:
+        """`fn` with retries; a refusal becomes an error that says what to do and holds no secret. With
+        `missing_ok`, a 404 answers None."""
+        errors = self.clients.errors
+        try:
+            return call_with_retries(fn, errors=errors, what=what, max_retries=self.settings.max_retries,
+                                     backoff=self.backoff, scrubber=self.clients.scrubber, sleep=self.sleep)
+        except errors.not_found as exc:
+            if missing_ok:
+                return None
+            raise self._refused(exc, what) from None
+        except errors.status as exc:
+            raise self._refused(exc, what) from None
+
+    def _refused(self, exc: Exception, doing: str) -> Exception:
+        """What to raise for a non-retryable error."""
+        errors, scrub = self.clients.errors, self.clients.scrubber
+        refused = self.clients.key_error(exc)
+        if refused is not None:
+            return refused
+        if errors.status_code(exc) == 402:
+            return UserError(f"Together refused {doing}: the account's credit is spent (402): add credit, then "
+                             "`orchestrator run --resume RUN`")
+        if isinstance(exc, errors.bad_request | errors.unprocessable | errors.not_found):
+            return UserError(f"Together refused {doing}: {scrub.scrub(error_message(exc))}")
+        return errors.failure(exc, doing, scrub)
+
+    # -- files
+
+    def check(self, path: Path) -> FileCheck:
+        return validate_chat_file(path, TOGETHER_RULES)
+
+    def upload(self, path: Path, check: FileCheck) -> str:
+        """The id of an uploaded copy of what this file trains on: reused when the server still has it."""
+        data = upload_copy(path, check)
+        sha = hashlib.sha256(data).hexdigest()
+
+        def exists(file_id: str) -> bool:
+            return bool(self._call("checking an uploaded file", lambda: self.client.files.retrieve(file_id),
+                                   missing_ok=True))
+
+        def upload() -> str:
+            with tempfile.TemporaryDirectory(prefix="maft-together-") as folder:
+                copy = Path(folder) / f"{path.stem}.jsonl"  # the SDK wants a .jsonl path
+                copy.write_bytes(data)
+                uploaded = self._call(f"the upload of {path.name}",
+                                      lambda: self.client.files.upload(copy, purpose="fine-tune", check=False))
+            return str(uploaded.id)
+
+        return upload_once(self.state, sha, exists=exists, upload=upload, filename=path.name, nbytes=len(data))
+
+    # -- jobs
+
+    def start(self, spec: FinetuneSpec) -> JobRef:
+        def alive(job_id: str) -> bool:
+            return bool(self._call("looking up a finetuning job", lambda: self.client.fine_tuning.retrieve(job_id),
+                                   missing_ok=True))
+
+        def prepare() -> PreparedJob:
+            check = self.check(spec.training_file)
+            checkpoint = self._checkpoint(spec.base_model)
+            file_id = self.upload(spec.training_file, check)
+            # for the bill, should Together not report its token count: our estimate of what one pass trains on
+            self.state.put(f"estimate:{spec.key}", {"file_tokens": check.tokens, "counter": check.counter})
+            marker = key_marker(spec.key)
+            params = self._params(spec, file_id, checkpoint)
+            return PreparedJob(file_id=file_id, maft_key=marker, find=lambda: self._find(marker, file_id),
+                               create=lambda: self._create(params, spec.key))
+
+        return JobRef(key=spec.key, provider_job_id=start_once(self.state, spec.key, alive=alive, prepare=prepare))
+
+    def _checkpoint(self, base_model: str) -> str | None:
+        """None to train the base model; else the id of the job whose output `base_model` is (strategy continue)."""
+        if base_model in (BASE_MODEL_ID, self.base_model):
+            return None
+        known = self.state.get(f"model:{base_model}")
+        if known and known.get("job_id"):
+            return str(known["job_id"])
+
+        def find() -> str | None:
+            for job in scan(self.client.fine_tuning.list().data, _JOBS_SCANNED):
+                if job.x_model_output_name == base_model and job.status == "completed":
+                    return str(job.id)
+            return None
+
+        job_id = self._call("listing finetuning jobs", find)
+        if job_id is None:
+            raise UserError(f"cannot continue training {base_model}: no completed finetuning job of this Together "
+                            "account produced it")
+        self.state.put(f"model:{base_model}", {"job_id": job_id, "root": self.base_model})
+        return str(job_id)
+
+    def _params(self, spec: FinetuneSpec, file_id: str, checkpoint: str | None) -> dict[str, Any]:
+        """The arguments of `fine_tuning.create`. A job continuing from a checkpoint names no model: the SDK
+        refuses both, and the checkpoint's job already fixes the base model."""
+        s = self.settings
+        params: dict[str, Any] = {
+            "training_file": file_id,
+            "n_epochs": s.n_epochs,
+            "learning_rate": s.learning_rate,
+            "batch_size": s.batch_size,
+            "suffix": job_suffix(spec.suffix, spec.key),
+            "random_seed": spec.seed,
+            "training_method": "sft",
+            "train_on_inputs": "auto",  # assistant turns only; weights, when present, say the rest
+            "lora": s.lora,
+        }
+        if s.lora:
+            params |= {"lora_r": s.lora_r, "lora_alpha": s.lora_alpha}
+        if checkpoint is None:
+            params["model"] = self.base_model
+        else:
+            params["from_checkpoint"] = checkpoint
+        return params
+
+    def _model_limits(self) -> Any:
+        """The base model's limits (batch sizes, LoRA ranks), read once: the SDK checks a job against them, and
+        would otherwise look them up under the checkpoint's name for a continued job."""
+        if self.base_model not in self._limits:
+            self._limits[self.base_model] = self._call(
+                f"reading the finetuning limits of {self.base_model}",
+                lambda: self.client.fine_tuning.model_limits(model_name=self.base_model))
+        return self._limits[self.base_model]
+
+    def _create(self, params: dict[str, Any], key: str) -> str:
+        doing = f"creating the finetuning job for {key!r}"
+
+        def create() -> str:
+            try:
+                return str(self.client.fine_tuning.create(**params, model_limits=self._model_limits()).id)
+            except ValueError as exc:  # the SDK's own checks against the model's limits: nothing was sent
+                raise UserError(f"Together cannot finetune {self.base_model} with these settings: {exc} "
+                                "(change [together] in the config)") from None
+
+        return create_once(create, lambda: self._find(key_marker(key), str(params["training_file"])),
+                           errors=self.clients.errors, what=doing, max_retries=self.settings.max_retries,
+                           backoff=self.backoff, scrubber=self.clients.scrubber,
+                           refused=lambda exc: self._refused(exc, doing), sleep=self.sleep)
+
+    def _find(self, marker: str, file_id: str) -> str | None:
+        """A live job for this key and this training file (created by an earlier, interrupted start)."""
+
+        def find() -> str | None:
+            for job in scan(self.client.fine_tuning.list().data, _JOBS_SCANNED):
+                if carries_marker(job, marker) and job.training_file == file_id and job.status not in DEAD:
+                    return str(job.id)
+            return None
+
+        return self._call("listing finetuning jobs", find)  # type: ignore[no-any-return]
+
+    # -- poll and cancel
+
+    def poll(self, job: JobRef) -> JobState:
+        job_id = job.provider_job_id
+        remote = self._call(f"polling job {job_id}", lambda: self.client.fine_tuning.retrieve(job_id),
+                            missing_ok=True)
+        if remote is None:
+            return JobState(status="failed", error=f"job {job_id} no longer exists on the server")
+        status = job_status(remote.status)
+        events, train_loss, last_error = self._new_events(job_id)
+        model_id = None
+        trained = self._trained_tokens(remote)
+        if status == "succeeded":
+            model_id = remote.x_model_output_name
+            if not model_id:
+                return JobState(status="running", events=events, train_loss=train_loss)  # named in a moment
+            self.state.put(f"model:{model_id}", {"job_id": job_id, "root": self.base_model})
+            if trained is None:
+                trained, note = self._estimate(job.key, remote)
+                events.append(JobEvent(created_at=time.time(), level="warning", message=note))
+        error = None
+        if status == "failed":
+            error = self.clients.scrubber.scrub(self._error(remote) or last_error or "no error given")
+        return JobState(status=status, model_id=model_id, trained_tokens=trained, train_loss=train_loss,
+                        error=error, events=events)
+
+    @staticmethod
+    def _error(remote: Any) -> str | None:
+        """The provider's reason for a failed job, where the job itself carries one."""
+        extra = getattr(remote, "model_extra", None) or {}
+        for name in ("error", "error_message", "message"):
+            value = extra.get(name)
+            if isinstance(value, dict):
+                value = value.get("message")
+            if isinstance(value, str) and value:
+                return value
+        return None
+
+    @staticmethod
+    def _trained_tokens(remote: Any) -> int | None:
+        """The tokens Together bills the job for (its `token_count`: epochs x the tokenized file, recorded with the
+        price once tokenization is done); None while it has not said."""
+        extra = getattr(remote, "model_extra", None) or {}
+        if isinstance(extra.get("trained_tokens"), int):
+            return int(extra["trained_tokens"])
+        return int(remote.token_count) if remote.token_count else None
+
+    def _estimate(self, key: str, remote: Any) -> tuple[int, str]:
+        """Trained tokens for a job that ended without Together's count: our count of the file times the epochs,
+        and an event saying that it is an estimate."""
+        record = self.state.get(f"estimate:{key}") or {}
+        epochs = int(remote.n_epochs or self.settings.n_epochs)
+        tokens = int(record.get("file_tokens") or 0) * epochs
+        return tokens, (f"Together reported no token count for this job: trained tokens estimated as {tokens} "
+                        f"({record.get('counter', 'no file count')} x {epochs} epochs)")
+
+    def _new_events(self, job_id: str) -> tuple[list[JobEvent], float | None, str | None]:
+        """Events not returned before, oldest first; the newest training loss; the newest error message."""
+        record = EventsRecord.load(self.state, job_id)
+        listed = self._call(f"reading events of job {job_id}", lambda: self.client.fine_tuning.list_events(job_id),
+                            missing_ok=True)
+        events = sorted(listed.data if listed is not None else [], key=lambda e: _timestamp(e.created_at))
+        last_error = next((str(e.message) for e in reversed(events) if (e.level == "error" or str(e.type) in
+                           ("job_error", "job_user_error")) and e.message), None)
+        seen = set(record.seen)
+        fresh = list({_event_id(e): e for e in events if _event_id(e) not in seen}.items())
+        loss = record.train_loss
+        for _, event in fresh:
+            step_loss = train_loss_in(event)
+            loss = step_loss if step_loss is not None else loss
+        if fresh:
+            record.remember(self.state, job_id, (i for i, _ in fresh), loss, keep=_EVENTS_KEPT)
+        scrub = self.clients.scrubber.scrub
+        return ([JobEvent(created_at=_timestamp(e.created_at), level=str(e.level or "info"),
+                          message=scrub(str(e.message or e.type))) for _, e in fresh], loss, last_error)
+
+    def cancel(self, job: JobRef) -> None:
+        """Cancel; a job that already ended (or is gone) needs nothing."""
+        errors = self.clients.errors
+        what = f"cancelling job {job.provider_job_id}"
+        try:
+            call_with_retries(lambda: self.client.fine_tuning.cancel(job.provider_job_id), errors=errors, what=what,
+                              max_retries=self.settings.max_retries, backoff=self.backoff,
+                              scrubber=self.clients.scrubber, sleep=self.sleep)
+        except (errors.not_found, errors.bad_request, errors.conflict):
+            return
+        except errors.status as exc:
+            raise self._refused(exc, what) from None
