@@ -22,6 +22,7 @@ def create_backend(config: RunConfig, workdir: Path, *, state: BackendState, sho
             device=config.local.device,
             batch_size=config.local.batch_size,
             show_progress=show_progress,
+            training_epochs=config.training.epochs,
         )
     if config.backend == "openai":
         from backends.openai import OpenAIBackend

@@ -55,11 +55,14 @@ class LocalBackend:
         device: str = "auto",
         batch_size: int = 32,
         show_progress: bool = True,
+        training_epochs: int = 1,
     ) -> None:
+        """`training_epochs` only informs estimates (`describe`); each job's own spec says how it trains."""
         resolve_device(device)  # a bad device string fails now, not after a long debate
         if batch_size < 1:
             raise UserError(f"batch size must be at least 1, got {batch_size}")
         self.model = model
+        self.training_epochs = training_epochs
         self.workdir = Path(workdir)
         self.device = device
         self.batch_size = batch_size
@@ -77,6 +80,7 @@ class LocalBackend:
             supports_finetuning=True,
             supports_batch=False,
             pricing_source="local compute: no per-token price",
+            training_epochs=self.training_epochs,
         )
 
     def chat(self, requests: Sequence[ChatRequest], on_result: ResultCallback | None = None) -> list[ChatResult]:
