@@ -17,6 +17,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 from openai import OpenAI
+from openai.types import CreateEmbeddingResponse
 
 from backends.base import (
     BASE_MODEL_ID,
@@ -29,15 +30,17 @@ from backends.base import (
     JobState,
     ResultCallback,
 )
-from backends.hosted import Backoff, read_environment
+from backends.hosted import Backoff, call_with_retries, read_environment
 from backends.hosted_chat import ChatRunner
 from backends.openai_batch import BatchRunner
-from backends.openai_client import ClientFactory, is_hosted, resolve_credentials
+from backends.openai_client import OPENAI_ERRORS, ClientFactory, is_hosted, resolve_credentials
 from backends.openai_finetune import DEFAULT_MAX_EXAMPLE_TOKENS, MIN_EXAMPLES, FinetuneJobs
 from backends.rate_limit import RateLimiter
 from orchestrator.config import OpenAIConfig
 
 AUTO_EPOCHS_ESTIMATE = 3  # OpenAI's usual choice for "auto" (more for files under ~35 examples)
+DEFAULT_EMBEDDING_MODEL = "text-embedding-3-small"
+EMBEDDING_CHUNK = 512  # inputs per request, well under the API's limit
 
 
 class OpenAIBackend:
@@ -171,6 +174,22 @@ class OpenAIBackend:
 
     def cancel(self, job: JobRef) -> None:
         self.jobs.cancel(job)
+
+    def embed(self, texts: Sequence[str], model: str | None = None) -> list[list[float]]:
+        """The provider's embedding endpoint (`[diversity] embeddings = "provider"`), in chunks it accepts."""
+        name = model or DEFAULT_EMBEDDING_MODEL
+        vectors: list[list[float]] = []
+        for start in range(0, len(texts), EMBEDDING_CHUNK):
+            chunk = list(texts[start:start + EMBEDDING_CHUNK])
+
+            def ask(chunk: list[str] = chunk) -> CreateEmbeddingResponse:
+                return self.client.embeddings.create(model=name, input=chunk)
+
+            reply = call_with_retries(ask, errors=OPENAI_ERRORS, what=f"embedding {len(chunk)} texts with {name}",
+                                      max_retries=self.settings.max_retries, backoff=self.backoff,
+                                      scrubber=self.clients.scrubber, sleep=self.sleep)
+            vectors += [list(item.embedding) for item in sorted(reply.data, key=lambda d: d.index)]
+        return vectors
 
     def close(self) -> None:
         with self._lock:

@@ -36,6 +36,7 @@ Details a test may rely on, beyond OpenAI's shapes:
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import random
@@ -137,6 +138,7 @@ class OpenAIRoute(Route):
 
 ROUTES = (
     OpenAIRoute("POST", "/chat/completions", "_chat"),
+    OpenAIRoute("POST", "/embeddings", "_embed"),
     OpenAIRoute("POST", "/deployments/{deployment}/chat/completions", "_chat", azure_only=True),
     OpenAIRoute("GET", "/models", "_list_models"),
     OpenAIRoute("GET", "/models/{id}", "_get_model"),
@@ -214,7 +216,7 @@ class FakeOpenAI(FakeLLMServer):
     name = "fake_openai"
     api_key: str = API_KEY
     usage_keys = ("prompt_tokens", "completion_tokens", "cached_tokens", "requests", "batch_prompt_tokens",
-                  "batch_completion_tokens", "trained_tokens")
+                  "batch_completion_tokens", "trained_tokens", "embedding_tokens")
 
     def __init__(
         self,
@@ -369,6 +371,32 @@ class FakeOpenAI(FakeLLMServer):
     def _get_model(self, call: Call) -> Reply:
         info = self._require_model(call.params[0])
         return Reply.json(self._model_object(info) | {"id": call.params[0]})
+
+    # ------------------------------------------------------------ embeddings
+
+    EMBEDDING_MODELS = ("text-embedding-3-small", "text-embedding-3-large")
+
+    def _embed(self, call: Call) -> Reply:
+        """Bag-of-words vectors (64 hashed buckets): texts sharing words point the same way, so diversity
+        measured through this endpoint behaves like a real embedding, deterministically."""
+        body = call.json()
+        model = body.get("model")
+        if model not in self.EMBEDDING_MODELS:
+            raise ApiError(404, f"The model `{model}` does not exist.", code="model_not_found", param="model")
+        inputs = body.get("input")
+        texts = [inputs] if isinstance(inputs, str) else inputs
+        if not isinstance(texts, list) or not texts or not all(isinstance(t, str) for t in texts):
+            raise ApiError(400, "'input' must be a string or a non-empty array of strings.", param="input")
+        data = []
+        for i, text in enumerate(texts):
+            vector = [0.0] * 64
+            for word in text.lower().split():
+                vector[int(hashlib.sha256(word.encode()).hexdigest(), 16) % 64] += 1.0
+            data.append({"object": "embedding", "index": i, "embedding": vector})
+        tokens = sum(count_tokens(t) for t in texts)
+        self._bill(model, embedding_tokens=tokens)
+        return Reply.json({"object": "list", "data": data, "model": model,
+                           "usage": {"prompt_tokens": tokens, "total_tokens": tokens}})
 
     # ------------------------------------------------------------ chat
 

@@ -117,3 +117,26 @@ def test_zero_shot_transfer_evaluates_every_society_on_the_other_tasks_held_out_
     questions = {r.messages[0].content for r in backend.requests[asked:]}
     assert any("*" in q for q in questions)  # the other task's prompts
     assert store.get_run("r").status == "finished"
+
+
+def test_every_baseline_runs_end_to_end_on_the_local_backend_with_a_tiny_model(tmp_path):
+    from backends.local import LocalBackend
+    from orchestrator.config import GenerationConfig
+    from tests.tiny_model import build_tiny_model
+
+    model = build_tiny_model(tmp_path / "tiny")
+    config = RunConfig(model=str(model), train_size=4, eval_size=3, seed=1,
+                       generation=GenerationConfig(max_tokens=8, summary_max_tokens=8))
+    store = Store(tmp_path / "m.db")
+    row = open_run(store, config, "tiny", must_exist=False)
+    backend = LocalBackend(str(model), workdir=tmp_path / "w", device="cpu", show_progress=False)
+    Pipeline(config=config, run=row, store=store, backend=backend, workdir=tmp_path / "w",
+             console=Console(quiet=True), show_progress=False, poll_interval=0).run(ALL)
+    assert store.get_run("tiny").status == "finished"
+    societies = {e.society for e in store.get_evaluations("tiny")}
+    assert societies == {"base", "maft", *ALL}
+    # a random model answers nothing readable, so no set has data: every job is skipped, and said why
+    jobs = store.get_jobs("tiny")
+    assert jobs and all(j.status in ("skipped", "succeeded") for j in jobs)
+    metrics = {d.metric for d in store.get_diversity("tiny")}
+    assert {"consensus", "critic_nll"} <= metrics

@@ -157,3 +157,24 @@ def test_a_chat_only_server_is_reported_clearly(tmp_path, fake_openai):
     assert fake_openai.api_key not in proc.stdout + proc.stderr
     db = sqlite3.connect(tmp_path / "maft.db")  # the debates it paid for are kept
     assert db.execute("select count(*) from responses").fetchone()[0] > 0
+
+
+@pytest.mark.fake_openai(base_accuracy=0.8, finetune_bonus=0.1)
+def test_baselines_and_provider_embeddings_on_the_openai_backend(tmp_path, fake_openai):
+    from orchestrator.config import DiversityConfig
+
+    cfg = config(fake_openai, diversity=DiversityConfig(embeddings="provider"))
+    store = Store(tmp_path / "m.db")
+    row = open_run(store, cfg, "r", must_exist=False)
+    backend = OpenAIBackend(cfg.model, cfg.openai, StoreState(store, "openai"), show_progress=False,
+                            environ={"OPENAI_API_KEY": fake_openai.api_key})
+    Pipeline(config=cfg, run=row, store=store, backend=backend, workdir=tmp_path / "w", console=Console(quiet=True),
+             show_progress=False, poll_interval=0.01).run(("star", "majority-ft"))
+    societies = {(e.society, e.iteration) for e in store.get_evaluations("r")}
+    assert {("star", 1), ("majority-ft", 1), ("maft", 1), ("base", 0)} <= societies
+    single = [j for j in store.get_jobs("r") if j.society in ("star", "majority-ft")]
+    assert len(single) == 2 and {j.status for j in single} == {"succeeded"}
+    assert fake_openai.counts["POST /v1/fine_tuning/jobs"] == 2 * N + 2
+    dissimilarity = [d for d in store.get_diversity("r") if d.metric == "embedding_dissimilarity"]
+    assert dissimilarity and all(0 <= d.value <= 1 for d in dissimilarity) and "provider" in dissimilarity[0].detail
+    assert fake_openai.usage["text-embedding-3-small"]["embedding_tokens"] > 0
