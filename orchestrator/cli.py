@@ -17,6 +17,8 @@ from orchestrator.config import BACKENDS, DEFAULT_MODEL, RunConfig, build_config
 from orchestrator.costs import Ledger, Pricing, load_prices
 from orchestrator.errors import UserError
 from orchestrator.finetune import RunStopped
+from orchestrator.interrupts import GracefulStop, StopRequested
+from orchestrator.locks import RunLock
 from orchestrator.store import Store, StoreState
 from orchestrator.tasks import TASK_SPECS_HELP, get_task
 
@@ -181,14 +183,25 @@ def _dry_run(config: RunConfig, prices: Path | None, baselines: tuple[str, ...] 
 def _run(store: Store, config: RunConfig, run_id: str, *, must_exist: bool, db: str | None, workdir: Path | None,
          quiet: bool, max_cost: float | None, prices: Path | None, baselines: tuple[str, ...] = (),
          transfer: tuple[str, ...] = (), more_only: bool = False) -> None:
-    """Run (or resume) a run; with `more_only`, only its baselines and transfer evaluations (`eval`)."""
+    """Run (or resume) a run; with `more_only`, only its baselines and transfer evaluations (`eval`). One process
+    per run: the lock is held from here to the end."""
+    console = Console()
+    for spec in transfer:
+        get_task(spec)  # a bad task spec fails before anything runs
+    with RunLock(store.path, run_id), GracefulStop() as stop:
+        _run_locked(store, config, run_id, must_exist=must_exist, db=db, workdir=workdir, quiet=quiet,
+                    max_cost=max_cost, prices=prices, baselines=baselines, transfer=transfer, more_only=more_only,
+                    stop=stop, console=console)
+
+
+def _run_locked(store: Store, config: RunConfig, run_id: str, *, must_exist: bool, db: str | None,
+                workdir: Path | None, quiet: bool, max_cost: float | None, prices: Path | None,
+                baselines: tuple[str, ...], transfer: tuple[str, ...], more_only: bool, stop: GracefulStop,
+                console: Console) -> None:
     from backends import create_backend
     from orchestrator.pipeline import Pipeline, open_run
     from orchestrator.report import accuracy_table, comparison_table, datasets_table, report_data
 
-    console = Console()
-    for spec in transfer:
-        get_task(spec)  # a bad task spec fails before anything runs
     run_row = open_run(store, config, run_id, must_exist=must_exist)
     work = workdir or store.path.resolve().parent / "maft-runs" / run_id
     backend_obj = create_backend(config, work, state=StoreState(store, config.backend), show_progress=not quiet)
@@ -203,13 +216,14 @@ def _run(store: Store, config: RunConfig, run_id: str, *, must_exist: bool, db: 
     try:
         pipeline = Pipeline(config=config, run=run_row, store=store, backend=backend_obj, workdir=work,
                             console=console, show_progress=not quiet, ledger=ledger,
-                            poll_interval=_poll_interval(config))
+                            poll_interval=_poll_interval(config), checkpoint=stop.check)
         if more_only:
             pipeline.run_more(baselines, transfer)
         else:
             pipeline.run(baselines)
-    except KeyboardInterrupt:
-        console.print(f"[yellow]interrupted: everything finished so far is stored; continue with `{resume_cmd}`")
+    except (KeyboardInterrupt, StopRequested) as exc:
+        where = "at a safe point" if isinstance(exc, StopRequested) else "at once"
+        console.print(f"[yellow]stopped {where}: everything finished so far is stored; continue with `{resume_cmd}`")
         sys.exit(130)
     except RunStopped as exc:
         console.print(f"[red]stopped: {exc}; then `{resume_cmd}`")

@@ -12,7 +12,7 @@ import hashlib
 import json
 import random
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from pydantic import BaseModel
 from rich.progress import Progress
@@ -21,6 +21,7 @@ import prompts
 from backends.base import BASE_MODEL_ID, Backend, ChatMessage, ChatRequest, ChatResult
 from orchestrator.config import GenerationConfig
 from orchestrator.costs import Ledger
+from orchestrator.interrupts import never
 from orchestrator.store import DebateRow, ResponseRow, Store
 from orchestrator.tasks import Problem, Task
 from orchestrator.voting import Vote, majority_vote
@@ -109,6 +110,7 @@ class DebateRunner:
         iteration: int | None = None,
         ledger: Ledger | None = None,
         reuse: bool = True,
+        checkpoint: Callable[[], None] = never,
     ) -> None:
         self.run_id = run_id
         self.name = name
@@ -120,6 +122,7 @@ class DebateRunner:
         self.iteration = iteration
         self.ledger = ledger
         self.reuse = reuse
+        self.checkpoint = checkpoint
 
     # public ----------------------------------------------------------------------------------------------
 
@@ -265,6 +268,7 @@ class DebateRunner:
                 stored[row.key] = row
                 if self.progress is not None and task_id is not None:
                     self.progress.advance(task_id)
+                self.checkpoint()  # a safe point: this answer is stored
 
             self.backend.chat(missing, on_result=keep)
         return {key: stored[key] for key in by_key}

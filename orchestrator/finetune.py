@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 from pydantic import BaseModel
 
 from backends.base import TERMINAL_STATUSES, Backend, FinetuneSpec, JobRef, JobState
+from orchestrator.interrupts import never
 from orchestrator.store import JobEventRow, JobRow, Store
 
 if TYPE_CHECKING:
@@ -102,6 +103,7 @@ def run_jobs(
     poll_interval: float = 5.0,
     max_interval: float = 60.0,
     sleep: Callable[[float], None] = time.sleep,
+    checkpoint: Callable[[], None] = never,
 ) -> dict[str, JobRow]:
     """Bring every planned job to a terminal state; raise RunStopped if any did not succeed."""
     runner = _Runner(backend, store, ledger)
@@ -130,7 +132,9 @@ def run_jobs(
 
         active = poll_all(active)  # re-attached jobs may have finished while nobody watched
         while waiting or active:
+            checkpoint()  # a safe point: every job so far is stored, started or not
             while waiting and len(active) < limit:
+                checkpoint()
                 plan, previous = waiting.pop(0)
                 job, ref = runner.start(plan, previous)
                 # A first look right away: a local job is already finished, a hosted one shows its first state.

@@ -24,6 +24,7 @@ from orchestrator.debate import DebateOutcome, DebateRunner, DebateSettings, Soc
 from orchestrator.errors import UserError
 from orchestrator.evaluate import DiversityMeter, evaluate
 from orchestrator.finetune import FinetunePlan, run_jobs
+from orchestrator.interrupts import StopRequested, never
 from orchestrator.store import AgentRow, DatasetRow, JobRow, ProblemRow, RunRow, Store
 from orchestrator.tasks import Problem, Task, get_task
 from orchestrator.training_data import build_agent_data, write_jsonl
@@ -94,8 +95,10 @@ class Pipeline:
         show_progress: bool = True,
         poll_interval: float = 5.0,
         ledger: Ledger | None = None,
+        checkpoint: Callable[[], None] = never,
     ) -> None:
         self.config = config
+        self.checkpoint = checkpoint
         self.run_row = run
         self.store = store
         self.backend = backend
@@ -169,7 +172,8 @@ class Pipeline:
         try:
             yield
         except BaseException as exc:
-            self._set_status("interrupted" if isinstance(exc, KeyboardInterrupt) else "failed", str(exc) or None)
+            stopped = isinstance(exc, KeyboardInterrupt | StopRequested)
+            self._set_status("interrupted" if stopped else "failed", str(exc) or None)
             raise
         self._set_status("finished")
 
@@ -262,7 +266,7 @@ class Pipeline:
                progress: Progress | None = None, task: Task | None = None) -> DebateRunner:
         return DebateRunner(run_id=self.run_row.id, name=name, task=task or self.task, backend=self.backend,
                             store=self.store, settings=settings or self.settings(), progress=progress,
-                            iteration=iteration, ledger=self.ledger)
+                            iteration=iteration, ledger=self.ledger, checkpoint=self.checkpoint)
 
     def debate(self, name: str, problems: list[Problem], society: Society, iteration: int,
                settings: DebateSettings | None = None, task: Task | None = None) -> list[DebateOutcome]:
@@ -328,7 +332,8 @@ class Pipeline:
                                 params=self.config.training, seed=self.config.seed + iteration)
             plans.append(FinetunePlan(job=job, spec=spec, epochs_estimate=self.info.training_epochs))
         results = run_jobs(plans, self.backend, self.store, ledger=self.ledger,
-                           max_active=self.info.max_concurrent_jobs, poll_interval=self.poll_interval)
+                           max_active=self.info.max_concurrent_jobs, poll_interval=self.poll_interval,
+                           checkpoint=self.checkpoint)
         trained: dict[tuple[int, str], tuple[str, str]] = {}
         for plan in plans:
             model_id = results[plan.job.key].model_id
