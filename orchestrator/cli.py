@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import sqlite3
 import sys
 import time
 from pathlib import Path
@@ -228,6 +230,12 @@ def _run_locked(store: Store, config: RunConfig, run_id: str, *, must_exist: boo
     except RunStopped as exc:
         console.print(f"[red]stopped: {exc}; then `{resume_cmd}`")
         sys.exit(1)
+    except (OSError, sqlite3.OperationalError) as exc:
+        if not _disk_full(exc):
+            raise
+        target = getattr(exc, "filename", None) or store.path
+        raise UserError(f"disk full while writing {target}: everything finished before is stored; free some space, "
+                        f"then `{resume_cmd}`") from None
     finally:
         backend_obj.close()
     data = report_data(store, run_row)
@@ -238,6 +246,13 @@ def _run_locked(store: Store, config: RunConfig, run_id: str, *, must_exist: boo
     spent = store.total_cost(run_id)
     console.print(f"finished in {time.monotonic() - started:.0f} s" + (f" · ${spent:.4f} spent" if spent else "")
                   + f" · `orchestrator report {run_id}{_db_flag(db)}` shows it again")
+
+
+def _disk_full(exc: BaseException) -> bool:
+    """ENOSPC from a file write, or SQLite's own "database or disk is full"."""
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    return isinstance(exc, sqlite3.OperationalError) and "disk is full" in str(exc)
 
 
 def _poll_interval(config: RunConfig) -> float:
