@@ -20,6 +20,7 @@ import math
 import os
 import random
 import re
+import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -32,6 +33,7 @@ from pydantic import BaseModel
 from tenacity import RetryCallState, Retrying, retry_if_exception, stop_after_attempt
 
 from backends.base import BackendState
+from orchestrator.crashpoints import crashpoint
 from orchestrator.errors import UserError
 
 T = TypeVar("T")
@@ -365,15 +367,25 @@ def upload_once(
     upload: Callable[[], str],
     filename: str,
     nbytes: int,
+    find: Callable[[], str | None] | None = None,
 ) -> str:
     """The id of an uploaded copy of this content (`file:<sha256>` in state): reused when the server still has it,
-    else uploaded (again) and recorded."""
+    else uploaded (again) and recorded.
+
+    The intent is recorded before the upload and the id after it, like a job's: a process killed between the
+    two leaves an "uploading" record, and the next call first asks `find` (the provider's file list, searched
+    for this name and size) for the copy that upload may have left on the server, instead of paying for the
+    storage and the transfer twice. Without `find` an interrupted upload is simply done again."""
     key = f"file:{sha256}"
-    known = state.get(key)
-    if known and known.get("file_id") and exists(str(known["file_id"])):
+    known = state.get(key) or {}
+    if known.get("file_id") and exists(str(known["file_id"])):
         return str(known["file_id"])  # else deleted on the server: upload again
-    file_id = upload()
-    state.put(key, {"file_id": file_id, "filename": filename, "bytes": nbytes})
+    file_id = find() if find is not None and known.get("status") == "uploading" else None
+    if file_id is None:
+        state.put(key, {"status": "uploading", "filename": filename, "bytes": nbytes})
+        file_id = upload()
+        crashpoint("hosted.file_uploaded")  # the server has the file; our record does not
+    state.put(key, {"status": "uploaded", "file_id": file_id, "filename": filename, "bytes": nbytes})
     return file_id
 
 
@@ -418,7 +430,9 @@ def start_once(
     found = job.find()
     if found is None:
         state.put(record_key, JobRecord(status="creating", maft_key=job.maft_key, file_id=job.file_id).model_dump())
+        crashpoint("hosted.job_creating")  # the intent is recorded, the job not yet created
         found = job.create()
+        crashpoint("hosted.job_created")  # the server has the job; our record does not have its id
     state.put(record_key, JobRecord(status="created", maft_key=job.maft_key, file_id=job.file_id,
                                     job_id=found).model_dump())
     return found
@@ -442,6 +456,37 @@ class EventsRecord(BaseModel):
         """Add the ids just returned (keeping the newest `keep`) and the latest loss, durably."""
         seen = [*self.seen, *ids][-keep:]
         state.put(f"events:{job_id}", EventsRecord(seen=seen, train_loss=train_loss).model_dump())
+
+
+class EventCursor:
+    """Which events of each job were handed to the caller: every event is returned by a poll at least once,
+    and, barring a crash, exactly once.
+
+    The caller stores a poll's events (with the job's row) before it polls that job again, so an event id becomes
+    durably "seen" (`EventsRecord`) only at the next poll of its job in this process; until then it is seen in
+    memory only. Recording it at once would lose it for good when the process dies between the poll and the
+    caller's commit (kill -9, a power cut, a full disk): a resumed run would skip it as seen. Handed over again
+    instead, it is stored once (job_events is keyed by job, time and message)."""
+
+    def __init__(self, state: BackendState) -> None:
+        self.state = state
+        self._handed: dict[str, list[str]] = {}  # job id -> ids returned by its last poll in this process
+        self._lock = threading.Lock()  # jobs are polled from several threads (one job by one thread at a time)
+
+    def load(self, job_id: str) -> tuple[EventsRecord, set[str]]:
+        """The durable record, and every id not to return again (recorded, or handed over by this process)."""
+        record = EventsRecord.load(self.state, job_id)
+        with self._lock:
+            handed = self._handed.get(job_id, [])
+        return record, {*record.seen, *handed}
+
+    def hand_over(self, job_id: str, record: EventsRecord, ids: Iterable[str], train_loss: float | None, *,
+                  keep: int = SEEN_EVENTS_KEPT) -> None:
+        """`ids` are being returned now; those the previous poll returned are stored by now: record them."""
+        with self._lock:
+            stored = self._handed.get(job_id, [])
+            self._handed[job_id] = list(ids)
+        record.remember(self.state, job_id, stored, train_loss, keep=keep)
 
 
 def scan(items: Iterable[Any], limit: int) -> Iterable[Any]:

@@ -157,17 +157,15 @@ class ChatRunner:
     ) -> list[ChatResult]:
         client = self.clients.async_()
         results: list[ChatResult | None] = [None] * len(requests)
-        tasks = {asyncio.create_task(self._one(client, r)): i for i, r in enumerate(requests)}
+        tasks = {asyncio.create_task(self._one(client, r, on_result)): i for i, r in enumerate(requests)}
         pending = set(tasks)
         try:
             while pending:
                 done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
                 failed = sorted((t for t in done if t.exception() is not None), key=tasks.__getitem__)
-                for task in sorted(done, key=tasks.__getitem__):
-                    if task.exception() is None:  # deliver what finished even when a neighbour failed
-                        results[tasks[task]] = task.result()
-                        if on_result is not None:
-                            on_result(task.result())
+                for task in done:
+                    if task.exception() is None:  # each task delivered its own answer; a neighbour's failure
+                        results[tasks[task]] = task.result()  # loses none of them
                 if failed:
                     raise failed[0].exception()  # type: ignore[misc]
         finally:
@@ -177,7 +175,11 @@ class ChatRunner:
             await client.close()
         return [r for r in results if r is not None]
 
-    async def _one(self, client: Any, request: ChatRequest) -> ChatResult:
+    async def _one(self, client: Any, request: ChatRequest, on_result: ResultCallback | None) -> ChatResult:
+        """One request with retries; its answer is handed to `on_result` (which stores it) *before* its slot is
+        freed. So at most `concurrency` answers are ever paid for but not yet stored, and a process killed at
+        any instant (kill -9, a power cut) loses at most that many: released first, the slot would let new
+        requests start while finished answers still wait in memory for their turn to be stored."""
         body = chat_body(request, self.resolve_model(request.model))
         cost = estimate_request_tokens((m.content for m in body.messages), body.max_tokens)
         errors = self.clients.errors
@@ -189,17 +191,22 @@ class ChatRunner:
             reraise=True,
             sleep=self.sleep,
         )
-        completion: Any = None
+        result: ChatResult | None = None
         try:
             async for attempt in retrying:
                 with attempt:
                     async with self.limiter.slot(cost):
                         completion = await client.chat.completions.create(**body.params())
+                        # Answered: nothing below is retried (errors from here on are not the SDK's).
+                        result = CompletionPayload.model_validate(completion.model_dump()).to_result(request.key)
+                        self.limiter.settle(cost, result.usage.prompt_tokens + result.usage.completion_tokens)
+                        if on_result is not None:
+                            on_result(result)
         except errors.base as exc:
             attempts = int(retrying.statistics.get("attempt_number", 1))
             raise self._failure(request, body.model, exc, attempts) from None
-        result = CompletionPayload.model_validate(completion.model_dump()).to_result(request.key)
-        self.limiter.settle(cost, result.usage.prompt_tokens + result.usage.completion_tokens)
+        if result is None:  # tenacity ends with an answer or an exception; this cannot happen
+            raise RuntimeError(f"chat request {request.key!r} ended without an answer")
         return result
 
     def _before_sleep(self, state: RetryCallState) -> None:

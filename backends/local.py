@@ -37,6 +37,7 @@ from backends.local_generate import AdapterPool, adapter_dir, adapter_name_for, 
 from backends.local_model import DEFAULT_MODEL, load_model, resolve_device
 from backends.local_score import score_requests
 from backends.local_train import train_lora
+from orchestrator.crashpoints import crashpoint
 from orchestrator.errors import UserError
 
 JOB_FILE = "job.json"
@@ -187,6 +188,7 @@ class LocalBackend:
             record.update(status="failed", error=error, finished_at=time.time())
             on_event(f"failed: {error}", level="error")
             return
+        crashpoint("local.adapter_saved")  # the adapter is saved in its staging dir, job.json says running
         record.update(
             status="succeeded",
             finished_at=time.time(),
@@ -201,6 +203,7 @@ class LocalBackend:
         on_event("succeeded")
         shutil.rmtree(final, ignore_errors=True)  # only ever a leftover without a succeeded job.json
         os.replace(staging, final)
+        crashpoint("local.adapter_in_place")  # finished on disk; the store's job row does not know yet
         pool.register(name, final)
 
 

@@ -35,6 +35,7 @@ from transformers import (
 
 from backends.base import ChatMessage, FinetuneSpec, TrainingParams
 from backends.local_generate import AdapterPool
+from orchestrator.crashpoints import crashpoint
 from orchestrator.errors import UserError
 
 IGNORE_INDEX = -100  # label value the causal-LM loss skips
@@ -210,6 +211,7 @@ class LossProgress(TrainerCallback):
 
     def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw: Any) -> None:
         self._progress.update(self._task, completed=state.global_step)
+        crashpoint("local.train_step")  # k-th optimizer step of this process: mid-training
 
     def on_epoch_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw: Any) -> None:
         losses = self.step_losses[self._epoch_start :]

@@ -25,6 +25,7 @@ from backends.hosted import Backoff, call_with_retries, create_once, error_messa
 from backends.hosted_chat import ChatBody, CompletionPayload, chat_body
 from backends.openai_client import OPENAI_ERRORS, ClientFactory, OpenAIRequestError
 from orchestrator.config import OpenAIConfig
+from orchestrator.crashpoints import crashpoint
 from orchestrator.errors import UserError
 
 ENDPOINT: Final = "/v1/chat/completions"
@@ -219,6 +220,7 @@ class BatchRunner:
         for line in lines:
             self.state.put(f"batchreq:{line.custom_id}", {"input_sha256": sha})
         batch_id = self._create(input_file_id, sha, used)
+        crashpoint("batch.created")  # the server has the batch; our record does not have its id
         self.state.put(record_key, record.model_copy(update={"status": "created", "batch_id": batch_id}).model_dump())
         self.log(f"batch {batch_id}: {len(lines)} requests submitted")
         return batch_id
@@ -272,7 +274,7 @@ class BatchRunner:
 
     def _wait(self, batch_id: str) -> Any:
         """Poll until the batch ends: every `poll_initial` seconds at first, growing to `poll_interval`."""
-        delay = self.poll_initial
+        delay = min(self.poll_initial, self.settings.poll_interval)
         last = None
         while True:
             batch = self._call(f"polling batch {batch_id}", lambda: self.client.batches.retrieve(batch_id))

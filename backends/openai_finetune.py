@@ -24,7 +24,7 @@ from backends.base import BackendState, FinetuneSpec, JobEvent, JobRef, JobState
 from backends.chat_files import ChatFileRules, FileCheck, TokenCounter, load_token_counter, validate_chat_file
 from backends.hosted import (
     Backoff,
-    EventsRecord,
+    EventCursor,
     PreparedJob,
     call_with_retries,
     create_once,
@@ -62,6 +62,7 @@ _STATUS: Mapping[str, JobStatus] = MappingProxyType({
     "cancelled": "cancelled",
 })
 _JOBS_SCANNED = 200  # jobs looked at when searching for one created just before a crash
+_FILES_SCANNED = 1000  # uploaded files looked at when searching for one uploaded just before a crash
 DAILY_LIMIT_MESSAGE = ("OpenAI's daily limit on finetuning jobs is reached: run `orchestrator run --resume RUN` "
                        "tomorrow; finished work is kept")
 
@@ -150,6 +151,7 @@ class FinetuneJobs:
         self.client = client
         self.clients = clients
         self.state = state
+        self.events = EventCursor(state)
         self.settings = settings
         self.resolve_model = resolve_model
         self.backoff = backoff
@@ -203,19 +205,38 @@ class FinetuneJobs:
         return validate_training_file(path, counter=self.counter, max_example_tokens=self.max_example_tokens)
 
     def upload(self, path: Path, sha256: str) -> str:
-        """The id of an uploaded copy of this content: reused when the server still has it, else uploaded."""
+        """The id of an uploaded copy of this content: reused when the server still has it, else uploaded.
+
+        The name on the server carries the content's hash (`agent-1-critic-<sha256[:16]>.jsonl`), so an upload
+        whose answer was lost (a crash, a dropped connection) can be recognised in the file list by name and size
+        and is not paid for twice."""
         data = path.read_bytes()
+        name = f"{path.stem}-{sha256[:16]}{path.suffix}"
 
         def exists(file_id: str) -> bool:
             return bool(self._call("checking an uploaded file", lambda: self.client.files.retrieve(file_id),
                                    missing_ok=True))
 
-        def upload() -> str:
-            uploaded = self._call(f"the upload of {path.name}",
-                                  lambda: self.client.files.create(file=(path.name, data), purpose="fine-tune"))
-            return str(uploaded.id)
+        def find() -> str | None:
+            def search() -> str | None:
+                files: Iterator[Any] = iter(self.client.files.list(purpose="fine-tune", limit=100))
+                for file in scan(files, _FILES_SCANNED):  # newest first
+                    if file.filename == name and file.bytes == len(data) and file.status != "error":
+                        return str(file.id)
+                return None
 
-        return upload_once(self.state, sha256, exists=exists, upload=upload, filename=path.name, nbytes=len(data))
+            return self._call("listing uploaded files", search)  # type: ignore[no-any-return]
+
+        def upload() -> str:
+            doing = f"the upload of {path.name}"
+            return create_once(
+                lambda: str(self.client.files.create(file=(name, data), purpose="fine-tune").id), find,
+                errors=OPENAI_ERRORS, what=doing, max_retries=self.settings.max_retries, backoff=self.backoff,
+                scrubber=self.clients.scrubber, refused=lambda exc: self._refused(exc, doing), sleep=self.sleep,
+            )
+
+        return upload_once(self.state, sha256, exists=exists, upload=upload, filename=name, nbytes=len(data),
+                           find=find)
 
     # -- jobs
 
@@ -296,8 +317,7 @@ class FinetuneJobs:
     def _new_events(self, job_id: str) -> tuple[list[JobEvent], float | None]:
         """Events not returned before, oldest first. The API lists newest first and pages towards older ones,
         so read from the newest until an event already seen."""
-        record = EventsRecord.load(self.state, job_id)
-        seen = set(record.seen)
+        record, seen = self.events.load(job_id)
 
         def fetch() -> list[Any]:
             fresh: list[Any] = []
@@ -316,7 +336,7 @@ class FinetuneJobs:
         for event in unique:
             step_loss = train_loss_in(event)
             loss = step_loss if step_loss is not None else loss
-        record.remember(self.state, job_id, (e.id for e in unique), loss)
+        self.events.hand_over(job_id, record, (e.id for e in unique), loss)
         scrub = self.clients.scrubber.scrub
         return [JobEvent(created_at=float(e.created_at), level=e.level, message=scrub(e.message))
                 for e in unique], loss

@@ -34,7 +34,7 @@ from backends.base import BASE_MODEL_ID, BackendState, FinetuneSpec, JobEvent, J
 from backends.chat_files import ChatFileRules, FileCheck, validate_chat_file
 from backends.hosted import (
     Backoff,
-    EventsRecord,
+    EventCursor,
     PreparedJob,
     call_with_retries,
     create_once,
@@ -154,6 +154,7 @@ class TogetherJobs:
         self.client = client
         self.clients = clients
         self.state = state
+        self.events = EventCursor(state)
         self.settings = settings
         self.base_model = base_model  # the root every job of the run starts from, directly or via checkpoints
         self.backoff = backoff
@@ -370,20 +371,19 @@ class TogetherJobs:
 
     def _new_events(self, job_id: str) -> tuple[list[JobEvent], float | None, str | None]:
         """Events not returned before, oldest first; the newest training loss; the newest error message."""
-        record = EventsRecord.load(self.state, job_id)
+        record, seen = self.events.load(job_id)
         listed = self._call(f"reading events of job {job_id}", lambda: self.client.fine_tuning.list_events(job_id),
                             missing_ok=True)
         events = sorted(listed.data if listed is not None else [], key=lambda e: _timestamp(e.created_at))
         last_error = next((str(e.message) for e in reversed(events) if (e.level == "error" or str(e.type) in
                            ("job_error", "job_user_error")) and e.message), None)
-        seen = set(record.seen)
         fresh = list({_event_id(e): e for e in events if _event_id(e) not in seen}.items())
         loss = record.train_loss
         for _, event in fresh:
             step_loss = train_loss_in(event)
             loss = step_loss if step_loss is not None else loss
         if fresh:
-            record.remember(self.state, job_id, (i for i, _ in fresh), loss, keep=_EVENTS_KEPT)
+            self.events.hand_over(job_id, record, (i for i, _ in fresh), loss, keep=_EVENTS_KEPT)
         scrub = self.clients.scrubber.scrub
         return ([JobEvent(created_at=_timestamp(e.created_at), level=str(e.level or "info"),
                           message=scrub(str(e.message or e.type))) for _, e in fresh], loss, last_error)

@@ -225,10 +225,12 @@ def _run_locked(store: Store, config: RunConfig, run_id: str, *, must_exist: boo
             pipeline.run(baselines)
     except (KeyboardInterrupt, StopRequested) as exc:
         where = "at a safe point" if isinstance(exc, StopRequested) else "at once"
-        console.print(f"[yellow]stopped {where}: everything finished so far is stored; continue with `{resume_cmd}`")
+        # soft_wrap: the resume command must stay on one line, whatever the terminal's width
+        console.print(f"[yellow]stopped {where}: everything finished so far is stored; continue with `{resume_cmd}`",
+                      soft_wrap=True)
         sys.exit(130)
     except RunStopped as exc:
-        console.print(f"[red]stopped: {exc}; then `{resume_cmd}`")
+        console.print(f"[red]stopped: {exc}; then `{resume_cmd}`", soft_wrap=True)
         sys.exit(1)
     except (OSError, sqlite3.OperationalError) as exc:
         if not _disk_full(exc):

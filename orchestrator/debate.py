@@ -21,6 +21,7 @@ import prompts
 from backends.base import BASE_MODEL_ID, Backend, ChatMessage, ChatRequest, ChatResult
 from orchestrator.config import GenerationConfig
 from orchestrator.costs import Ledger
+from orchestrator.crashpoints import crashpoint
 from orchestrator.interrupts import never
 from orchestrator.store import DebateRow, ResponseRow, Store
 from orchestrator.tasks import Problem, Task
@@ -265,6 +266,7 @@ class DebateRunner:
                 )
                 usage = self.ledger.chat_line(row, result, self.iteration) if self.ledger is not None else None
                 self.store.save_response(row, usage)
+                crashpoint(f"debate.{self.name}.stored")  # e.g. debate.train-1.stored#20
                 stored[row.key] = row
                 if self.progress is not None and task_id is not None:
                     self.progress.advance(task_id)

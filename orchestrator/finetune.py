@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 from pydantic import BaseModel
 
 from backends.base import TERMINAL_STATUSES, Backend, FinetuneSpec, JobRef, JobState
+from orchestrator.crashpoints import crashpoint
 from orchestrator.interrupts import never
 from orchestrator.store import JobEventRow, JobRow, Store
 
@@ -71,7 +72,9 @@ class _Runner:
             self.ledger.check_training(spec.base_model, spec.training_file, plan.epochs_estimate, what)
             self.ledger.record_training_estimate(job, spec.training_file, plan.epochs_estimate)
         self.store.save_job(job)  # intent first: a crash from here on finds this row
+        crashpoint("finetune.intent_stored")
         ref = self.backend.start_finetune(spec)
+        crashpoint("finetune.started")  # the provider has the job; our row does not have its id yet
         job.provider_job_id = ref.provider_job_id
         job.status = "queued"
         self.store.save_job(job)
@@ -80,7 +83,9 @@ class _Runner:
     def poll(self, job: JobRow, ref: JobRef, state: JobState) -> bool:
         """Store a polled state and its events; True when the job has ended."""
         events = _apply(job, state)
+        crashpoint("finetune.poll_fetched")  # polled (new events handed over), nothing of it stored yet
         self.store.save_job(job, events)
+        crashpoint("finetune.polled")
         if job.status not in TERMINAL_STATUSES:
             return False
         if self.ledger is not None:

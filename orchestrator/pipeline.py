@@ -20,6 +20,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from backends.base import BASE_MODEL_ID, Backend, FinetuneSpec
 from orchestrator.config import RunConfig
 from orchestrator.costs import Ledger
+from orchestrator.crashpoints import crashpoint
 from orchestrator.debate import DebateOutcome, DebateRunner, DebateSettings, Society
 from orchestrator.errors import UserError
 from orchestrator.evaluate import DiversityMeter, evaluate
@@ -175,6 +176,7 @@ class Pipeline:
             stopped = isinstance(exc, KeyboardInterrupt | StopRequested)
             self._set_status("interrupted" if stopped else "failed", str(exc) or None)
             raise
+        crashpoint("pipeline.finishing")  # everything done but the run's status
         self._set_status("finished")
 
     def _iteration(self, variant: Variant, iteration: int, previous: Society, train: list[Problem],
@@ -187,6 +189,7 @@ class Pipeline:
             self.console.rule(f"[bold]{label}iteration {iteration}/{total}: debate on {len(train)} training problems")
             outcomes = self.debate(variant.debate(f"train-{iteration}"), train, previous, iteration, settings)
             datasets = self._datasets(variant, iteration, outcomes)
+            crashpoint("pipeline.datasets_written")  # files and rows written, no job started
             self.console.rule(f"[bold]{label}iteration {iteration}/{total}: finetuning {len(datasets)} models")
             starts = {(d.agent, d.role): previous.model(d.agent, d.role) for d in datasets}
             models = self.finetune(variant.society, iteration, datasets, starts, key=variant.job_key)

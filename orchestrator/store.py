@@ -18,6 +18,7 @@ from typing import Any, TypeVar
 import sqlite_utils
 from pydantic import BaseModel, Field
 
+from orchestrator.crashpoints import crashpoint
 from orchestrator.errors import UserError
 from orchestrator.migrations import migrate
 
@@ -248,6 +249,7 @@ class StoreState:
         except BaseException:
             conn.execute("ROLLBACK")
             raise
+        crashpoint("store.state_commit")  # a backend's record written, not committed
         conn.execute("COMMIT")
 
 
@@ -287,6 +289,7 @@ class Store:
         except BaseException:
             self.db.conn.rollback()
             raise
+        crashpoint("store.commit")  # written, not committed: a resumed run must find none of it
         self.db.conn.commit()
 
     # generic helpers -------------------------------------------------------------------------------------
@@ -299,6 +302,12 @@ class Store:
     def _select(self, table: str, cls: type[RowT], where: str | None = None, args: Any = None,
                 order_by: str | None = None) -> list[RowT]:
         return [cls.model_validate(r) for r in self.db[table].rows_where(where, args, order_by=order_by)]
+
+    def _run_rows(self, table: str, cls: type[RowT], run_id: str, **filters: Any) -> list[RowT]:
+        """A run's rows of a per-agent table, filtered by every filter that is not None."""
+        given = {k: v for k, v in filters.items() if v is not None}
+        where = " and ".join(["run_id = ?", *(f"{k} = ?" for k in given)])
+        return self._select(table, cls, where, [run_id, *given.values()], "society, iteration, agent, role")
 
     # runs ------------------------------------------------------------------------------------------------
 
@@ -337,15 +346,7 @@ class Store:
 
     def get_agents(self, run_id: str, iteration: int | None = None, society: str | None = "maft") -> list[AgentRow]:
         """The agents of one society (all societies with `society=None`), of one iteration or all."""
-        where: list[str] = ["run_id = ?"]
-        args: list[Any] = [run_id]
-        if society is not None:
-            where.append("society = ?")
-            args.append(society)
-        if iteration is not None:
-            where.append("iteration = ?")
-            args.append(iteration)
-        return self._select("agents", AgentRow, " and ".join(where), args, "society, iteration, agent, role")
+        return self._run_rows("agents", AgentRow, run_id, society=society, iteration=iteration)
 
     def societies(self, run_id: str) -> list[tuple[str, int]]:
         """Every (society, iteration) with stored agents, in the order they were made."""
@@ -391,15 +392,7 @@ class Store:
             self._upsert("datasets", rows)
 
     def get_datasets(self, run_id: str, iteration: int | None = None, society: str | None = None) -> list[DatasetRow]:
-        where: list[str] = ["run_id = ?"]
-        args: list[Any] = [run_id]
-        if society is not None:
-            where.append("society = ?")
-            args.append(society)
-        if iteration is not None:
-            where.append("iteration = ?")
-            args.append(iteration)
-        return self._select("datasets", DatasetRow, " and ".join(where), args, "society, iteration, agent, role")
+        return self._run_rows("datasets", DatasetRow, run_id, society=society, iteration=iteration)
 
     # jobs ------------------------------------------------------------------------------------------------
 

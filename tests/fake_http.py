@@ -368,6 +368,9 @@ class FakeLLMServer:
         self.base_accuracy, self.finetune_bonus = base_accuracy, finetune_bonus
         self.origin = ""  # "http://127.0.0.1:PORT" once started
         self.counts: collections.Counter[str] = collections.Counter()
+        # every chat completion the server produced (and billed), by the request's content: a count above 1 is
+        # the same paid request answered twice (a client retry after a lost answer, a resume redoing work)
+        self.chat_bodies: collections.Counter[str] = collections.Counter()
         self.usage: dict[str, dict[str, int]] = {}
         self._accuracy = dict(accuracy or {})
         self._lock = threading.RLock()
@@ -525,6 +528,18 @@ class FakeLLMServer:
     def _wait_chat_latency(self) -> None:
         if self.chat_latency:
             self._stopping.wait(self.chat_latency)
+
+    def record_chat(self, body: Mapping[str, Any]) -> None:
+        """Count a chat request about to be answered, keyed by its content (model, messages, sampling, seed, ...;
+        everything the client sent), so `repeated_chats` can tell a test whether paid work was asked for twice."""
+        key = json.dumps(body, sort_keys=True, default=str)
+        with self._lock:
+            self.chat_bodies[key] += 1
+
+    def repeated_chats(self) -> int:
+        """Chat answers produced for a request whose identical twin had been answered before."""
+        with self._lock:
+            return sum(n - 1 for n in self.chat_bodies.values() if n > 1)
 
     def _bill(self, model: str, **amounts: int) -> None:
         with self._lock:

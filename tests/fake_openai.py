@@ -25,6 +25,11 @@ Details a test may rely on, beyond OpenAI's shapes:
 - Model aliases (a snapshot name without its date, e.g. "gpt-4o-mini") are accepted and answered as the snapshot.
 - `usage[model]`: chat answers bill prompt/completion/cached tokens and `requests`; batch lines bill only the
   batch_* counters; a finished job bills `trained_tokens` to its root base model. Faulted requests bill nothing.
+- A finetuned model's id is a pure function of its root base model, parent model, suffix and training data
+  (`fine_tuned_model_name`), never of job ids or request order; answers are keyed by model id, so a run that was
+  killed and resumed gets exactly the models and answers of an uninterrupted one.
+- `chat_bodies` counts every chat completion produced (HTTP or batch line) by request content;
+  `repeated_chats()` says how many were the same paid request answered again.
 - `finetuning=False` hides /batches as well as /files and /fine_tuning (a batch needs an uploaded file).
 - An expired batch writes the requests it never ran to its error file (code "batch_expired"), as OpenAI does; a
   cancelled batch keeps the first half of its requests if it was in progress, none if it was still validating.
@@ -41,6 +46,7 @@ import json
 import math
 import random
 import re
+import string
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -419,6 +425,7 @@ class FakeOpenAI(FakeLLMServer):
         if not isinstance(n, int) or not 1 <= n <= 128:
             raise ApiError(400, f"Invalid 'n': {n!r}.", param="n")
         limit = body.get("max_completion_tokens") or body.get("max_tokens")
+        self.record_chat(body)
         p = self.accuracy_of(info.id)
         texts = [self._answer(info.id, body, i, p) for i in range(n)]
         choices, completion_tokens = [], 0
@@ -698,8 +705,8 @@ class FakeOpenAI(FakeLLMServer):
             loss = 1.5 * math.exp(-3 * step / total) + 0.05 * rng.random()
             rows.append(f"{step},{loss:.4f}")
             self._event(job["id"], f"Step {step}/{total}: training loss={loss:.4f}")
-        short = self._new_id("", 8)
-        name = f"ft:{state.root}:{ORG}:{job['user_provided_suffix'] or ''}:{short}"
+        content = self.file_contents.get(job["training_file"], b"")
+        name = fine_tuned_model_name(state.root, job["model"], job["user_provided_suffix"], content)
         self._models[name] = _Model(name, state.root, state.depth, int(time.time()), ORG)
         results = self.store_file("step_metrics.csv", ("step,train_loss\n" + "\n".join(rows) + "\n").encode(),
                                   "fine-tune-results")
@@ -854,6 +861,24 @@ class FakeOpenAI(FakeLLMServer):
         content = "".join(json.dumps(line) + "\n" for line in lines).encode()
         return str(self.store_file(f"{batch['id']}_{kind}.jsonl", content, "batch_output")["id"])
 
+
+
+def fine_tuned_model_name(root: str, parent: str, suffix: str | None, training_file: bytes) -> str:
+    """`ft:ROOT:ORG:SUFFIX:ID`, with ID a pure function of what the model is made of: its root base model, the
+    model it was trained from (a chained finetune's parent), the suffix and the training data's content.
+
+    Not of the job id or of how many requests the fake has served: a run killed and resumed makes extra list and
+    retrieve calls, and its retried jobs get new ids, yet must get the very same model, hence (answers being keyed
+    by model id) the very same answers as an uninterrupted run.
+    """
+    blob = json.dumps([root, parent, suffix or "", hashlib.sha256(training_file).hexdigest()]).encode()
+    number = int.from_bytes(hashlib.sha256(blob).digest()[:8], "big")
+    alphabet = string.ascii_letters + string.digits
+    short = ""
+    for _ in range(8):
+        number, digit = divmod(number, len(alphabet))
+        short += alphabet[digit]
+    return f"ft:{root}:{ORG}:{suffix or ''}:{short}"
 
 
 def check_metadata(metadata: Any) -> dict[str, str] | None:
