@@ -359,6 +359,31 @@ def create_once(
 # -- never paying twice: durable records in BackendState --------------------------------------------------------
 
 
+def call_or_refuse(
+    fn: Callable[[], T],
+    *,
+    errors: SdkErrors,
+    what: str,
+    max_retries: int,
+    backoff: Backoff,
+    scrubber: Scrubber,
+    sleep: Callable[[float], None],
+    refused: Callable[[Exception, str], Exception],
+    missing_ok: bool = False,
+) -> T | None:
+    """`fn` with retries; a refusal becomes what `refused` makes of it (an error that says what to do and holds no
+    secret). With `missing_ok`, a 404 answers None: the caller knows what a missing object means."""
+    try:
+        return call_with_retries(fn, errors=errors, what=what, max_retries=max_retries, backoff=backoff,
+                                 scrubber=scrubber, sleep=sleep)
+    except errors.not_found as exc:
+        if missing_ok:
+            return None
+        raise refused(exc, what) from None
+    except errors.status as exc:
+        raise refused(exc, what) from None
+
+
 def upload_once(
     state: BackendState,
     sha256: str,

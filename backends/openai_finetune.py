@@ -26,6 +26,7 @@ from backends.hosted import (
     Backoff,
     EventCursor,
     PreparedJob,
+    call_or_refuse,
     call_with_retries,
     create_once,
     error_code,
@@ -168,17 +169,9 @@ class FinetuneJobs:
         return self._counter
 
     def _call(self, what: str, fn: Callable[[], Any], *, missing_ok: bool = False) -> Any:
-        """`fn` with retries; a refusal becomes an error that says what to do and holds no secret. With
-        `missing_ok`, a 404 answers None (the caller knows what a missing object means)."""
-        try:
-            return call_with_retries(fn, errors=OPENAI_ERRORS, what=what, max_retries=self.settings.max_retries,
-                                     backoff=self.backoff, scrubber=self.clients.scrubber, sleep=self.sleep)
-        except openai.NotFoundError as exc:
-            if missing_ok:
-                return None
-            raise self._refused(exc, what) from None
-        except openai.APIStatusError as exc:
-            raise self._refused(exc, what) from None
+        return call_or_refuse(fn, errors=OPENAI_ERRORS, what=what, max_retries=self.settings.max_retries,
+                              backoff=self.backoff, scrubber=self.clients.scrubber, sleep=self.sleep,
+                              refused=self._refused, missing_ok=missing_ok)
 
     def _refused(self, exc: Exception, doing: str, model: str | None = None) -> Exception:
         """What to raise for a non-retryable error while uploading or creating."""

@@ -36,6 +36,7 @@ from backends.hosted import (
     Backoff,
     EventCursor,
     PreparedJob,
+    call_or_refuse,
     call_with_retries,
     create_once,
     error_message,
@@ -164,18 +165,9 @@ class TogetherJobs:
     # -- plumbing
 
     def _call(self, what: str, fn: Callable[[], Any], *, missing_ok: bool = False) -> Any:
-        """`fn` with retries; a refusal becomes an error that says what to do and holds no secret. With
-        `missing_ok`, a 404 answers None."""
-        errors = self.clients.errors
-        try:
-            return call_with_retries(fn, errors=errors, what=what, max_retries=self.settings.max_retries,
-                                     backoff=self.backoff, scrubber=self.clients.scrubber, sleep=self.sleep)
-        except errors.not_found as exc:
-            if missing_ok:
-                return None
-            raise self._refused(exc, what) from None
-        except errors.status as exc:
-            raise self._refused(exc, what) from None
+        return call_or_refuse(fn, errors=self.clients.errors, what=what, max_retries=self.settings.max_retries,
+                              backoff=self.backoff, scrubber=self.clients.scrubber, sleep=self.sleep,
+                              refused=self._refused, missing_ok=missing_ok)
 
     def _refused(self, exc: Exception, doing: str) -> Exception:
         """What to raise for a non-retryable error."""
