@@ -20,6 +20,7 @@ import math
 import os
 import random
 import re
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -27,12 +28,13 @@ from dataclasses import dataclass, field
 from email.utils import parsedate_to_datetime
 from pathlib import Path
 from types import ModuleType
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal, Protocol, TypeVar
 
 from pydantic import BaseModel
 from tenacity import RetryCallState, Retrying, retry_if_exception, stop_after_attempt
 
-from backends.base import BackendState
+from backends.base import BASE_MODEL_ID, BackendState
+from backends.rate_limit import RateLimiter
 from orchestrator.crashpoints import crashpoint
 from orchestrator.errors import UserError
 
@@ -552,3 +554,52 @@ def train_loss_in(event: Any) -> float | None:
             return float(value)
     match = _LOSS_IN_MESSAGE.search(str(getattr(event, "message", "") or ""))
     return float(match.group(1)) if match else None
+
+
+class HostedSettings(Protocol):
+    """The settings every hosted backend's config section has (OpenAIConfig, TogetherConfig)."""
+
+    concurrency: int
+    requests_per_minute: int | None
+    tokens_per_minute: int | None
+
+
+class HostedBackend:
+    """What every hosted backend holds: its base model name, settings, durable state, the shared rate limiter,
+    how long retries wait, and where the key comes from. Building one needs no key and makes no request (so
+    `run --dry-run` works without one); subclasses read the key at the first call that needs it."""
+
+    def __init__(
+        self,
+        model: str,
+        settings: HostedSettings,
+        state: BackendState,
+        *,
+        show_progress: bool = True,
+        environ: Mapping[str, str] | None = None,
+        dotenv: Path | None = None,
+        backoff: Backoff | None = None,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
+        """`environ` and `dotenv` replace the process environment and `./.env` (tests); `backoff` and `sleep`
+        set how long retries wait."""
+        self.model = model
+        self.state = state
+        self.show_progress = show_progress
+        self.backoff = backoff or Backoff()
+        self.sleep = sleep
+        self.limiter = RateLimiter(settings.concurrency, settings.requests_per_minute, settings.tokens_per_minute)
+        self._environ = environ
+        self._dotenv = dotenv
+        self._lock = threading.RLock()  # the pipeline polls jobs from several threads
+
+    def resolve_model(self, model_id: str) -> str:
+        """BASE_MODEL_ID stands for the provider's base model; every other id goes to the server as it is."""
+        return self.model if model_id == BASE_MODEL_ID else model_id
+
+    def _environment(self) -> dict[str, str]:
+        return read_environment(self._environ, self._dotenv)
+
+    def _log(self, message: str) -> None:
+        if self.show_progress:
+            print(message, file=sys.stderr, flush=True)

@@ -10,8 +10,6 @@ Azure deployment name) goes to the server as it is.
 
 from __future__ import annotations
 
-import sys
-import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -20,7 +18,6 @@ from openai import OpenAI
 from openai.types import CreateEmbeddingResponse
 
 from backends.base import (
-    BASE_MODEL_ID,
     BackendInfo,
     BackendState,
     ChatRequest,
@@ -30,12 +27,11 @@ from backends.base import (
     JobState,
     ResultCallback,
 )
-from backends.hosted import Backoff, call_with_retries, read_environment
+from backends.hosted import Backoff, HostedBackend, call_with_retries
 from backends.hosted_chat import ChatRunner
 from backends.openai_batch import BatchRunner
 from backends.openai_client import OPENAI_ERRORS, ClientFactory, is_hosted, resolve_credentials
 from backends.openai_finetune import DEFAULT_MAX_EXAMPLE_TOKENS, MIN_EXAMPLES, FinetuneJobs
-from backends.rate_limit import RateLimiter
 from orchestrator.config import OpenAIConfig
 
 AUTO_EPOCHS_ESTIMATE = 3  # OpenAI's usual choice for "auto" (more for files under ~35 examples)
@@ -43,7 +39,7 @@ DEFAULT_EMBEDDING_MODEL = "text-embedding-3-small"
 EMBEDDING_CHUNK = 512  # inputs per request, well under the API's limit
 
 
-class OpenAIBackend:
+class OpenAIBackend(HostedBackend):
     """Chat, batch chat and finetuning through the official SDK.
 
     Building one and `describe()` need no key and make no request (so `run --dry-run` works without a key); the
@@ -66,31 +62,17 @@ class OpenAIBackend:
         batch_poll_initial: float = 5.0,
         max_example_tokens: int = DEFAULT_MAX_EXAMPLE_TOKENS,
     ) -> None:
-        """`environ` and `dotenv` replace the process environment and `./.env` (tests); `backoff`, `sleep` and
-        `batch_poll_initial` set how long retries and batch polls wait."""
-        self.model = model
+        """As HostedBackend's; `batch_poll_initial` sets how long the first batch poll waits."""
+        super().__init__(model, settings, state, show_progress=show_progress, environ=environ, dotenv=dotenv,
+                         backoff=backoff, sleep=sleep)
         self.settings = settings
-        self.state = state
-        self.show_progress = show_progress
-        self.backoff = backoff or Backoff()
-        self.sleep = sleep
-        self.limiter = RateLimiter(settings.concurrency, settings.requests_per_minute, settings.tokens_per_minute)
-        self._environ = environ
-        self._dotenv = dotenv
         self._batch_poll_initial = batch_poll_initial
         self._max_example_tokens = max_example_tokens
-        self._lock = threading.RLock()  # the pipeline polls jobs from several threads
         self._clients: ClientFactory | None = None
         self._client: OpenAI | None = None
         self._chat: ChatRunner | None = None
         self._jobs: FinetuneJobs | None = None
         self._batches: BatchRunner | None = None
-
-    def resolve_model(self, model_id: str) -> str:
-        return self.model if model_id == BASE_MODEL_ID else model_id
-
-    def _environment(self) -> dict[str, str]:
-        return read_environment(self._environ, self._dotenv)
 
     @property
     def clients(self) -> ClientFactory:
@@ -134,10 +116,6 @@ class OpenAIBackend:
                                             resolve_model=self.resolve_model, backoff=self.backoff, sleep=self.sleep,
                                             poll_initial=self._batch_poll_initial, log=self._log)
             return self._batches
-
-    def _log(self, message: str) -> None:
-        if self.show_progress:
-            print(message, file=sys.stderr, flush=True)
 
     # -- Backend protocol -----------------------------------------------------------------------------------
 

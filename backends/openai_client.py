@@ -10,7 +10,7 @@ it says. What is not OpenAI's own (.env, scrubbing, backoff, retries) lives in `
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from typing import Literal
+from typing import Any, Literal
 from urllib.parse import urlparse
 
 import openai
@@ -121,26 +121,20 @@ class ClientFactory:
         """A UserError for a refused key (401) or missing access (403), else None."""
         return self.errors.key_error(exc, where=self.where, key_variable=self.key_variable, scrubber=self.scrubber)
 
-    def sync(self) -> OpenAI:
+    def _arguments(self) -> dict[str, Any]:
+        """What every client gets, sync or async, OpenAI or Azure. max_retries=0: our retry layer is the only one."""
         c = self.credentials
-        key = c.api_key.get_secret_value()
-        if c.api == "azure":
-            if c.base_url is not None:
-                return AzureOpenAI(base_url=c.base_url, api_version=c.api_version, api_key=key,
-                                   organization=c.organization, max_retries=0, timeout=self.timeout)
-            return AzureOpenAI(azure_endpoint=c.azure_endpoint or "", api_version=c.api_version, api_key=key,
-                               organization=c.organization, max_retries=0, timeout=self.timeout)
-        return OpenAI(api_key=key, base_url=c.base_url, organization=c.organization, project=c.project,
-                      max_retries=0, timeout=self.timeout)
+        common: dict[str, Any] = {"api_key": c.api_key.get_secret_value(), "organization": c.organization,
+                                  "max_retries": 0, "timeout": self.timeout}
+        if c.api != "azure":
+            return common | {"base_url": c.base_url, "project": c.project}
+        where = {"base_url": c.base_url} if c.base_url is not None else {"azure_endpoint": c.azure_endpoint or ""}
+        return common | where | {"api_version": c.api_version}
+
+    def sync(self) -> OpenAI:
+        kind = AzureOpenAI if self.credentials.api == "azure" else OpenAI
+        return kind(**self._arguments())
 
     def async_(self) -> AsyncOpenAI:
-        c = self.credentials
-        key = c.api_key.get_secret_value()
-        if c.api == "azure":
-            if c.base_url is not None:
-                return AsyncAzureOpenAI(base_url=c.base_url, api_version=c.api_version, api_key=key,
-                                        organization=c.organization, max_retries=0, timeout=self.timeout)
-            return AsyncAzureOpenAI(azure_endpoint=c.azure_endpoint or "", api_version=c.api_version, api_key=key,
-                                    organization=c.organization, max_retries=0, timeout=self.timeout)
-        return AsyncOpenAI(api_key=key, base_url=c.base_url, organization=c.organization, project=c.project,
-                           max_retries=0, timeout=self.timeout)
+        kind = AsyncAzureOpenAI if self.credentials.api == "azure" else AsyncOpenAI
+        return kind(**self._arguments())

@@ -11,8 +11,6 @@ before the others, so a model that needs a dedicated endpoint stops the run with
 from __future__ import annotations
 
 import re
-import sys
-import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -36,16 +34,15 @@ from backends.base import (
 )
 from backends.hosted import (
     Backoff,
+    HostedBackend,
     HostedRequestError,
     Scrubber,
     SdkErrors,
     call_with_retries,
     env_value,
     error_message,
-    read_environment,
 )
 from backends.hosted_chat import ChatRunner
-from backends.rate_limit import RateLimiter
 from backends.together_finetune import MIN_EXAMPLES, TogetherJobs
 from orchestrator.config import TogetherConfig
 from orchestrator.errors import UserError
@@ -126,7 +123,7 @@ def listed_models(payload: Any) -> set[str]:
     return {str(item["id"]) for item in items if isinstance(item, dict) and item.get("id")}
 
 
-class TogetherBackend:
+class TogetherBackend(HostedBackend):
     """Chat and finetuning on Together AI through the official SDK.
 
     Building one and `describe()` need no key and make no request (so `run --dry-run` works without a key); the
@@ -147,33 +144,22 @@ class TogetherBackend:
         backoff: Backoff | None = None,
         sleep: Callable[[float], None] = time.sleep,
     ) -> None:
-        """`environ` and `dotenv` replace the process environment and `./.env` (tests); `backoff` and `sleep`
-        set how long retries wait."""
-        self.model = model
+        """As HostedBackend's."""
+        super().__init__(model, settings, state, show_progress=show_progress, environ=environ, dotenv=dotenv,
+                         backoff=backoff, sleep=sleep)
         self.settings = settings
-        self.state = state
-        self.show_progress = show_progress
-        self.backoff = backoff or Backoff()
-        self.sleep = sleep
-        self.limiter = RateLimiter(settings.concurrency, settings.requests_per_minute, settings.tokens_per_minute)
-        self._environ = environ
-        self._dotenv = dotenv
-        self._lock = threading.RLock()  # the pipeline polls jobs from several threads
         self._clients: TogetherClients | None = None
         self._client: Together | None = None
         self._chat: ChatRunner | None = None
         self._jobs: TogetherJobs | None = None
         self._servable: set[str] = set()  # finetuned models seen answering (or listed): no check needed again
 
-    def resolve_model(self, model_id: str) -> str:
-        return self.model if model_id == BASE_MODEL_ID else model_id
-
     @property
     def clients(self) -> TogetherClients:
         """Key and client makers; a missing key is a one-line UserError here."""
         with self._lock:
             if self._clients is None:
-                self._clients = resolve_clients(self.settings, read_environment(self._environ, self._dotenv))
+                self._clients = resolve_clients(self.settings, self._environment())
             return self._clients
 
     @property
@@ -200,10 +186,6 @@ class TogetherBackend:
                 self._jobs = TogetherJobs(self.client, self.clients, self.state, self.settings, base_model=self.model,
                                           backoff=self.backoff, sleep=self.sleep)
             return self._jobs
-
-    def _log(self, message: str) -> None:
-        if self.show_progress:
-            print(message, file=sys.stderr, flush=True)
 
     # -- Backend protocol -----------------------------------------------------------------------------------
 

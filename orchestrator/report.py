@@ -15,12 +15,21 @@ from orchestrator.store import EvaluationRow, RunRow, Store
 METHOD_LABELS = {"single": "single agent", "majority": "majority vote", "debate": "debate"}
 
 
-def _method_order(method: str) -> int:
+def pct(x: float) -> str:
+    return f"{100 * x:.1f}"
+
+
+def acc_text(accuracy: float, stderr: float) -> str:
+    """The one spelling of "accuracy ± s.e." in percent, shared by the terminal, HTML and Markdown."""
+    return f"{pct(accuracy)} ± {pct(stderr)}"
+
+
+def method_order(method: str) -> int:
     return list(METHOD_LABELS).index(method) if method in METHOD_LABELS else len(METHOD_LABELS)
 
 
 def _evaluation_order(e: EvaluationRow) -> tuple[str, int, bool, str, int]:
-    return e.task, e.iteration, e.society != "base", e.society, _method_order(e.method)
+    return e.task, e.iteration, e.society != "base", e.society, method_order(e.method)
 
 
 SOCIETY_LABELS = {
@@ -131,7 +140,7 @@ def accuracy_table(evaluations: list[dict[str, Any]], title: str) -> Table:
     table.add_column("no answer", justify="right")
     for e in evaluations:
         table.add_row(society_label(e["society"], e["iteration"]), METHOD_LABELS.get(e["method"], e["method"]),
-                      f"{100 * e['accuracy']:.1f} ± {100 * e['stderr']:.1f} %", str(e["n"]), str(e["unparseable"]))
+                      f"{acc_text(e['accuracy'], e['stderr'])} %", str(e["n"]), str(e["unparseable"]))
     return table
 
 
@@ -181,12 +190,12 @@ def estimate_table(lines: list[Any], title: str) -> Table:
         table.add_column(col, justify="left" if col == "stage" else "right", no_wrap=True)
     for e in lines:
         table.add_row(str(e.iteration), e.stage, f"{e.calls:,}", _tokens(e.prompt_tokens),
-                      _tokens(e.completion_tokens), _tokens(e.trained_tokens), _usd(e.expected_usd),
-                      _usd(e.at_most_usd))
+                      _tokens(e.completion_tokens), _tokens(e.trained_tokens), usd(e.expected_usd),
+                      usd(e.at_most_usd))
     table.add_section()
     table.add_row("", "total", f"{sum(e.calls for e in lines):,}", _tokens(sum(e.prompt_tokens for e in lines)),
                   _tokens(sum(e.completion_tokens for e in lines)), _tokens(sum(e.trained_tokens for e in lines)),
-                  _usd(sum(e.expected_usd for e in lines)), _usd(sum(e.at_most_usd for e in lines)))
+                  usd(sum(e.expected_usd for e in lines)), usd(sum(e.at_most_usd for e in lines)))
     return table
 
 
@@ -197,7 +206,7 @@ def _tokens(n: int) -> str:
     return f"{n / 1e3:.0f}k" if n >= 10_000 else f"{n:,}"
 
 
-def _usd(x: float) -> str:
+def usd(x: float) -> str:
     return f"${x:,.2f}" if x >= 1 else f"${x:.4f}"
 
 
@@ -267,7 +276,7 @@ def comparison_table(evaluations: list[dict[str, Any]], title: str) -> Table:
             if cell is None:
                 shown.append("")
                 continue
-            text = f"{100 * cell['accuracy']:.1f} ± {100 * cell['stderr']:.1f}"
+            text = acc_text(cell["accuracy"], cell["stderr"])
             shown.append(f"[bold]{text}[/]" if cell["accuracy"] == best[task] else text)
         table.add_row(label, *shown)
     return table

@@ -30,7 +30,7 @@ from matplotlib.figure import Figure
 from pydantic import BaseModel
 
 from orchestrator.costs import cost_summary
-from orchestrator.report import METHOD_LABELS, SOCIETY_LABELS
+from orchestrator.report import METHOD_LABELS, SOCIETY_LABELS, acc_text, method_order, usd
 from orchestrator.store import (
     DatasetRow,
     DebateRow,
@@ -83,19 +83,6 @@ class ReportFiles(BaseModel):
 # small formatting helpers ----------------------------------------------------------------------------------
 
 
-def pct(x: float) -> str:
-    return f"{100 * x:.1f}"
-
-
-def acc_text(accuracy: float, stderr: float) -> str:
-    """The one spelling of "accuracy ± s.e." in percent, shared by HTML, Markdown and terminal."""
-    return f"{pct(accuracy)} ± {pct(stderr)}"
-
-
-def usd(x: float) -> str:
-    return f"${x:,.2f}" if x >= 1 else f"${x:.4f}"
-
-
 def society_name(society: str) -> str:
     return SOCIETY_LABELS.get(society, society)
 
@@ -109,8 +96,7 @@ def _society_rank(society: str) -> tuple[int, str]:
 
 
 def _method_rank(method: str) -> tuple[int, str]:
-    order = list(METHOD_LABELS)
-    return (order.index(method) if method in order else len(order), method)
+    return method_order(method), method
 
 
 def _when(ts: float | None) -> str:
