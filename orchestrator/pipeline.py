@@ -81,6 +81,12 @@ class Variant(BaseModel):
 ABLATIONS = ("no-summary", "no-critic")
 
 
+def job_seed(seed: int, iteration: int, agent: int, role: str) -> int:
+    """Each of the 2N models of an iteration gets its own training seed, so their LoRA initializations and data
+    orders differ too: the society's diversity should not hinge on the data alone."""
+    return seed + 1000 * iteration + 2 * agent + (role == "critic")
+
+
 class Pipeline:
     """One run: its problems, its societies, and the steps that debate, build data, finetune and evaluate."""
 
@@ -118,6 +124,11 @@ class Pipeline:
                               summarize=self.config.summarize if summarize is None else summarize,
                               generation=self.config.generation, seed=self.config.seed)
 
+    def society_settings(self, society: str) -> DebateSettings:
+        """How `society` debates, on its own task and on any other: only the no-summary ablation differs from the
+        run's settings (it concatenates the other answers instead of summarizing them)."""
+        return self.settings(summarize=False if society == "no-summary" else None)
+
     # the whole run ---------------------------------------------------------------------------------------
 
     def run(self, baselines: Sequence[str] = ()) -> None:
@@ -151,15 +162,15 @@ class Pipeline:
             evaluated = "base" if iteration == 0 else name
             debate = f"transfer/{task.name}/{'' if name == 'maft' else name + '/'}eval-{iteration}"
             self.console.rule(f"[bold]zero-shot on {task.name}: {evaluated}, iteration {iteration}")
-            self.evaluate(evaluated, iteration, self.debate(debate, held_out, society, iteration, task=task),
-                          society, task)
+            outcomes = self.debate(debate, held_out, society, iteration, self.society_settings(name), task=task)
+            self.evaluate(evaluated, iteration, outcomes, society, task)
 
     def run_baselines(self, names: Sequence[str], train: list[Problem], held_out: list[Problem]) -> None:
         from orchestrator.baselines import SINGLE_MODEL_METHODS
 
         for name in names:
             if name in ABLATIONS:
-                variant = Variant(society=name, summarize=name != "no-summary" and self.config.summarize,
+                variant = Variant(society=name, summarize=self.society_settings(name).summarize,
                                   train_critics=name != "no-critic")
                 society = self.stored_society("maft", 0) or Society.base(self.config.agents)
                 for iteration in range(1, self.config.iterations + 1):
@@ -331,8 +342,9 @@ class Pipeline:
                 continue
             label = "" if society == "maft" else f"{society}-"
             suffix = f"{self.run_row.id[:18]}-{label}i{iteration}-a{ds.agent + 1}-{ds.role[0]}"
+            seed = job_seed(self.config.seed, iteration, ds.agent, ds.role)
             spec = FinetuneSpec(key=job_key, base_model=start_from, training_file=Path(ds.path), suffix=suffix,
-                                params=self.config.training, seed=self.config.seed + iteration)
+                                params=self.config.training, seed=seed)
             plans.append(FinetunePlan(job=job, spec=spec, epochs_estimate=self.info.training_epochs))
         results = run_jobs(plans, self.backend, self.store, ledger=self.ledger,
                            max_active=self.info.max_concurrent_jobs, poll_interval=self.poll_interval,

@@ -147,11 +147,14 @@ def accuracy_table(evaluations: list[dict[str, Any]], title: str) -> Table:
 def datasets_table(datasets: list[dict[str, Any]]) -> Table:
     table = Table(title="finetuning data per agent and role")
     table.caption = "critic sets mix D^C− (wrong, then corrected) and D^C+ (right throughout): used/available"
-    for col in ("iteration", "agent", "role", "examples", "D^C−", "D^C+", "sha256"):
-        table.add_column(col, justify="left" if col in ("role", "sha256") else "right")
+    societies = any(d.get("society", "maft") != "maft" for d in datasets)  # baselines too: say whose data
+    columns = ("society",) * societies + ("iteration", "agent", "role", "examples", "D^C−", "D^C+", "sha256")
+    for col in columns:
+        table.add_column(col, justify="left" if col in ("society", "role", "sha256") else "right")
     for d in datasets:
         critic = d["role"] == "critic"
         table.add_row(
+            *[SOCIETY_LABELS.get(d["society"], d["society"])] * societies,
             str(d["iteration"]), str(d["agent"] + 1), d["role"], str(d["n_examples"]),
             f"{d['n_critic_neg']}/{d['n_critic_neg_available']}" if critic else "",
             f"{d['n_critic_pos']}/{d['n_critic_pos_available']}" if critic else "",

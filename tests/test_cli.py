@@ -60,6 +60,17 @@ def test_invalid_values_and_unknown_config_keys(tmp_path):
     assert_one_line_error(cli("run", "--config", str(broken), "--db", db), "not valid TOML")
 
 
+def test_full_finetuning_on_together_is_refused_before_anything_is_spent(tmp_path):
+    db = str(tmp_path / "x.db")
+    full = tmp_path / "full.toml"
+    full.write_text('backend = "together"\nmodel = "Qwen/Qwen2.5-7B-Instruct"\n[together]\nlora = false\n')
+    assert_one_line_error(cli("run", "--config", str(full), "--db", db), "dedicated endpoint",
+                          "dedicated_endpoints = true")
+    full.write_text(full.read_text() + "dedicated_endpoints = true\n")
+    accepted = cli("run", "--config", str(full), "--db", db, "--dry-run")
+    assert accepted.returncode == 0, accepted.stderr
+
+
 def test_status_and_report_need_an_existing_database_and_run(tmp_path):
     assert_one_line_error(cli("status", "--db", str(tmp_path / "none.db")), "does not exist")
     Store(tmp_path / "empty.db").close()
@@ -95,6 +106,9 @@ def test_status_and_report_of_a_finished_run(tmp_path):
     assert table.returncode == 0 and "multiagent FT, iteration 1" in table.stdout and "±" in table.stdout
     assert (tmp_path / "reports" / "demo.html").is_file() and (tmp_path / "reports" / "demo.md").is_file()
     assert "best on arithmetic:easy" in table.stdout
+    assert "finetuning data per agent and role" in table.stdout  # dataset sizes, in the terminal too
+    for d in report["datasets"]:
+        assert d["sha256"][:12] in table.stdout
     text = cli("status", "demo", "--db", db)
     assert text.returncode == 0 and "finished" in text.stdout and "succeeded" in text.stdout
 

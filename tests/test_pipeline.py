@@ -200,3 +200,11 @@ def test_an_identical_request_anywhere_in_the_run_is_answered_from_the_store(tmp
     other = debate("other/eval-0", Society(generators=["ft(base)-x"] * 3, critics=["base"] * 3))
     assert len(backend.requests) > asked and len(other) == 4  # a different model is a different request
     assert len(store.get_responses("r", "ablation/eval-0")) == len(store.get_responses("r", "eval-0"))
+
+
+def test_every_model_of_a_run_trains_with_its_own_seed() -> None:
+    from orchestrator.pipeline import job_seed
+
+    seeds = [job_seed(7, it, agent, role) for it in (1, 2, 3) for agent in range(5) for role in ("generator", "critic")]
+    assert len(set(seeds)) == len(seeds)
+    assert job_seed(7, 1, 0, "generator") != job_seed(8, 1, 0, "generator")
