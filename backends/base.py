@@ -99,6 +99,8 @@ class JobRef(BaseModel):
 
 class JobState(BaseModel):
     status: JobStatus
+    provider_status: str | None = None  # the provider's own word for it (validating_files, paused, compressing, ...)
+    missing: bool = False  # the provider no longer knows the job (404); status is then "failed"
     model_id: str | None = None  # set only when status == "succeeded"
     trained_tokens: int | None = None
     train_loss: float | None = None
@@ -114,7 +116,12 @@ class BackendInfo(BaseModel):
     supports_batch: bool = False
     pricing_source: str | None = None
     max_concurrent_jobs: int | None = None  # the provider's limit on running finetunes; None = no limit
-    billed: bool = False  # True when calls cost money per token (hosted); the price table then applies
+    # True when calls cost money per token (hosted); the price table then applies. None: an unknown server
+    # (an OpenAI-compatible URL), billed exactly when the price table has a price for the model
+    billed: bool | None = False
+    # whose prices apply: the price table's entries for this provider (or for none), and its size tiers for a
+    # model not listed by name; None: any entry, no tiers
+    price_family: str | None = None
     training_epochs: int = 1  # passes a finetune makes over its file, for cost estimates before the bill
     min_training_examples: int = 1  # the provider refuses smaller files (OpenAI: 10)
     full_finetune: bool = False  # full finetuning rather than LoRA, where the provider prices them apart

@@ -122,7 +122,9 @@ class OpenAIBackend(HostedBackend):
     def describe(self) -> BackendInfo:
         """Finetuning and batch are reported available: whether a self-hosted server has them is only known
         when asked, and the first call says clearly when it has not."""
-        hosted = is_hosted(self.settings, self._environment())  # a self-hosted server (vLLM, Ollama) bills nothing
+        # OpenAI and Azure bill; another server bills when the price table knows its model (None: a proxy does,
+        # vLLM serving an unlisted model does not); `[openai] billed` forces either
+        hosted = is_hosted(self.settings, self._environment())
         epochs = self.settings.n_epochs
         return BackendInfo(
             name=self.name if self.settings.api == "openai" else "azure-openai",
@@ -130,9 +132,10 @@ class OpenAIBackend(HostedBackend):
             device=None,
             supports_finetuning=True,
             supports_batch=True,
-            pricing_source="orchestrator/prices.toml (OpenAI list prices)" if hosted else None,
+            pricing_source=None if hosted is False else "orchestrator/prices.toml (OpenAI list prices)",
             max_concurrent_jobs=self.settings.max_concurrent_jobs,
             billed=hosted,
+            price_family="openai",  # OpenAI's list prices, also for Azure and for a proxy in front of either
             training_epochs=epochs if isinstance(epochs, int) else AUTO_EPOCHS_ESTIMATE,
             min_training_examples=MIN_EXAMPLES,
         )

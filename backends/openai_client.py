@@ -58,9 +58,15 @@ def is_openai_url(base_url: str | None) -> bool:
     return base_url is None or urlparse(base_url).hostname in OPENAI_HOSTS
 
 
-def is_hosted(settings: OpenAIConfig, env: Mapping[str, str]) -> bool:
-    """OpenAI or Azure (billed per token), as opposed to a self-hosted OpenAI-compatible server. Needs no key."""
-    return settings.api == "azure" or is_openai_url(settings.base_url or env.get("OPENAI_BASE_URL") or None)
+def is_hosted(settings: OpenAIConfig, env: Mapping[str, str]) -> bool | None:
+    """Whether calls are billed per token (`[openai] billed`; needs no key). auto: True for OpenAI and Azure;
+    None for any other base URL, which may be a proxy in front of OpenAI (billed) or a self-hosted server such
+    as vLLM (free): billed exactly when the price table has the model, which the caller decides."""
+    if settings.billed != "auto":
+        return settings.billed
+    if settings.api == "azure" or is_openai_url(settings.base_url or env.get("OPENAI_BASE_URL") or None):
+        return True
+    return None
 
 
 def resolve_credentials(settings: OpenAIConfig, env: Mapping[str, str]) -> Credentials:

@@ -290,7 +290,8 @@ class FinetuneJobs:
         remote = self._call(f"polling job {job.provider_job_id}",
                             lambda: self.client.fine_tuning.jobs.retrieve(job.provider_job_id), missing_ok=True)
         if remote is None:
-            return JobState(status="failed", error=f"job {job.provider_job_id} no longer exists on the server")
+            return JobState(status="failed", missing=True,
+                            error=f"job {job.provider_job_id} no longer exists on the server")
         status = job_status(remote.status)
         events, train_loss = self._new_events(job.provider_job_id)
         error = None
@@ -300,6 +301,7 @@ class FinetuneJobs:
             error = self.clients.scrubber.scrub(": ".join(str(p) for p in parts if p) or "no error given")
         return JobState(
             status=status,
+            provider_status=str(remote.status),
             model_id=remote.fine_tuned_model if status == "succeeded" else None,
             trained_tokens=remote.trained_tokens,
             train_loss=train_loss,

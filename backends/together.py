@@ -199,6 +199,7 @@ class TogetherBackend(HostedBackend):
             pricing_source="orchestrator/prices.toml (Together list prices)",
             max_concurrent_jobs=self.settings.max_concurrent_jobs,
             billed=True,
+            price_family="together",  # Together prices models it does not list by their size
             training_epochs=self.settings.n_epochs,
             min_training_examples=MIN_EXAMPLES,
             full_finetune=not self.settings.lora,

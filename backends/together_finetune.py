@@ -312,15 +312,16 @@ class TogetherJobs:
         remote = self._call(f"polling job {job_id}", lambda: self.client.fine_tuning.retrieve(job_id),
                             missing_ok=True)
         if remote is None:
-            return JobState(status="failed", error=f"job {job_id} no longer exists on the server")
+            return JobState(status="failed", missing=True, error=f"job {job_id} no longer exists on the server")
         status = job_status(remote.status)
+        raw = str(remote.status) if remote.status else None
         events, train_loss, last_error = self._new_events(job_id)
         model_id = None
         trained = self._trained_tokens(remote)
         if status == "succeeded":
             model_id = remote.x_model_output_name
-            if not model_id:
-                return JobState(status="running", events=events, train_loss=train_loss)  # named in a moment
+            if not model_id:  # named in a moment
+                return JobState(status="running", provider_status=raw, events=events, train_loss=train_loss)
             self.state.put(f"model:{model_id}", {"job_id": job_id, "root": self.base_model})
             if trained is None:
                 trained, note = self._estimate(job.key, remote)
@@ -328,8 +329,8 @@ class TogetherJobs:
         error = None
         if status == "failed":
             error = self.clients.scrubber.scrub(self._error(remote) or last_error or "no error given")
-        return JobState(status=status, model_id=model_id, trained_tokens=trained, train_loss=train_loss,
-                        error=error, events=events)
+        return JobState(status=status, provider_status=raw, model_id=model_id, trained_tokens=trained,
+                        train_loss=train_loss, error=error, events=events)
 
     @staticmethod
     def _error(remote: Any) -> str | None:

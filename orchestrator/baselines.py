@@ -8,6 +8,9 @@
 - single-agent FT: the full debate; every answer that agrees with the debate's majority (round-1 answers and
   critics' final answers alike) goes into one dataset for one model.
 
+majority FT and single-agent FT follow the run's strategy (continue from the previous iteration's model, or
+restart from the base model), as the multiagent society does; STaR always restarts.
+
 Each finetuned model is evaluated as a society of N copies, so single agent, majority vote and debate accuracy
 come out of one evaluation debate, as for the multiagent society. Where a baseline asks exactly what the main
 run already asked (the base model's first samples), the store answers for free.
@@ -34,7 +37,8 @@ class SingleModelMethod:
     """One model, finetuned L times on data it produced, evaluated as N copies of itself."""
 
     society = ""
-    restart = False  # True: every iteration trains the base model afresh
+    # True: every iteration trains the base model afresh; None: as the run's strategy says, like the society
+    restart: bool | None = None
 
     def __init__(self, pipeline: Pipeline) -> None:
         self.p = pipeline

@@ -164,8 +164,23 @@ def run(config_file: Path | None, backend: str | None, model: str | None, task: 
         store.close()
 
 
-def _pricing(config: RunConfig, info: BackendInfo, prices: Path | None) -> Pricing:
-    return Pricing(load_prices(prices) if info.billed else None, info.base_model, full_finetune=info.full_finetune)
+def _pricing(config: RunConfig, info: BackendInfo, prices: Path | None, *, max_cost: float | None = None,
+             console: Console | None = None) -> Pricing:
+    """The run's prices. A billed model without a price is refused under --max-cost (its budget could never
+    stop anything), else it costs 0 with one warning line."""
+    table = load_prices(prices) if info.billed is not False else None
+    if info.billed is None and table is not None and table.lookup(info.base_model, info.price_family) is None:
+        table = None  # a server of unknown billing (vLLM, a proxy) serving a model with no price: not billed
+    pricing = Pricing(table, info.base_model, full_finetune=info.full_finetune, family=info.price_family)
+    missing = pricing.missing_price()
+    if missing is not None:
+        entry = f'[models."{info.base_model}"] input=… output=… training=… source=…'
+        if max_cost is not None:
+            raise UserError(f"--max-cost cannot hold: {missing}; pass --prices FILE with an entry {entry}")
+        (console or Console(stderr=True)).print(
+            f"warning: {missing}, so its cost is unknown and counted as $0; to price it, pass --prices FILE with an "
+            f"entry {entry}", style="yellow", soft_wrap=True, markup=False, highlight=False)
+    return pricing
 
 
 def _dry_run(config: RunConfig, prices: Path | None, baselines: tuple[str, ...] = ()) -> None:
@@ -208,7 +223,8 @@ def _run_locked(store: Store, config: RunConfig, run_id: str, *, must_exist: boo
     work = workdir or store.path.resolve().parent / "maft-runs" / run_id
     backend_obj = create_backend(config, work, state=StoreState(store, config.backend), show_progress=not quiet)
     info = backend_obj.describe()
-    ledger = Ledger(store, run_id, _pricing(config, info, prices), max_cost=max_cost,
+    pricing = _pricing(config, info, prices, max_cost=max_cost, console=console)
+    ledger = Ledger(store, run_id, pricing, max_cost=max_cost,
                     batch=config.backend == "openai" and config.openai.batch)
     console.print(f"run [bold]{run_id}[/] · {config.backend} ({info.device or 'remote'}) · {config.model} · "
                   f"{config.task} · {config.agents} agents × {config.rounds} rounds × {config.iterations} "
@@ -216,6 +232,9 @@ def _run_locked(store: Store, config: RunConfig, run_id: str, *, must_exist: boo
     resume_cmd = f"orchestrator run --resume {run_id}{_db_flag(db)}"
     started = time.monotonic()
     try:
+        # Hosted backends read their API key on first use; read it now, before the run is marked running: a
+        # missing key is bad input (exit 2) that leaves the run as it was, not a failed run.
+        getattr(backend_obj, "clients", None)
         pipeline = Pipeline(config=config, run=run_row, store=store, backend=backend_obj, workdir=work,
                             console=console, show_progress=not quiet, ledger=ledger,
                             poll_interval=_poll_interval(config), checkpoint=stop.check)
@@ -278,6 +297,7 @@ def status(run_id: str | None, db: str | None, as_json: bool, watch: bool, inter
     state, elapsed time, trained tokens and last event."""
     from rich.live import Live
 
+    from orchestrator.locks import is_held
     from orchestrator.report import runs_data, runs_table, status_data, status_view
 
     store = _open_store(db, must_exist=True)
@@ -293,11 +313,21 @@ def status(run_id: str | None, db: str | None, as_json: bool, watch: bool, inter
         if not watch:
             Console().print(status_view(status_data(store, run_row)))
             return
+        killed = False
         with Live(status_view(status_data(store, run_row)), refresh_per_second=4) as live:
             while (run_row := store.require_run(run_id)).status == "running":
+                # The status is written before the lock is let go, so "running" read *after* finding the lock
+                # free means that no process will ever finish this run: it was killed (SIGKILL, power loss).
+                if not is_held(store.path, run_id) and store.require_run(run_id).status == "running":
+                    killed = True
+                    break
                 time.sleep(interval)
                 live.update(status_view(status_data(store, run_row)))
             live.update(status_view(status_data(store, run_row)))
+        if killed:
+            Console().print(f"[yellow]run {run_id} is not running: it says \"running\" but no process holds it (it "
+                            f"was killed); continue it with `orchestrator run --resume {run_id}{_db_flag(db)}`",
+                            soft_wrap=True)
     finally:
         store.close()
 
@@ -410,10 +440,13 @@ def jobs_list(run_id: str, db: str | None, as_json: bool) -> None:
 @click.argument("run_id", metavar="RUN")
 @click.option("--db", help=DB_HELP)
 def jobs_cancel(run_id: str, db: str | None) -> None:
-    """Ask the provider to cancel RUN's jobs that have not ended; `run --resume RUN` later starts them again."""
+    """Ask the provider to cancel RUN's jobs that have not ended; `run --resume RUN` later starts them again.
+
+    Each job is then polled and stored as the provider reports it: one that had already ended while no run
+    watched it keeps how it ended (a succeeded job its model, which no resume pays for again)."""
     from backends import create_backend
     from backends.base import TERMINAL_STATUSES, JobRef
-    from orchestrator.finetune import attempt_key
+    from orchestrator.finetune import attempt_key, refresh_job
     from orchestrator.pipeline import stored_config
 
     store = _open_store(db, must_exist=True)
@@ -427,13 +460,24 @@ def jobs_cancel(run_id: str, db: str | None) -> None:
         work = store.path.resolve().parent / "maft-runs" / run_id
         backend = create_backend(config, work, state=StoreState(store, config.backend), show_progress=False)
         try:
+            ledger = Ledger(store, run_id, _pricing(config, backend.describe(), None))
             for job in open_jobs:
                 ref = JobRef(key=attempt_key(job.key, job.attempt), provider_job_id=job.provider_job_id or "")
-                backend.cancel(ref)
-                job.status = "cancelled"
-                store.save_job(job)
-                click.echo(f"cancelled {job.provider_job_id} (agent {job.agent + 1} {job.role}, "
-                           f"iteration {job.iteration})")
+                backend.cancel(ref)  # a job that had already ended is left as it is
+                state = refresh_job(job, backend, store, ledger)  # what did happen, stored as a run stores it
+                which = f"{job.provider_job_id} (agent {job.agent + 1} {job.role}, iteration {job.iteration})"
+                if job.status == "cancelled":
+                    click.echo(f"cancelled {which}")
+                elif job.status == "succeeded":
+                    click.echo(f"{which} had already succeeded: kept, with model {job.model_id}")
+                elif state.missing:
+                    click.echo(f"{which} is unknown to the provider: marked failed; `run --resume` starts it again")
+                elif job.status == "failed":
+                    click.echo(f"{which} had already failed: {job.error or 'no error given'}")
+                else:
+                    click.echo(f"asked to cancel {which}; the provider still reports it "
+                               f"{job.provider_status or job.status}; run `orchestrator jobs cancel {run_id}"
+                               f"{_db_flag(db)}` again later to record how it ended")
         finally:
             backend.close()
     finally:

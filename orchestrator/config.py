@@ -75,6 +75,10 @@ class OpenAIConfig(BaseModel):
     learning_rate_multiplier: float | Literal["auto"] = 1.0
     poll_interval: float = Field(30.0, gt=0)
     max_concurrent_jobs: int = Field(6, ge=1, le=256)
+    billed: bool | Literal["auto"] = Field(
+        "auto", description="Whether calls cost money per token, so --max-cost and --dry-run price them. auto: "
+        "yes for api.openai.com and Azure; for any other base URL (a proxy, vLLM, Ollama) exactly when the price "
+        "table (or --prices) has the model. true / false force it.")
 
 
 class TogetherConfig(BaseModel):

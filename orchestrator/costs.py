@@ -30,9 +30,10 @@ MESSAGE_OVERHEAD_TOKENS = 4  # role and separators per chat message
 class ModelPrice(BaseModel):
     """US dollars per 1M tokens for one base model and its finetuned variant."""
 
+    family: str | None = None  # the provider charging these (BackendInfo.price_family); none: whichever serves it
     aliases: list[str] = Field(default_factory=list)
     input: float = Field(ge=0)
-    cached_input: float = Field(ge=0)
+    cached_input: float | None = Field(None, ge=0)  # none: cached prompt tokens cost the same as the rest
     output: float = Field(ge=0)
     training: float = Field(0.0, ge=0)  # LoRA where the provider distinguishes
     training_full: float | None = Field(None, ge=0)
@@ -42,22 +43,61 @@ class ModelPrice(BaseModel):
     source: str
 
 
+class SizeTier(BaseModel):
+    """A provider's price for every model of a size: sizes above the previous tier's bound, up to `up_to_b`."""
+
+    up_to_b: float = Field(gt=0)  # billions of parameters, inclusive
+    input: float = Field(ge=0)
+    output: float = Field(ge=0)
+    training: float | None = Field(None, ge=0)  # LoRA; none: the provider does not finetune models this large
+    training_full: float | None = Field(None, ge=0)
+    source: str
+
+
+# A size in a model's name: `8B`, `70b`, `1.5B`, or a mixture of experts `8x7B`; never part of a version
+# (`v0.2`, `Qwen2.5`) or of a longer word (`A3B` in `Qwen3-30B-A3B` is the active size).
+_SIZE = re.compile(r"(?<![A-Za-z0-9.])(?:(\d+)x)?(\d+(?:\.\d+)?)[bB](?![A-Za-z0-9])")
+
+
+def model_size_b(model: str) -> float | None:
+    """Billions of parameters as the name says (`Mixtral-8x7B` = 56), the largest if it says several."""
+    sizes = [float(n or 1) * float(b) for n, b in _SIZE.findall(model.rsplit("/", 1)[-1])]
+    return max(sizes) if sizes else None
+
+
 class PriceTable(BaseModel):
     version: str
     batch_discount: float = Field(0.5, ge=0, le=1)
     models: dict[str, ModelPrice]
+    tiers: dict[str, list[SizeTier]] = Field(default_factory=dict)  # by price family (BackendInfo.price_family)
 
-    def lookup(self, model: str) -> tuple[str, ModelPrice] | None:
-        """The entry for a model name, by exact name, alias, or dated snapshot (`gpt-4.1-mini-2025-…`)."""
-        if model in self.models:
-            return model, self.models[model]
-        for name, price in self.models.items():
+    def lookup(self, model: str, family: str | None = None) -> tuple[str, ModelPrice] | None:
+        """The entry for a model name, by exact name, alias, or dated snapshot (`gpt-4.1-mini-2025-…`); else,
+        for a provider that prices by size, the tier of the size in the model's name. With a `family` (the
+        provider serving it), only entries for that provider or for none count: Together's price of a Qwen model
+        says nothing about a vLLM server of it."""
+        models = {name: price for name, price in self.models.items()
+                  if family is None or price.family in (None, family)}
+        if model in models:
+            return model, models[model]
+        for name, price in models.items():
             if model in price.aliases:
                 return name, price
-        for name, price in self.models.items():  # another dated snapshot of a known alias
+        for name, price in models.items():  # another dated snapshot of a known alias
             if any(re.fullmatch(rf"{re.escape(alias)}-(\d{{4}}-\d{{2}}-\d{{2}}|\d{{4}})", model)
                    for alias in price.aliases):
                 return name, price
+        return self._tier(model, family) if family else None
+
+    def _tier(self, model: str, family: str) -> tuple[str, ModelPrice] | None:
+        size = model_size_b(model)
+        if size is None:
+            return None
+        for tier in sorted(self.tiers.get(family, []), key=lambda t: t.up_to_b):
+            if size <= tier.up_to_b:
+                price = ModelPrice(input=tier.input, output=tier.output, training=tier.training or 0.0,
+                                   training_full=tier.training_full, source=f"{tier.source}; {size:g}B by its name")
+                return f"{family} up to {tier.up_to_b:g}B", price
         return None
 
 
@@ -73,6 +113,7 @@ def load_prices(user_file: Path | None = None) -> PriceTable:
         except tomllib.TOMLDecodeError as exc:
             raise UserError(f"price file {path} is not valid TOML: {exc}; fix that line") from None
         data["models"] = {**data["models"], **extra.get("models", {})}
+        data["tiers"] = {**data.get("tiers", {}), **extra.get("tiers", {})}  # a family's tiers, all replaced
         data["version"] = f"{data['version']}+{path.name}"
         if "batch_discount" in extra:
             data["batch_discount"] = extra["batch_discount"]
@@ -106,11 +147,19 @@ class Pricing:
     providers the run's own jobs say which base each finetuned id came from (`learn`).
     """
 
-    def __init__(self, table: PriceTable | None, base_model: str, *, full_finetune: bool = False) -> None:
+    def __init__(self, table: PriceTable | None, base_model: str, *, full_finetune: bool = False,
+                 family: str | None = None) -> None:
         self.table = table
         self.base_model = base_model
         self.full_finetune = full_finetune
+        self.family = family  # the provider whose size tiers price a model not listed by name
         self._roots: dict[str, str] = {}  # finetuned model id -> its root base model
+
+    def missing_price(self) -> str | None:
+        """Why this billed run's base model cannot be priced (None when it can, or nothing is billed)."""
+        if self.table is None or self.table.lookup(self.base_model, self.family) is not None:
+            return None
+        return f"no price for model {self.base_model} in price table {self.table.version}"
 
     def learn(self, model_id: str, started_from: str) -> None:
         """`model_id` was finetuned from `started_from` (the base model id or an earlier finetuned id)."""
@@ -126,7 +175,7 @@ class Pricing:
             name, finetuned = self._roots[model_id], True
         else:
             name, finetuned = split_model_id(self._root(model_id))
-        found = self.table.lookup(name)
+        found = self.table.lookup(name, self.family)
         if found is None:
             return None
         return found[1], finetuned, found[0]
@@ -146,6 +195,7 @@ class Pricing:
         price, finetuned, _ = found
         rate_in = (price.ft_input if finetuned else None) or price.input
         rate_cached = (price.ft_cached_input if finetuned else None) or price.cached_input
+        rate_cached = rate_in if rate_cached is None else rate_cached
         rate_out = (price.ft_output if finetuned else None) or price.output
         cost = ((prompt - cached) * rate_in + cached * rate_cached + completion * rate_out) / 1e6
         return cost * (self.table.batch_discount if batch and self.table else 1.0)
@@ -223,7 +273,8 @@ class Ledger:
         )
 
     def record_training_estimate(self, job: JobRow, training_file: Path, epochs: int) -> None:
-        """Before a job runs, the ledger holds its estimate (marked as one); the bill replaces it."""
+        """Before a job runs, the ledger holds its estimate (marked as one); the bill replaces it, keeping the
+        estimate in `estimated_tokens` / `estimated_usd` for `orchestrator cost` to compare."""
         tokens = estimate_tokens(training_file.read_text(encoding="utf-8")) * epochs
         self._training_line(job, tokens, estimated=True)
 
@@ -234,11 +285,13 @@ class Ledger:
             self.pricing.learn(job.model_id, job.base_model_id)
 
     def _training_line(self, job: JobRow, tokens: int, estimated: bool) -> None:
+        cost = self.pricing.training(job.base_model_id, tokens)
         self.store.record_usage([UsageRow(
             run_id=self.run_id, stage="training", iteration=job.iteration, agent=job.agent, role=job.role,
             model=job.base_model_id, ref=attempt_key(job.key, job.attempt), billing="training", trained_tokens=tokens,
-            cost_usd=self.pricing.training(job.base_model_id, tokens), estimated=int(estimated),
-            price_source=self.pricing.source(job.base_model_id),
+            cost_usd=cost, estimated=int(estimated), price_source=self.pricing.source(job.base_model_id),
+            # the bill leaves these empty, and the store keeps the estimate's
+            estimated_tokens=tokens if estimated else None, estimated_usd=cost if estimated else None,
         )])
 
 
@@ -263,9 +316,20 @@ def cost_summary(rows: Sequence[UsageRow]) -> dict[str, Any]:
             s["calls"] += 1
         return sorted(sums.values(), key=lambda s: (s[key] is None, str(s[key])))
 
+    training = [r for r in rows if r.billing == "training"]
+    billed = [r for r in training if not r.estimated]
     return {
         "total_usd": sum(r.cost_usd for r in rows),
         "estimated_usd": sum(r.cost_usd for r in rows if r.estimated),
+        # finetuning as estimated before each job, and as billed by the jobs that have ended
+        "training": {
+            "jobs": len(training),
+            "estimated_tokens": sum(r.estimated_tokens or 0 for r in training),
+            "estimated_usd": sum(r.estimated_usd or 0.0 for r in training),
+            "billed_jobs": len(billed),
+            "billed_tokens": sum(r.trained_tokens for r in billed),
+            "billed_usd": sum(r.cost_usd for r in billed),
+        },
         "by_stage": group("stage"),
         "by_iteration": group("iteration"),
         "by_agent": group("agent"),

@@ -276,6 +276,8 @@ def _unit(vector: Sequence[float]) -> list[float]:
 
 
 def _dot(a: Sequence[float], b: Sequence[float]) -> float:
+    """The cosine of two unit vectors, kept in [-1, 1]: rounding can put a vector's cosine with itself a hair
+    above 1, which would make the dissimilarity of identical answers negative."""
     if len(a) != len(b):
         raise RuntimeError(f"the embedder returned vectors of different lengths ({len(a)} and {len(b)})")
-    return math.fsum(x * y for x, y in zip(a, b, strict=True))
+    return min(1.0, max(-1.0, math.fsum(x * y for x, y in zip(a, b, strict=True))))

@@ -3,7 +3,8 @@
 The job row is written before every remote call and again after it, so a crash at any point leaves enough in
 the store to find the job again instead of paying for a second one (the backend's start is idempotent by the
 spec's key). At most `max_active` jobs run at once; the rest wait their turn. A failed job is retried on the
-next resume as a new attempt, under a new key.
+next resume as a new attempt, under a new key; a job the provider no longer knows (404) is started again at
+once, as a new attempt in the same run.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from typing import TYPE_CHECKING
 
 from pydantic import BaseModel
 
-from backends.base import TERMINAL_STATUSES, Backend, FinetuneSpec, JobRef, JobState
+from backends.base import TERMINAL_STATUSES, Backend, FinetuneSpec, JobEvent, JobRef, JobState
 from orchestrator.crashpoints import crashpoint
 from orchestrator.interrupts import never
 from orchestrator.store import JobEventRow, JobRow, Store
@@ -39,14 +40,28 @@ def attempt_key(key: str, attempt: int) -> str:
     return key if attempt == 1 else f"{key}#attempt-{attempt}"
 
 
+def _status_change(job: JobRow, state: JobState) -> str | None:
+    """The event for a change of our status or of the provider's own (`validating_files -> queued` and
+    `running -> paused` are both `queued`/`running` to us); None when neither changed."""
+    raw = state.provider_status
+    raw_changed = raw is not None and raw != job.provider_status
+    if state.status == job.status and not raw_changed:
+        return None
+    message = f"status {job.status} -> {state.status}" if state.status != job.status else f"status {job.status}"
+    if raw_changed:
+        message += f" (provider: {f'{job.provider_status} -> ' if job.provider_status else ''}{raw})"
+    return message
+
+
 def _apply(job: JobRow, state: JobState) -> list[JobEventRow]:
-    """Copy a polled state into the row; every status change is kept as an event of its own."""
+    """Copy a polled state into the row; every status change (ours or the provider's) is an event of its own."""
     events = [JobEventRow(job_key=job.key, created_at=e.created_at, level=e.level, message=e.message)
               for e in state.events]
-    if state.status != job.status:
-        events.append(JobEventRow(job_key=job.key, created_at=time.time(), level="status",
-                                  message=f"status {job.status} -> {state.status}"))
+    change = _status_change(job, state)
+    if change is not None:
+        events.append(JobEventRow(job_key=job.key, created_at=time.time(), level="status", message=change))
     job.status = state.status
+    job.provider_status = state.provider_status or job.provider_status
     job.model_id = state.model_id
     job.train_loss = state.train_loss
     job.trained_tokens = state.trained_tokens
@@ -98,6 +113,15 @@ def _ref(job: JobRow) -> JobRef:
     return JobRef(key=attempt_key(job.key, job.attempt), provider_job_id=job.provider_job_id or "")
 
 
+def refresh_job(job: JobRow, backend: Backend, store: Store, ledger: Ledger | None = None) -> JobState:
+    """Poll one stored job and store what the provider says, as a run does: its events, its status (ours and the
+    provider's), and for an ended job the bill. For `jobs cancel`, which must not guess how a job ended."""
+    ref = _ref(job)
+    state = backend.poll(ref)
+    _Runner(backend, store, ledger).poll(job, ref, state)
+    return state
+
+
 def run_jobs(
     plans: Sequence[FinetunePlan],
     backend: Backend,
@@ -128,12 +152,32 @@ def run_jobs(
 
     limit = max_active or len(plans) or 1
     interval = poll_interval
+    by_key = {plan.job.key: plan for plan in plans}
+    restarted: set[str] = set()
+
+    def settle(job: JobRow, ref: JobRef, state: JobState) -> bool:
+        """Store a polled state; True when the job needs no more polling. A job the provider no longer knows
+        (404: deleted, or expired while no run watched) is started again once as a new attempt, not a failure."""
+        gone = state.missing and job.key not in restarted and job.key in by_key
+        if gone:
+            note = JobEvent(created_at=time.time(), level="warning",
+                            message=f"the provider no longer knows job {job.provider_job_id} (404): starting it "
+                                    f"again as attempt {job.attempt + 1}")
+            state = state.model_copy(update={"events": [*state.events, note]})
+        if not runner.poll(job, ref, state):
+            return False
+        if gone:
+            restarted.add(job.key)
+            del runner.done[job.key]
+            waiting.insert(0, (by_key[job.key], job))
+        return True
+
     with ThreadPoolExecutor(max_workers=8) as pool:
 
         def poll_all(jobs: list[tuple[JobRow, JobRef]]) -> list[tuple[JobRow, JobRef]]:
             states = list(pool.map(lambda pair: backend.poll(pair[1]), jobs))  # all jobs polled concurrently
             return [(job, ref) for (job, ref), state in zip(jobs, states, strict=True)
-                    if not runner.poll(job, ref, state)]
+                    if not settle(job, ref, state)]
 
         active = poll_all(active)  # re-attached jobs may have finished while nobody watched
         while waiting or active:
@@ -143,7 +187,7 @@ def run_jobs(
                 plan, previous = waiting.pop(0)
                 job, ref = runner.start(plan, previous)
                 # A first look right away: a local job is already finished, a hosted one shows its first state.
-                if not runner.poll(job, ref, backend.poll(ref)):
+                if not settle(job, ref, backend.poll(ref)):
                     active.append((job, ref))
             if active:
                 sleep(interval)

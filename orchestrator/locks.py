@@ -55,6 +55,25 @@ class RunLock:
             self._file = None
 
 
+def is_held(db: Path, run_id: str) -> bool:
+    """Whether a live process holds the run's lock. A run whose status says "running" while nobody holds it was
+    killed (SIGKILL, power loss) before it could record how it ended.
+
+    The probe holds a shared lock for an instant and never waits; a run started within that same instant would
+    be refused as already running (and can simply be started again)."""
+    try:
+        handle = open(lock_path(db, run_id), encoding="utf-8")  # noqa: SIM115 - closed below
+    except FileNotFoundError:
+        return False  # never run in this folder, or run from elsewhere
+    try:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        handle.close()  # closing releases the probe's lock, if it got one
+    return False
+
+
 def _describe(text: str) -> str:
     try:
         holder = json.loads(text)

@@ -224,11 +224,26 @@ def m004_societies_of_models_and_request_hashes(db: sqlite_utils.Database) -> No
     db.table("responses").create_index(["run_id", "request_hash"])
 
 
+def m005_training_estimates(db: sqlite_utils.Database) -> None:
+    """A finetune's ledger line keeps its estimate (tokens, dollars) when the bill replaces the rest of it."""
+    db.table("usage").add_column("estimated_tokens", int)
+    db.table("usage").add_column("estimated_usd", float)
+    db.execute("update usage set estimated_tokens = trained_tokens, estimated_usd = cost_usd where estimated = 1")
+
+
+def m006_job_provider_status(db: sqlite_utils.Database) -> None:
+    """Jobs keep the provider's own status (validating_files, paused, compressing, ...) beside ours, which folds
+    several of the provider's into one."""
+    db.table("jobs").add_column("provider_status", str)
+
+
 MIGRATIONS: list[Migration] = [
     m001_initial,
     m002_costs_and_backend_state,
     m003_societies_tasks_and_diversity,
     m004_societies_of_models_and_request_hashes,
+    m005_training_estimates,
+    m006_job_provider_status,
 ]
 
 

@@ -10,7 +10,7 @@ from rich.table import Table
 from rich.text import Text
 
 from orchestrator.config import RunConfig
-from orchestrator.store import EvaluationRow, RunRow, Store
+from orchestrator.store import EvaluationRow, JobRow, RunRow, Store
 
 METHOD_LABELS = {"single": "single agent", "majority": "majority vote", "debate": "debate"}
 
@@ -77,9 +77,35 @@ def runs_data(store: Store) -> list[dict[str, Any]]:
     return out
 
 
-def status_data(store: Store, run: RunRow) -> dict[str, Any]:
+EVENTS_SHOWN = 3  # newest events per job in the terminal
+EVENTS_KEPT = 50  # newest events per job in `--json`
+
+
+def job_elapsed(job: JobRow, now: float) -> float:
+    """Seconds a job has taken: to its end once it has ended, up to `now` while it may still be going."""
+    if job.finished_at is not None:
+        return job.finished_at - job.created_at
+    if job.status in ("pending", "queued", "running"):
+        return max(0.0, now - job.created_at)
+    return job.updated_at - job.created_at  # skipped, or ended before finished_at was recorded
+
+
+def _job_data(store: Store, job: JobRow, now: float) -> dict[str, Any]:
+    events = store.get_job_events(job.key)
+    return {
+        **job.model_dump(exclude={"run_id", "created_at", "updated_at", "finished_at"}),
+        "elapsed_s": round(job_elapsed(job, now), 1),
+        "last_event": events[-1].message if events else None,
+        "events": [{"at": _when(e.created_at), "level": e.level, "message": e.message}
+                   for e in events[-EVENTS_KEPT:]],
+        "events_total": len(events),
+    }
+
+
+def status_data(store: Store, run: RunRow, now: float | None = None) -> dict[str, Any]:
     config = RunConfig.model_validate_json(run.config)
     jobs = store.get_jobs(run.id)
+    now = time.time() if now is None else now
     return {
         "run": {
             "id": run.id, "status": run.status, "error": run.error, "iterations_done": run.iterations_done,
@@ -91,14 +117,7 @@ def status_data(store: Store, run: RunRow) -> dict[str, Any]:
             "responses_expected": expected_responses(config),
         },
         "agents": [a.model_dump(exclude={"run_id", "created_at"}) for a in store.get_agents(run.id)],
-        "jobs": [
-            {
-                **j.model_dump(exclude={"run_id", "created_at", "updated_at", "finished_at"}),
-                "elapsed_s": round((j.finished_at or j.updated_at) - j.created_at, 1),
-                "last_event": (events[-1].message if (events := store.get_job_events(j.key)) else None),
-            }
-            for j in jobs
-        ],
+        "jobs": [_job_data(store, j, now) for j in jobs],
     }
 
 
@@ -177,11 +196,16 @@ def jobs_table(jobs: list[dict[str, Any]]) -> Table:
     table = Table(title="finetuning jobs")
     for col in ("iteration", "agent", "role", "status", "elapsed", "loss", "tokens"):
         table.add_column(col, no_wrap=True)
-    table.add_column("last event", overflow="fold")
+    table.add_column(f"last {EVENTS_SHOWN} events", overflow="fold")
     for j in jobs:
         loss = f"{j['train_loss']:.3f}" if j["train_loss"] is not None else ""
-        table.add_row(str(j["iteration"]), str(j["agent"] + 1), j["role"], j["status"], f"{j['elapsed_s']:.0f} s",
-                      loss, str(j["trained_tokens"] or ""), j["error"] or j["last_event"] or "")
+        status = j["status"]
+        if j.get("provider_status") and j["provider_status"] != status:
+            status += f" ({j['provider_status']})"  # the provider's own word: validating_files, paused, ...
+        lines = [f"error: {j['error']}"] if j["error"] else []
+        lines += [e["message"] for e in j["events"][-EVENTS_SHOWN:]]
+        table.add_row(str(j["iteration"]), str(j["agent"] + 1), j["role"], status, f"{j['elapsed_s']:.0f} s",
+                      loss, str(j["trained_tokens"] or ""), "\n".join(lines))
     return table
 
 
@@ -225,6 +249,15 @@ def cost_tables(summary: dict[str, Any], run_id: str) -> list[Table]:
             shown = "—" if value is None else (str(value + 1) if key == "agent" else str(value))
             table.add_row(shown, f"{g['calls']:,}", f"{g['prompt_tokens']:,}", f"{g['cached_tokens']:,}",
                           f"{g['completion_tokens']:,}", f"{g['trained_tokens']:,}", f"${g['cost_usd']:.4f}")
+        tables.append(table)
+    training = summary.get("training") or {}
+    if training.get("jobs"):
+        table = Table(title=f"finetuning of run {run_id}: estimated before each job vs billed")
+        for col in ("jobs", "estimated tokens", "estimated", "billed jobs", "billed tokens", "billed"):
+            table.add_column(col, justify="right")
+        table.add_row(f"{training['jobs']:,}", f"{training['estimated_tokens']:,}",
+                      f"${training['estimated_usd']:.4f}", f"{training['billed_jobs']:,}",
+                      f"{training['billed_tokens']:,}", f"${training['billed_usd']:.4f}")
         tables.append(table)
     return tables
 

@@ -127,6 +127,7 @@ class JobRow(BaseModel):
     base_model_id: str
     dataset_sha256: str | None = None
     status: str = "pending"  # pending | queued | running | succeeded | failed | cancelled | skipped
+    provider_status: str | None = None  # the provider's own status, as last polled (validating_files, paused, ...)
     attempt: int = 1  # a failed job is retried as attempt 2, 3, ... under a new idempotency key
     model_id: str | None = None
     train_loss: float | None = None
@@ -179,6 +180,9 @@ class UsageRow(BaseModel):
     estimated: int = 0
     price_source: str | None = None
     created_at: float = Field(default_factory=_now)
+    # a finetune's estimate before it ran, kept when its bill replaces the rest of the line
+    estimated_tokens: int | None = None
+    estimated_usd: float | None = None
 
 
 class EvaluationRow(BaseModel):
@@ -416,10 +420,18 @@ class Store:
 
     def record_usage(self, rows: Iterable[UsageRow]) -> None:
         """Append ledger lines; a line for the same (ref, billing) replaces the earlier one (an estimate
-        replaced by the bill, or a retried write after a crash)."""
+        replaced by the bill, or a retried write after a crash); a line without an estimate keeps the earlier
+        line's `estimated_tokens` / `estimated_usd`."""
         records = [r.model_dump(exclude={"id"}) for r in rows]
         if records:
             with self.transaction():
+                for record in records:
+                    if record["estimated_tokens"] is None:
+                        earlier = self.db.execute(
+                            "select estimated_tokens, estimated_usd from usage where ref = ? and billing = ?",
+                            [record["ref"], record["billing"]]).fetchone()
+                        if earlier is not None:
+                            record["estimated_tokens"], record["estimated_usd"] = earlier
                 self.db.table("usage").insert_all(records, replace=True)
 
     def get_usage(self, run_id: str) -> list[UsageRow]:

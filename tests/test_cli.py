@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 
+import pytest
 from rich.console import Console
 
 from orchestrator.config import RunConfig
@@ -120,6 +121,22 @@ def test_dry_run_prints_the_plan_and_writes_nothing(tmp_path):
     assert not list(tmp_path.iterdir())  # no database, no run folder
 
 
+UNPRICED = ("--backend", "together", "--model", "acme/mystery-model", "--train-size", "5", "--eval-size", "4")
+
+
+def test_a_billed_model_without_a_price_is_refused_under_max_cost_and_warned_about_in_a_dry_run(tmp_path):
+    refused = cli("run", *UNPRICED, "--max-cost", "5", "--db", str(tmp_path / "m.db"), cwd=tmp_path)
+    assert_one_line_error(refused, "--max-cost", "acme/mystery-model", "price table 2025-08-01", "--prices FILE",
+                          '[models."acme/mystery-model"] input=… output=… training=… source=…')
+    dry = cli("run", *UNPRICED, "--dry-run", cwd=tmp_path)
+    assert dry.returncode == 0, dry.stderr
+    warnings = [line for line in dry.stderr.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 1 and "acme/mystery-model" in warnings[0] and "counted as $0" in warnings[0]
+    assert "--prices FILE" in warnings[0] and "dry run" in dry.stdout
+    sized = cli("run", *UNPRICED[:3], "acme/mystery-8B", *UNPRICED[4:], "--dry-run", cwd=tmp_path)
+    assert sized.returncode == 0 and "warning" not in sized.stderr  # priced by Together's 8B tier
+
+
 def test_cost_and_jobs_commands_read_the_ledger(tmp_path):
     from orchestrator.costs import Ledger, Pricing, load_prices
 
@@ -134,9 +151,200 @@ def test_cost_and_jobs_commands_read_the_ledger(tmp_path):
     db = str(tmp_path / "m.db")
     summary = json.loads(cli("cost", "demo", "--json", "--db", db).stdout)
     assert summary["total_usd"] == total > 0
+    training = summary["training"]  # each job's estimate, kept beside its bill
+    assert training["jobs"] == training["billed_jobs"] == 6 and training["billed_tokens"] == 600
+    assert training["estimated_tokens"] > 0 and training["estimated_usd"] > 0
     text = cli("cost", "demo", "--db", db)
     assert text.returncode == 0 and f"${total:.4f}" in text.stdout and "by stage" in text.stdout
+    assert "estimated before each job vs billed" in text.stdout
     jobs = json.loads(cli("jobs", "list", "demo", "--json", "--db", db).stdout)
     assert len(jobs) == 6 and {j["status"] for j in jobs} == {"succeeded"}
     nothing = cli("jobs", "cancel", "demo", "--db", db)
     assert nothing.returncode == 0 and "no job to cancel" in nothing.stdout
+
+
+# -- status and jobs cancel, in process through click's CliRunner on a real SQLite store
+
+
+def invoke(*args: str, env: dict[str, str] | None = None):
+    from click.testing import CliRunner
+
+    from orchestrator.cli import cli as command
+
+    result = CliRunner().invoke(command, list(args), env={"COLUMNS": "200", **(env or {})}, catch_exceptions=False)
+    return result
+
+
+def store_with_a_job(tmp_path, *, events: int, run_status: str = "running"):
+    """Run "r" holding one running job created 10 minutes ago, last written 9 minutes ago, with `events` events."""
+    import time
+
+    from orchestrator.store import JobEventRow, JobRow, RunRow
+
+    db = tmp_path / "m.db"
+    store = Store(db)
+    store.save_run(RunRow(id="r", config=RunConfig().model_dump_json(), status=run_status, backend="openai",
+                          model="m", task="arithmetic:easy"))
+    created = time.time() - 600
+    job = JobRow(key="r/iteration-1/agent-1/generator", run_id="r", iteration=1, agent=0, role="generator",
+                 backend="openai", base_model_id="base", provider_job_id="ftjob-1", status="running",
+                 provider_status="running", created_at=created)
+    store.save_job(job, [JobEventRow(job_key=job.key, created_at=created + i, message=f"event {i}")
+                         for i in range(events)])
+    store.db["jobs"].update(job.key, {"updated_at": created + 60})
+    store.close()
+    return db
+
+
+def test_status_shows_the_last_events_and_the_time_a_running_job_has_taken(tmp_path):
+    db = str(store_with_a_job(tmp_path, events=60))
+    data = json.loads(invoke("status", "r", "--json", "--db", db).output)
+    (job,) = data["jobs"]
+    assert job["elapsed_s"] >= 600  # up to now, not to when the row was last written (60 s)
+    assert job["events_total"] == 60 and len(job["events"]) == 50  # the newest 50, oldest first
+    assert [e["message"] for e in job["events"]][-3:] == ["event 57", "event 58", "event 59"]
+    assert job["events"][0]["message"] == "event 10" and job["last_event"] == "event 59"
+    table = invoke("status", "r", "--db", db)
+    assert table.exit_code == 0
+    assert all(f"event {i}" in table.output for i in (57, 58, 59)) and "event 56" not in table.output
+    listed = invoke("jobs", "list", "r", "--db", db).output
+    assert "event 57" in listed and "event 59" in listed and "event 56" not in listed
+
+
+def test_status_watch_stops_when_no_process_holds_a_running_run(tmp_path):
+    db = str(store_with_a_job(tmp_path, events=1))  # says "running", but no process holds its lock: killed
+    result = invoke("status", "r", "--watch", "--interval", "0.01", "--db", db)
+    assert result.exit_code == 0
+    text = " ".join(result.output.split())
+    assert "run r is not running" in text and f"orchestrator run --resume r --db {db}" in text
+
+
+def test_status_watch_follows_a_live_run_until_it_ends(tmp_path):
+    import threading
+    import time
+
+    from orchestrator.locks import RunLock
+
+    path = store_with_a_job(tmp_path, events=1)
+    lock = RunLock(path, "r").__enter__()  # a live run holds the lock
+
+    def finish_later() -> None:
+        time.sleep(0.5)
+        store = Store(path)
+        run = store.require_run("r")
+        run.status = "finished"
+        store.save_run(run)
+        store.close()
+        lock.__exit__(None, None, None)
+
+    worker = threading.Thread(target=finish_later)
+    worker.start()
+    started = time.monotonic()
+    result = invoke("status", "r", "--watch", "--interval", "0.02", "--db", str(path))
+    worker.join()
+    assert result.exit_code == 0 and time.monotonic() - started >= 0.4  # it watched until the run finished
+    assert "not running" not in result.output and "finished" in result.output
+
+
+OPENAI_MODEL = "gpt-4.1-mini-2025-04-14"
+
+
+def openai_run_stopped_after_one_job(tmp_path, fake):
+    """An openai run on the fake, stopped (as by Ctrl-C) right after it started its first finetuning job."""
+    from backends.openai import OpenAIBackend
+    from orchestrator.config import OpenAIConfig
+    from orchestrator.costs import Ledger, Pricing, load_prices
+    from orchestrator.interrupts import StopRequested
+    from orchestrator.store import StoreState
+
+    config = RunConfig(backend="openai", model=OPENAI_MODEL, task="arithmetic:easy", agents=2, rounds=2,
+                       train_size=12, eval_size=4, seed=1, critic_mix=0.0,
+                       openai=OpenAIConfig(base_url=fake.base_url, poll_interval=0.01, n_epochs=1))
+    store = Store(tmp_path / "m.db")
+    backend = OpenAIBackend(OPENAI_MODEL, config.openai, StoreState(store, "openai"), show_progress=False,
+                            environ={"OPENAI_API_KEY": fake.api_key})
+    started = []
+    start = backend.start_finetune
+    backend.start_finetune = lambda spec: started.append(start(spec)) or started[-1]  # type: ignore[method-assign]
+
+    def stop_once_a_job_started() -> None:
+        if started:
+            raise StopRequested("stopped at a safe point")
+
+    run = open_run(store, config, "r", must_exist=False)
+    with pytest.raises(StopRequested):
+        Pipeline(config=config, run=run, store=store, backend=backend, workdir=tmp_path / "w",
+                 console=Console(quiet=True), show_progress=False, poll_interval=0.01,
+                 ledger=Ledger(store, "r", Pricing(load_prices(), OPENAI_MODEL)),
+                 checkpoint=stop_once_a_job_started).run()
+    backend.close()
+    store.close()
+    (ref,) = started
+    return config, ref.provider_job_id
+
+
+def advance(fake, job_id: str, until: str) -> None:
+    """Let the job move on at the provider while no run watches it (any GET moves it one state)."""
+    import openai
+
+    client = openai.OpenAI(base_url=fake.base_url, api_key=fake.api_key)
+    for _ in range(10):
+        if client.fine_tuning.jobs.retrieve(job_id).status == until:
+            return
+    raise AssertionError(f"job {job_id} never reached {until}")
+
+
+@pytest.mark.fake_openai(base_accuracy=1.0)  # every agent agrees: every set has 12 examples
+def test_jobs_cancel_keeps_a_job_that_had_already_succeeded(tmp_path, fake_openai, monkeypatch):
+    from backends.openai import OpenAIBackend
+    from orchestrator.costs import Ledger, Pricing, load_prices
+    from orchestrator.store import StoreState
+
+    monkeypatch.chdir(tmp_path)  # no ./.env
+    config, job_id = openai_run_stopped_after_one_job(tmp_path, fake_openai)
+    advance(fake_openai, job_id, "succeeded")  # it finished while no run polled it
+    db = str(tmp_path / "m.db")
+    result = invoke("jobs", "cancel", "r", "--db", db, env={"OPENAI_API_KEY": fake_openai.api_key})
+    assert result.exit_code == 0, result.output
+    assert f"{job_id} (agent 1 generator, iteration 1) had already succeeded: kept" in result.output
+    store = Store(tmp_path / "m.db")
+    (job,) = [j for j in store.get_jobs("r") if j.provider_job_id == job_id]
+    assert job.status == job.provider_status == "succeeded" and job.finished_at is not None
+    assert job.model_id == fake_openai.jobs[job_id]["fine_tuned_model"]
+    bill = next(u for u in store.get_usage("r") if u.ref == job.key)  # the bill, as a run records it
+    assert bill.estimated == 0 and bill.trained_tokens == fake_openai.jobs[job_id]["trained_tokens"]
+    messages = [e.message for e in store.get_job_events(job.key)]
+    assert any(m.startswith("New fine-tuned model created") for m in messages)
+    # the resumed run pays for no second job for it
+    created = fake_openai.counts["POST /v1/fine_tuning/jobs"]
+    backend = OpenAIBackend(OPENAI_MODEL, config.openai, StoreState(store, "openai"), show_progress=False,
+                            environ={"OPENAI_API_KEY": fake_openai.api_key})
+    Pipeline(config=config, run=open_run(store, config, "r", must_exist=True), store=store, backend=backend,
+             workdir=tmp_path / "w", console=Console(quiet=True), show_progress=False, poll_interval=0.01,
+             ledger=Ledger(store, "r", Pricing(load_prices(), OPENAI_MODEL))).run()
+    backend.close()
+    assert store.get_run("r").status == "finished"
+    assert fake_openai.counts["POST /v1/fine_tuning/jobs"] == created + 3  # only the other 3 of 2N = 4
+    again = store.get_job(job.key)
+    assert again.attempt == 1 and again.provider_job_id == job_id and again.model_id == job.model_id
+    store.close()
+
+
+@pytest.mark.fake_openai(base_accuracy=1.0)  # every agent agrees: every set has 12 examples
+def test_jobs_cancel_cancels_a_running_job(tmp_path, fake_openai, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    _, job_id = openai_run_stopped_after_one_job(tmp_path, fake_openai)
+    advance(fake_openai, job_id, "running")
+    db = str(tmp_path / "m.db")
+    result = invoke("jobs", "cancel", "r", "--db", db, env={"OPENAI_API_KEY": fake_openai.api_key})
+    assert result.exit_code == 0, result.output
+    assert f"cancelled {job_id} (agent 1 generator, iteration 1)" in result.output
+    assert fake_openai.jobs[job_id]["status"] == "cancelled"
+    store = Store(tmp_path / "m.db")
+    (job,) = [j for j in store.get_jobs("r") if j.provider_job_id == job_id]
+    assert job.status == job.provider_status == "cancelled" and job.model_id is None
+    assert "Fine-tuning job cancelled" in [e.message for e in store.get_job_events(job.key)]
+    changes = [e.message for e in store.get_job_events(job.key) if e.level == "status"]
+    assert changes[-1] == "status queued -> cancelled (provider: queued -> cancelled)"  # last polled: queued
+    store.close()
+    assert "no job to cancel" in invoke("jobs", "cancel", "r", "--db", db).output

@@ -2,21 +2,29 @@
 
 from __future__ import annotations
 
+import io
+from pathlib import Path
+
 import pytest
 from rich.console import Console
 
-from backends.base import BackendInfo
-from orchestrator.config import RunConfig
-from orchestrator.costs import Ledger, Pricing, cost_summary, load_prices, split_model_id
+from backends.base import BackendInfo, MemoryState
+from backends.openai import OpenAIBackend
+from backends.together import TogetherBackend
+from orchestrator.cli import _pricing
+from orchestrator.config import OpenAIConfig, RunConfig, TogetherConfig
+from orchestrator.costs import Ledger, Pricing, cost_summary, load_prices, model_size_b, split_model_id
 from orchestrator.errors import UserError
 from orchestrator.estimate import estimate_run
 from orchestrator.finetune import RunStopped
 from orchestrator.pipeline import Pipeline, open_run
+from orchestrator.report import cost_tables
 from orchestrator.store import Store
 from orchestrator.tasks import get_task
 from tests.fakes import ScriptedBackend
 
 MINI = "gpt-4.1-mini-2025-04-14"
+NO_DOTENV = Path("/nonexistent/.env")
 
 
 class BilledBackend(ScriptedBackend):
@@ -81,7 +89,9 @@ def test_every_response_and_job_has_one_ledger_line(tmp_path):
     assert len(chat) == len(backend.requests)
     # the rest were asked word for word before (e.g. a summary of the same answers) and cost nothing again
     reused = store.count_responses("r") - len(backend.requests)
-    assert reused >= 0
+    hashes = [h for (h,) in store.db.execute("select request_hash from responses where run_id = 'r'")]
+    # each distinct request was asked once; every repeat (here eval-1 summaries identical to eval-0's) was not
+    assert reused == len(hashes) - len(set(hashes)) > 0
     assert len(training) == 6 and all(u.estimated == 0 and u.trained_tokens == 100 for u in training)
     assert sum(u.prompt_tokens for u in chat) == sum(len(r.messages[0].content) for r in backend.requests)
     summary = cost_summary(usage)
@@ -147,3 +157,101 @@ def test_the_dry_run_adds_every_baseline_asked_for():
     society_training = sum(e.trained_tokens for e in plain if e.stage == "training")
     assert sum(e.trained_tokens for e in extra if e.stage == "single-ft · training") == society_training
     assert 0 < sum(e.trained_tokens for e in extra if e.stage == "star · training") < society_training / 3
+
+
+@pytest.mark.parametrize(("name", "size", "tier", "inference", "lora", "full"), [
+    ("meta-llama/Llama-3.2-3B-Instruct", 3, "together up to 4B", 0.10, 0.48, 0.54),
+    ("mistralai/Mixtral-8x7B-Instruct-v0.1", 56, "together up to 69B", 0.90, 1.50, 1.65),
+    ("Qwen/Qwen2.5-72B-Instruct", 72, "together up to 80B", 0.90, 2.90, 3.20),
+    ("mistralai/Mistral-7B-Instruct-v0.2", 7, "together up to 8B", 0.20, 0.48, 0.54),  # 7B, not the v0.2
+    ("Qwen/Qwen2.5-1.5B-Instruct", 1.5, "together up to 4B", 0.10, 0.48, 0.54),
+    ("google/gemma-2-9b-it", 9, "together up to 16B", 0.30, 0.48, 0.54),
+])
+def test_together_prices_an_unlisted_model_by_the_size_in_its_name(name, size, tier, inference, lora, full):
+    table = load_prices()
+    assert model_size_b(name) == size
+    found, price = table.lookup(name, "together")
+    assert found == tier and price.input == price.output == inference
+    assert (price.training, price.training_full) == (lora, full) and "together.ai/pricing" in price.source
+    assert table.lookup(name) is None  # size tiers are Together's: no other provider is priced by them
+    pricing = Pricing(table, name, family="together")
+    assert pricing.missing_price() is None
+    assert pricing.chat("base", 10**6, 0, 10**6) == pytest.approx(2 * inference)
+    assert pricing.training("base", 10**6) == pytest.approx(lora)
+    assert Pricing(table, name, full_finetune=True, family="together").training("base", 10**6) == pytest.approx(full)
+
+
+def test_a_together_name_without_a_size_stays_unpriced_and_listed_names_win():
+    table = load_prices()
+    for name in ("acme/mystery-model-v0.2", "deepseek-ai/DeepSeek-V3", "org/model-2024-08-06", "Qwen/Qwen2.5-Instruct"):
+        assert model_size_b(name) is None and table.lookup(name, "together") is None
+        assert Pricing(table, name, family="together").missing_price() is not None
+    assert model_size_b("Qwen/Qwen3-30B-A3B") == 30  # the total, not the active size
+    listed = "meta-llama/Meta-Llama-3.1-8B-Instruct-Reference"
+    assert table.lookup(listed, "together")[1].input == 0.18  # its own price, not the 8B tier's 0.20
+    together = TogetherBackend(listed, TogetherConfig(), MemoryState(), environ={}, dotenv=NO_DOTENV)
+    assert together.describe().price_family == "together"
+
+
+def test_an_unpriced_billed_model_warns_without_a_budget_and_is_refused_with_one(tmp_path):
+    info = BackendInfo(name="together", base_model="acme/mystery-model", billed=True, price_family="together")
+    out = io.StringIO()
+    pricing = _pricing(RunConfig(), info, None, console=Console(file=out, width=60))
+    assert pricing.chat("base", 10**6, 0, 10**6) == 0.0
+    warning = out.getvalue().strip()
+    assert len(warning.splitlines()) == 1 and warning.startswith("warning: no price for model acme/mystery-model")
+    assert "counted as $0" in warning and "--prices FILE" in warning
+    with pytest.raises(UserError, match=r'--max-cost .*acme/mystery-model.*table 2025-08-01.*--prices FILE.*'
+                                        r'\[models."acme/mystery-model"\] input=… output=… training=… source=…'):
+        _pricing(RunConfig(), info, None, max_cost=5.0, console=Console(file=io.StringIO()))
+    mine = tmp_path / "p.toml"
+    mine.write_text('[models."acme/mystery-model"]\ninput = 1\noutput = 2\ntraining = 3\nsource = "my quote"\n')
+    out = io.StringIO()
+    priced = _pricing(RunConfig(), info, mine, max_cost=5.0, console=Console(file=out))
+    assert out.getvalue() == "" and priced.chat("base", 10**6, 10**6, 10**6) == pytest.approx(3.0)  # cached = input
+
+
+def _openai_info(model: str, **settings) -> BackendInfo:
+    return OpenAIBackend(model, OpenAIConfig(**settings), MemoryState(), show_progress=False, environ={},
+                         dotenv=NO_DOTENV).describe()
+
+
+def test_billed_auto_bills_a_proxy_serving_a_priced_model_but_not_a_self_hosted_one():
+    proxy = "http://gateway.internal:8080/v1"
+    assert _openai_info(MINI).billed is True
+    assert _openai_info(MINI, api="azure").billed is True
+    out = io.StringIO()
+    behind_proxy = _pricing(RunConfig(), _openai_info("gpt-4.1-mini", base_url=proxy), None,
+                            console=Console(file=out))
+    assert behind_proxy.chat("base", 10**6, 0, 0) == pytest.approx(0.40)
+    with_budget = _pricing(RunConfig(), _openai_info("gpt-4.1-mini", base_url=proxy), None, max_cost=1.0)
+    assert with_budget.table is not None
+    vllm = _pricing(RunConfig(), _openai_info("Qwen/Qwen2.5-7B-Instruct", base_url=proxy), None, max_cost=1.0,
+                    console=Console(file=out))
+    assert vllm.table is None and vllm.chat("base", 10**6, 0, 10**6) == 0.0
+    assert out.getvalue() == ""  # nothing billed, so no "unknown price" warning
+    # forced either way
+    assert _pricing(RunConfig(), _openai_info(MINI, billed=False), None, max_cost=1.0).table is None
+    forced = _openai_info("my-finetune-server-model", base_url=proxy, billed=True)
+    with pytest.raises(UserError, match="my-finetune-server-model"):
+        _pricing(RunConfig(), forced, None, max_cost=1.0)
+
+
+def test_a_finetune_keeps_its_estimate_beside_its_bill(tmp_path):
+    store = run_priced(tmp_path, BilledBackend())
+    training = [u for u in store.get_usage("r") if u.billing == "training"]
+    assert len(training) == 6
+    for line in training:
+        assert line.estimated == 0 and line.trained_tokens == 100  # the bill
+        assert line.cost_usd == pytest.approx(100 * 5.00 / 1e6)
+        assert line.estimated_tokens and line.estimated_tokens != 100  # the estimate from the file, kept
+        assert line.estimated_usd == pytest.approx(line.estimated_tokens * 5.00 / 1e6)
+    summary = cost_summary(store.get_usage("r"))["training"]
+    assert summary == {
+        "jobs": 6, "billed_jobs": 6, "billed_tokens": 600, "billed_usd": pytest.approx(600 * 5.00 / 1e6),
+        "estimated_tokens": sum(u.estimated_tokens for u in training),
+        "estimated_usd": pytest.approx(sum(u.estimated_usd for u in training)),
+    }
+    tables = cost_tables(cost_summary(store.get_usage("r")), "r")
+    assert "estimated before each job vs billed" in str(tables[-1].title)
+    store.close()

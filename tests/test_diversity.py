@@ -145,6 +145,12 @@ def test_dissimilarity_of_a_mixed_case_averaged_over_problems() -> None:
     assert sorted(embedder.calls[1]) == ["x", "x2", "xy", "y", "z"]  # one call for all problems
 
 
+def test_identical_answers_are_never_negatively_dissimilar() -> None:
+    # This vector's unit form has a cosine with itself of 1.0000000000000002 in floating point.
+    embedder = TableEmbedder({"same": [0.1, 0.1, 1.4]})
+    assert embedding_dissimilarity([said("p", "same", "same", "same")], embedder) == 0.0
+
+
 def test_a_zero_vector_is_similar_to_nothing() -> None:
     embedder = TableEmbedder({"x": [1.0, 0.0], "nothing": [0.0, 0.0]})
     assert embedding_dissimilarity([said("p", "x", "nothing")], embedder) == pytest.approx(1.0)

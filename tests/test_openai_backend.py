@@ -654,6 +654,89 @@ def test_cancel(fake_openai: FakeOpenAI, tmp_path: Path) -> None:
     backend.cancel(ref)  # already ended: nothing to do, no error
 
 
+# -- jobs run through orchestrator.finetune against the fake
+
+
+def _job_store(tmp_path: Path) -> tuple[Any, Any]:
+    """A store with run "r" and the plan of one job on a valid training file."""
+    from orchestrator.finetune import FinetunePlan
+    from orchestrator.store import JobRow, RunRow, Store
+
+    store = Store(tmp_path / "m.db")
+    store.save_run(RunRow(id="r", config="{}", backend="openai", model=MODEL, task="arithmetic:easy"))
+    key = "r/iteration-1/agent-1/generator"
+    job = JobRow(key=key, run_id="r", iteration=1, agent=0, role="generator", backend="openai", base_model_id="base")
+    return store, FinetunePlan(job=job, spec=_spec(write_training_file(tmp_path / "t.jsonl"), key))
+
+
+def _no_sleep(_: float) -> None:
+    pass
+
+
+@pytest.mark.fake_openai(job_polls_per_state=2)
+def test_every_provider_status_change_is_stored_as_an_event(fake_openai: FakeOpenAI, tmp_path: Path) -> None:
+    from orchestrator.finetune import run_jobs
+    from orchestrator.store import StoreState
+
+    store, plan = _job_store(tmp_path)
+    backend = make_backend(fake_openai, StoreState(store, "openai"))  # type: ignore[arg-type]
+    done = run_jobs([plan], backend, store, poll_interval=0, sleep=_no_sleep)
+    job = done[plan.job.key]
+    assert job.status == "succeeded" and job.provider_status == "succeeded"
+    assert store.get_job(plan.job.key).provider_status == "succeeded"  # type: ignore[union-attr]
+    # validating_files and queued are both "queued" to us; each change of the provider's is an event of its own
+    changes = [e.message for e in store.get_job_events(plan.job.key) if e.level == "status"]
+    assert changes == [
+        "status queued (provider: validating_files)",
+        "status queued (provider: validating_files -> queued)",
+        "status queued -> running (provider: queued -> running)",
+        "status running -> succeeded (provider: running -> succeeded)",
+    ]
+
+
+def test_a_stored_job_the_provider_no_longer_knows_is_started_again(fake_openai: FakeOpenAI, tmp_path: Path) -> None:
+    from orchestrator.costs import Ledger, Pricing, load_prices
+    from orchestrator.finetune import run_jobs
+    from orchestrator.store import StoreState
+
+    store, plan = _job_store(tmp_path)
+    key = plan.job.key
+    backend = make_backend(fake_openai, StoreState(store, "openai"))  # type: ignore[arg-type]
+    # an earlier session started the job and stored it as running; then the provider lost it
+    first = backend.start_finetune(plan.spec)
+    store.save_job(plan.job.model_copy(update={"provider_job_id": first.provider_job_id, "status": "running"}))
+    del fake_openai.jobs[first.provider_job_id]
+    ledger = Ledger(store, "r", Pricing(load_prices(), MODEL))
+    done = run_jobs([plan], backend, store, ledger=ledger, poll_interval=0, sleep=_no_sleep)  # no RunStopped
+    job = done[key]
+    assert job.status == "succeeded" and job.attempt == 2 and job.model_id
+    assert fake_openai.counts["POST /v1/fine_tuning/jobs"] == 2  # exactly one new job
+    (second,) = [j for j in fake_openai.jobs if j != first.provider_job_id]
+    assert job.provider_job_id == second and fake_openai.jobs[second]["status"] == "succeeded"
+    warnings = [e.message for e in store.get_job_events(key) if e.level == "warning"]
+    assert warnings == [f"the provider no longer knows job {first.provider_job_id} (404): starting it again as "
+                        "attempt 2"]
+    bills = {u.ref: u for u in store.get_usage("r")}
+    assert bills[key].trained_tokens == 0 and bills[key].estimated == 0  # the lost job billed nothing
+    assert bills[f"{key}#attempt-2"].trained_tokens == fake_openai.jobs[second]["trained_tokens"]
+
+
+def test_a_job_lost_twice_in_one_run_stops_it(fake_openai: FakeOpenAI, tmp_path: Path) -> None:
+    from orchestrator.finetune import RunStopped, run_jobs
+    from tests.fake_openai import not_found
+
+    def always_gone(call: Any) -> Any:
+        raise not_found("fine-tuning job", call.params[0], param="fine_tuning_job_id")
+
+    fake_openai._get_job = always_gone  # type: ignore[method-assign]
+    store, plan = _job_store(tmp_path)
+    with pytest.raises(RunStopped, match="no longer exists"):
+        run_jobs([plan], make_backend(fake_openai), store, poll_interval=0, sleep=_no_sleep)
+    assert fake_openai.counts["POST /v1/fine_tuning/jobs"] == 2  # one restart, then it stops: never a loop
+    job = store.get_job(plan.job.key)
+    assert job is not None and job.status == "failed" and job.attempt == 2
+
+
 # -- batch
 
 

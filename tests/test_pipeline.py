@@ -208,3 +208,48 @@ def test_every_model_of_a_run_trains_with_its_own_seed() -> None:
     seeds = [job_seed(7, it, agent, role) for it in (1, 2, 3) for agent in range(5) for role in ("generator", "critic")]
     assert len(set(seeds)) == len(seeds)
     assert job_seed(7, 1, 0, "generator") != job_seed(8, 1, 0, "generator")
+
+
+def test_the_concurrent_job_limit_queues_the_rest(tmp_path):
+    import threading
+
+    from backends.base import FinetuneSpec, JobState
+    from orchestrator.finetune import FinetunePlan, run_jobs
+    from orchestrator.store import JobRow, RunRow
+
+    class SlowJobs(ScriptedBackend):
+        """Each job runs for three polls; counts the jobs started and not yet ended."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.lock = threading.Lock()
+            self.active = self.most = 0
+            self.seen: dict[str, int] = {}
+
+        def start_finetune(self, spec):
+            with self.lock:
+                self.active += 1
+                self.most = max(self.most, self.active)
+            return super().start_finetune(spec)
+
+        def poll(self, job):
+            with self.lock:
+                self.seen[job.key] = self.seen.get(job.key, 0) + 1
+                if self.seen[job.key] < 3:
+                    return JobState(status="running")
+                self.active -= 1
+            return JobState(status="succeeded", model_id=f"ft-{job.key}", trained_tokens=10)
+
+    store = Store(tmp_path / "m.db")
+    store.save_run(RunRow(id="r", config="{}", backend="scripted", model="m", task="arithmetic:easy"))
+    data = tmp_path / "t.jsonl"
+    data.write_text("{}\n")
+    plans = [FinetunePlan(job=JobRow(key=f"r/job-{i}", run_id="r", iteration=1, agent=i, role="generator",
+                                     backend="scripted", base_model_id="base"),
+                          spec=FinetuneSpec(key=f"r/job-{i}", base_model="base", training_file=data, suffix=f"j{i}"))
+             for i in range(5)]
+    backend = SlowJobs()
+    done = run_jobs(plans, backend, store, max_active=2, poll_interval=0, sleep=lambda _: None)
+    assert backend.most == 2 and backend.active == 0  # never more than 2 at once, and the limit was used
+    assert len(backend.specs) == 5 and {j.status for j in done.values()} == {"succeeded"}
+    assert {j.key: j.model_id for j in store.get_jobs("r")} == {f"r/job-{i}": f"ft-r/job-{i}" for i in range(5)}

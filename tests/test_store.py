@@ -4,7 +4,7 @@ import pytest
 
 from orchestrator.errors import UserError
 from orchestrator.migrations import MIGRATIONS
-from orchestrator.store import JobEventRow, JobRow, ResponseRow, RunRow, Store
+from orchestrator.store import JobEventRow, JobRow, ResponseRow, RunRow, Store, UsageRow
 
 
 def test_migrations_apply_once_and_record_names(tmp_path):
@@ -75,3 +75,30 @@ def test_m003_backfills_the_society_and_task_of_earlier_evaluations(tmp_path):
     rows = {(e.iteration, e.society, e.task) for e in store.get_evaluations("r")}
     assert rows == {(0, "base", "gsm8k"), (1, "maft", "gsm8k")}
     assert store.get_diversity("r") == []
+
+
+def test_a_full_disk_fails_a_whole_write_and_keeps_everything_before(tmp_path):
+    """SQLite's own "database or disk is full" (the file may not grow: `PRAGMA max_page_count`): the write that
+    hit it is rolled back whole (never a response without its ledger line), earlier ones stay, and once there is
+    room again the same store writes on."""
+    store = Store(tmp_path / "full.db")
+    store.save_run(RunRow(id="r", config="{}", backend="x", model="m", task="t"))
+    pages = store.db.execute("PRAGMA page_count").fetchone()[0]
+    store.db.execute(f"PRAGMA max_page_count = {pages + 4}")
+
+    def save(i: int) -> None:
+        store.save_response(ResponseRow(key=f"k{i}", run_id="r", debate="d", problem_id=f"p{i}", round=1, agent=0,
+                                        kind="answer", model_id="m", messages="[]", text="x" * 3000),
+                            UsageRow(run_id="r", stage="debate", model="m", ref=f"k{i}", billing="standard"))
+
+    saved = 0
+    with pytest.raises(sqlite3.OperationalError, match="^database or disk is full$"):
+        for saved in range(1000):
+            save(saved)
+    assert 0 < saved < 1000 and not store.db.conn.in_transaction
+    assert store.count_responses("r") == saved == len(store.get_usage("r"))
+    assert store.db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    store.db.execute("PRAGMA max_page_count = 1073741823")
+    save(saved)
+    assert store.count_responses("r") == saved + 1 == len(store.get_usage("r"))
+    store.close()

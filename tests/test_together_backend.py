@@ -402,6 +402,25 @@ def test_cancel(fake_together: FakeTogether, tmp_path: Path) -> None:
     backend.cancel(ref)  # already ended: nothing to do, no error
 
 
+def test_polls_carry_togethers_own_status_and_say_when_a_job_is_gone(fake_together: FakeTogether,
+                                                                      tmp_path: Path) -> None:
+    backend = make_backend(fake_together)
+    ref = backend.start_finetune(spec(training_file(tmp_path / "t.jsonl")))
+    seen = []
+    for _ in range(10):
+        state = backend.poll(ref)
+        seen.append((state.provider_status, state.status))
+        if state.status == "succeeded":
+            break
+    # uploading is "running" to us, but the store keeps Together's word for it
+    assert seen == [("queued", "queued"), ("running", "running"), ("uploading", "running"),
+                    ("completed", "succeeded")]
+    assert not state.missing
+    del fake_together.jobs[ref.provider_job_id]
+    gone = backend.poll(ref)
+    assert gone.missing and gone.status == "failed" and gone.provider_status is None
+
+
 @pytest.mark.fake_together(base_accuracy=1.0)
 def test_a_finetune_that_needs_a_dedicated_endpoint_stops_before_the_round(
         fake_together: FakeTogether, tmp_path: Path) -> None:
