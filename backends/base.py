@@ -184,6 +184,15 @@ class Backend(Protocol):
 # say plainly what is missing, instead of every backend growing methods that raise "not supported".
 
 
+@runtime_checkable
+class NeedsCredentials(Protocol):
+    """A backend that needs an API key. `check_credentials` finds it (environment or `.env`) without asking the
+    provider anything, and raises a one-line UserError naming where to set it, so that a run can refuse before
+    it is recorded, not fail once it has started."""
+
+    def check_credentials(self) -> None: ...
+
+
 class ScoreRequest(BaseModel):
     """How surprising `continuation` is as the assistant's reply to `messages` under `model`.
 

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from email.utils import parsedate_to_datetime
 from pathlib import Path
 from types import ModuleType
-from typing import Any, Literal, Protocol, TypeVar
+from typing import Any, Generic, Literal, Protocol, TypeVar
 
 from pydantic import BaseModel
 from tenacity import RetryCallState, Retrying, retry_if_exception, stop_after_attempt
@@ -564,15 +564,19 @@ class HostedSettings(Protocol):
     tokens_per_minute: int | None
 
 
-class HostedBackend:
+SettingsT = TypeVar("SettingsT", bound=HostedSettings)
+
+
+class HostedBackend(Generic[SettingsT]):
     """What every hosted backend holds: its base model name, settings, durable state, the shared rate limiter,
     how long retries wait, and where the key comes from. Building one needs no key and makes no request (so
-    `run --dry-run` works without one); subclasses read the key at the first call that needs it."""
+    `run --dry-run` works without one); subclasses read the key at the first call that needs it, and make their
+    clients and runners then (`_setup` sets them all to None)."""
 
     def __init__(
         self,
         model: str,
-        settings: HostedSettings,
+        settings: SettingsT,
         state: BackendState,
         *,
         show_progress: bool = True,
@@ -584,6 +588,7 @@ class HostedBackend:
         """`environ` and `dotenv` replace the process environment and `./.env` (tests); `backoff` and `sleep`
         set how long retries wait."""
         self.model = model
+        self.settings = settings
         self.state = state
         self.show_progress = show_progress
         self.backoff = backoff or Backoff()
@@ -592,6 +597,10 @@ class HostedBackend:
         self._environ = environ
         self._dotenv = dotenv
         self._lock = threading.RLock()  # the pipeline polls jobs from several threads
+        self._setup()
+
+    def _setup(self) -> None:
+        """The parts a subclass makes on first use (clients, runners), each None until then."""
 
     def resolve_model(self, model_id: str) -> str:
         """BASE_MODEL_ID stands for the provider's base model; every other id goes to the server as it is."""

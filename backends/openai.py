@@ -10,16 +10,13 @@ Azure deployment name) goes to the server as it is.
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable, Mapping, Sequence
-from pathlib import Path
+from collections.abc import Sequence
 
 from openai import OpenAI
 from openai.types import CreateEmbeddingResponse
 
 from backends.base import (
     BackendInfo,
-    BackendState,
     ChatRequest,
     ChatResult,
     FinetuneSpec,
@@ -27,7 +24,7 @@ from backends.base import (
     JobState,
     ResultCallback,
 )
-from backends.hosted import Backoff, HostedBackend, call_with_retries
+from backends.hosted import HostedBackend, call_with_retries
 from backends.hosted_chat import ChatRunner
 from backends.openai_batch import BatchRunner
 from backends.openai_client import OPENAI_ERRORS, ClientFactory, is_hosted, resolve_credentials
@@ -39,7 +36,7 @@ DEFAULT_EMBEDDING_MODEL = "text-embedding-3-small"
 EMBEDDING_CHUNK = 512  # inputs per request, well under the API's limit
 
 
-class OpenAIBackend(HostedBackend):
+class OpenAIBackend(HostedBackend[OpenAIConfig]):
     """Chat, batch chat and finetuning through the official SDK.
 
     Building one and `describe()` need no key and make no request (so `run --dry-run` works without a key); the
@@ -48,26 +45,10 @@ class OpenAIBackend(HostedBackend):
 
     name = "openai"
 
-    def __init__(
-        self,
-        model: str,
-        settings: OpenAIConfig,
-        state: BackendState,
-        *,
-        show_progress: bool = True,
-        environ: Mapping[str, str] | None = None,
-        dotenv: Path | None = None,
-        backoff: Backoff | None = None,
-        sleep: Callable[[float], None] = time.sleep,
-        batch_poll_initial: float = 5.0,
-        max_example_tokens: int = DEFAULT_MAX_EXAMPLE_TOKENS,
-    ) -> None:
-        """As HostedBackend's; `batch_poll_initial` sets how long the first batch poll waits."""
-        super().__init__(model, settings, state, show_progress=show_progress, environ=environ, dotenv=dotenv,
-                         backoff=backoff, sleep=sleep)
-        self.settings = settings
-        self._batch_poll_initial = batch_poll_initial
-        self._max_example_tokens = max_example_tokens
+    batch_poll_initial = 5.0  # seconds before a batch's first poll (tests set less)
+    max_example_tokens = DEFAULT_MAX_EXAMPLE_TOKENS
+
+    def _setup(self) -> None:
         self._clients: ClientFactory | None = None
         self._client: OpenAI | None = None
         self._chat: ChatRunner | None = None
@@ -105,7 +86,7 @@ class OpenAIBackend(HostedBackend):
             if self._jobs is None:
                 self._jobs = FinetuneJobs(self.client, self.clients, self.state, self.settings,
                                           resolve_model=self.resolve_model, backoff=self.backoff, sleep=self.sleep,
-                                          max_example_tokens=self._max_example_tokens)
+                                          max_example_tokens=self.max_example_tokens)
             return self._jobs
 
     @property
@@ -114,8 +95,12 @@ class OpenAIBackend(HostedBackend):
             if self._batches is None:
                 self._batches = BatchRunner(self.client, self.clients, self.state, self.settings,
                                             resolve_model=self.resolve_model, backoff=self.backoff, sleep=self.sleep,
-                                            poll_initial=self._batch_poll_initial, log=self._log)
+                                            poll_initial=self.batch_poll_initial, log=self._log)
             return self._batches
+
+    def check_credentials(self) -> None:
+        """The key is read now (a missing one is a one-line UserError); nothing is sent."""
+        _ = self.clients
 
     # -- Backend protocol -----------------------------------------------------------------------------------
 

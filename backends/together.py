@@ -11,9 +11,7 @@ before the others, so a model that needs a dedicated endpoint stops the run with
 from __future__ import annotations
 
 import re
-import time
-from collections.abc import Callable, Mapping, Sequence
-from pathlib import Path
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import httpx
@@ -24,7 +22,6 @@ from together import AsyncTogether, Together
 from backends.base import (
     BASE_MODEL_ID,
     BackendInfo,
-    BackendState,
     ChatRequest,
     ChatResult,
     FinetuneSpec,
@@ -33,7 +30,6 @@ from backends.base import (
     ResultCallback,
 )
 from backends.hosted import (
-    Backoff,
     HostedBackend,
     HostedRequestError,
     Scrubber,
@@ -123,7 +119,7 @@ def listed_models(payload: Any) -> set[str]:
     return {str(item["id"]) for item in items if isinstance(item, dict) and item.get("id")}
 
 
-class TogetherBackend(HostedBackend):
+class TogetherBackend(HostedBackend[TogetherConfig]):
     """Chat and finetuning on Together AI through the official SDK.
 
     Building one and `describe()` need no key and make no request (so `run --dry-run` works without a key); the
@@ -132,22 +128,7 @@ class TogetherBackend(HostedBackend):
 
     name = "together"
 
-    def __init__(
-        self,
-        model: str,
-        settings: TogetherConfig,
-        state: BackendState,
-        *,
-        show_progress: bool = True,
-        environ: Mapping[str, str] | None = None,
-        dotenv: Path | None = None,
-        backoff: Backoff | None = None,
-        sleep: Callable[[float], None] = time.sleep,
-    ) -> None:
-        """As HostedBackend's."""
-        super().__init__(model, settings, state, show_progress=show_progress, environ=environ, dotenv=dotenv,
-                         backoff=backoff, sleep=sleep)
-        self.settings = settings
+    def _setup(self) -> None:
         self._clients: TogetherClients | None = None
         self._client: Together | None = None
         self._chat: ChatRunner | None = None
@@ -186,6 +167,10 @@ class TogetherBackend(HostedBackend):
                 self._jobs = TogetherJobs(self.client, self.clients, self.state, self.settings, base_model=self.model,
                                           backoff=self.backoff, sleep=self.sleep)
             return self._jobs
+
+    def check_credentials(self) -> None:
+        """The key is read now (a missing one is a one-line UserError); nothing is sent."""
+        _ = self.clients
 
     # -- Backend protocol -----------------------------------------------------------------------------------
 

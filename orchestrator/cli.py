@@ -216,14 +216,23 @@ def _run_locked(store: Store, config: RunConfig, run_id: str, *, must_exist: boo
                 baselines: tuple[str, ...], transfer: tuple[str, ...], more_only: bool, stop: GracefulStop,
                 console: Console) -> None:
     from backends import create_backend
+    from backends.base import NeedsCredentials
     from orchestrator.pipeline import Pipeline, open_run
     from orchestrator.report import accuracy_table, comparison_table, datasets_table, report_data
 
-    run_row = open_run(store, config, run_id, must_exist=must_exist)
     work = workdir or store.path.resolve().parent / "maft-runs" / run_id
     backend_obj = create_backend(config, work, state=StoreState(store, config.backend), show_progress=not quiet)
-    info = backend_obj.describe()
-    pricing = _pricing(config, info, prices, max_cost=max_cost, console=console)
+    try:
+        # Bad input (an unpriced model under --max-cost, a missing API key) is refused before the run is
+        # recorded: nothing is left behind but the message.
+        info = backend_obj.describe()
+        pricing = _pricing(config, info, prices, max_cost=max_cost, console=console)
+        if isinstance(backend_obj, NeedsCredentials):
+            backend_obj.check_credentials()
+        run_row = open_run(store, config, run_id, must_exist=must_exist)
+    except BaseException:
+        backend_obj.close()
+        raise
     ledger = Ledger(store, run_id, pricing, max_cost=max_cost,
                     batch=config.backend == "openai" and config.openai.batch)
     console.print(f"run [bold]{run_id}[/] · {config.backend} ({info.device or 'remote'}) · {config.model} · "
@@ -232,9 +241,6 @@ def _run_locked(store: Store, config: RunConfig, run_id: str, *, must_exist: boo
     resume_cmd = f"orchestrator run --resume {run_id}{_db_flag(db)}"
     started = time.monotonic()
     try:
-        # Hosted backends read their API key on first use; read it now, before the run is marked running: a
-        # missing key is bad input (exit 2) that leaves the run as it was, not a failed run.
-        getattr(backend_obj, "clients", None)
         pipeline = Pipeline(config=config, run=run_row, store=store, backend=backend_obj, workdir=work,
                             console=console, show_progress=not quiet, ledger=ledger,
                             poll_interval=_poll_interval(config), checkpoint=stop.check)

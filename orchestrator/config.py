@@ -111,7 +111,7 @@ _OPERATIONAL: dict[str, Any] = {
     "diversity": True,  # measured after the fact: it changes no answer and no model
     "local": {"device", "batch_size"},
     "openai": {"concurrency", "requests_per_minute", "tokens_per_minute", "max_retries", "timeout", "batch",
-               "poll_interval", "max_concurrent_jobs", "base_url", "azure_endpoint", "api_version"},
+               "poll_interval", "max_concurrent_jobs", "base_url", "azure_endpoint", "api_version", "billed"},
     "together": {"concurrency", "requests_per_minute", "tokens_per_minute", "max_retries", "timeout",
                  "poll_interval", "max_concurrent_jobs", "base_url", "dedicated_endpoints"},
 }

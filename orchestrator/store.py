@@ -426,7 +426,7 @@ class Store:
         if records:
             with self.transaction():
                 for record in records:
-                    if record["estimated_tokens"] is None:
+                    if record["billing"] == "training" and record["estimated_tokens"] is None:  # a finetune's bill
                         earlier = self.db.execute(
                             "select estimated_tokens, estimated_usd from usage where ref = ? and billing = ?",
                             [record["ref"], record["billing"]]).fetchone()

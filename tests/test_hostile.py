@@ -87,8 +87,9 @@ def test_a_missing_key_says_where_to_set_it_and_fails_no_run(tmp_path):
                                          'azure_endpoint = "https://example.invalid"\napi_version = "2024-10-21"\n')
     azure = one_line_error(cli("run", "--config", "azure.toml", "--quiet", "--name", "a", cwd=tmp_path))
     assert azure == "error: no Azure OpenAI API key: set AZURE_OPENAI_API_KEY in the environment or in ./.env"
-    # bad input, not a failed run: each is as it was created, and the same command continues once the key is set
-    assert [run_status(tmp_path / "maft.db", name) for name in "ota"] == ["created"] * 3
+    # bad input, refused before the run is recorded: nothing failed, and the same command starts it once the key
+    # is set
+    assert [run_status(tmp_path / "maft.db", name) for name in "ota"] == [None] * 3
 
 
 def test_an_invalid_key_is_refused_without_leaking_it(tmp_path, fake_openai):

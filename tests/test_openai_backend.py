@@ -411,9 +411,10 @@ FAST = Backoff(initial=0.01, maximum=0.05)
 def make_backend(fake: FakeOpenAI, state: MemoryState | None = None, *, key: str | None = None,
                  **settings: Any) -> OpenAIBackend:
     config = OpenAIConfig.model_validate({"base_url": fake.base_url, "poll_interval": 0.05, **settings})
-    return OpenAIBackend(MODEL, config, state if state is not None else MemoryState(), show_progress=False,
-                         environ={"OPENAI_API_KEY": key or fake.api_key}, dotenv=NO_DOTENV, backoff=FAST,
-                         batch_poll_initial=0.01)
+    backend = OpenAIBackend(MODEL, config, state if state is not None else MemoryState(), show_progress=False,
+                            environ={"OPENAI_API_KEY": key or fake.api_key}, dotenv=NO_DOTENV, backoff=FAST)
+    backend.batch_poll_initial = 0.01
+    return backend
 
 
 def arithmetic(n: int, model: str = BASE_MODEL_ID, prefix: str = "q") -> list[ChatRequest]:
