@@ -125,6 +125,7 @@ class BackendInfo(BaseModel):
     training_epochs: int = 1  # passes a finetune makes over its file, for cost estimates before the bill
     min_training_examples: int = 1  # the provider refuses smaller files (OpenAI: 10)
     full_finetune: bool = False  # full finetuning rather than LoRA, where the provider prices them apart
+    embedding_model: str | None = None  # the model `embed` uses when given none (SupportsEmbeddings); None: no endpoint
 
 
 @runtime_checkable
@@ -219,9 +220,18 @@ class SupportsScoring(Protocol):
         ...
 
 
+class EmbeddingResult(BaseModel):
+    """What one `embed` call gives back: a vector per text, in the order given, and what the provider billed
+    for them, summed over every request it took (the orchestrator turns that into a ledger line)."""
+
+    vectors: list[list[float]]
+    prompt_tokens: int = Field(0, ge=0)  # the provider's own count; 0 where it reports none
+    model: str  # the embedding model that was asked (the backend's default when none was given)
+
+
 @runtime_checkable
 class SupportsEmbeddings(Protocol):
     """A backend with an embedding endpoint; `model` picks one of the provider's embedding models (None: its
-    default)."""
+    default, `BackendInfo.embedding_model`)."""
 
-    def embed(self, texts: Sequence[str], model: str | None = None) -> list[list[float]]: ...
+    def embed(self, texts: Sequence[str], model: str | None = None) -> EmbeddingResult: ...

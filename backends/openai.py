@@ -19,6 +19,7 @@ from backends.base import (
     BackendInfo,
     ChatRequest,
     ChatResult,
+    EmbeddingResult,
     FinetuneSpec,
     JobRef,
     JobState,
@@ -123,6 +124,7 @@ class OpenAIBackend(HostedBackend[OpenAIConfig]):
             price_family="openai",  # OpenAI's list prices, also for Azure and for a proxy in front of either
             training_epochs=epochs if isinstance(epochs, int) else AUTO_EPOCHS_ESTIMATE,
             min_training_examples=MIN_EXAMPLES,
+            embedding_model=DEFAULT_EMBEDDING_MODEL,
         )
 
     def chat(self, requests: Sequence[ChatRequest], on_result: ResultCallback | None = None) -> list[ChatResult]:
@@ -141,10 +143,12 @@ class OpenAIBackend(HostedBackend[OpenAIConfig]):
     def cancel(self, job: JobRef) -> None:
         self.jobs.cancel(job)
 
-    def embed(self, texts: Sequence[str], model: str | None = None) -> list[list[float]]:
-        """The provider's embedding endpoint (`[diversity] embeddings = "provider"`), in chunks it accepts."""
+    def embed(self, texts: Sequence[str], model: str | None = None) -> EmbeddingResult:
+        """The provider's embedding endpoint (`[diversity] embeddings = "provider"`), in chunks it accepts; the
+        prompt tokens are the provider's `usage` of every chunk, summed (a server that reports none counts 0)."""
         name = model or DEFAULT_EMBEDDING_MODEL
         vectors: list[list[float]] = []
+        prompt_tokens = 0
         for start in range(0, len(texts), EMBEDDING_CHUNK):
             chunk = list(texts[start:start + EMBEDDING_CHUNK])
 
@@ -155,7 +159,8 @@ class OpenAIBackend(HostedBackend[OpenAIConfig]):
                                       max_retries=self.settings.max_retries, backoff=self.backoff,
                                       scrubber=self.clients.scrubber, sleep=self.sleep)
             vectors += [list(item.embedding) for item in sorted(reply.data, key=lambda d: d.index)]
-        return vectors
+            prompt_tokens += getattr(reply.usage, "prompt_tokens", None) or 0
+        return EmbeddingResult(vectors=vectors, prompt_tokens=prompt_tokens, model=name)
 
     def close(self) -> None:
         with self._lock:

@@ -18,7 +18,7 @@ from typing import Any
 
 from pydantic import BaseModel, Field, ValidationError
 
-from backends.base import BASE_MODEL_ID, ChatRequest, ChatResult
+from backends.base import BASE_MODEL_ID, ChatRequest, ChatResult, EmbeddingResult
 from orchestrator.errors import UserError
 from orchestrator.finetune import RunStopped, attempt_key
 from orchestrator.store import JobRow, ResponseRow, Store, UsageRow
@@ -208,6 +208,10 @@ class Pricing:
         rate = price.training_full if self.full_finetune and price.training_full is not None else price.training
         return trained_tokens * rate / 1e6
 
+    def embedding(self, model_id: str, prompt_tokens: int) -> float:
+        """Embeddings bill their input tokens only (the table's `input`; `output` is 0 for them)."""
+        return self.chat(model_id, prompt_tokens, 0, 0)
+
     def requests_upper_bound(self, requests: Sequence[ChatRequest], batch: bool = False) -> float:
         """What these requests can cost at most: estimated prompts, every answer at max_tokens."""
         return sum(self.chat(r.model, request_prompt_tokens(r), 0, r.max_tokens, batch) for r in requests)
@@ -249,7 +253,31 @@ class Ledger:
             tokens = estimate_tokens(training_file.read_text(encoding="utf-8")) * epochs
             self.check(self.pricing.training(base_model, tokens), what)
 
+    def check_embedding(self, model: str, texts: Sequence[str], what: str) -> None:
+        """Before a provider embeds `texts`: their estimated tokens (1 per 4 characters) at the model's price. A
+        billed model the table cannot price is refused under a budget, as a run's own model is at its start."""
+        if self.max_cost is None:
+            return
+        if self.pricing.table is not None and self.pricing.table.lookup(model, self.pricing.family) is None:
+            raise RunStopped(
+                f"budget: no price for embedding model {model} in price table {self.pricing.table.version}, so "
+                f"{what} cannot be held to --max-cost; nothing more was started. Add [models.\"{model}\"] with "
+                "--prices, or set [diversity] embeddings = \"minilm\""
+            )
+        self.check(self.pricing.embedding(model, sum(estimate_tokens(t) for t in texts)), what)
+
     # ledger -----------------------------------------------------------------------------------------------
+
+    def record_embedding(self, result: EmbeddingResult, ref: str, iteration: int | None) -> None:
+        """The ledger line of one diversity measurement's provider embeddings (stage "diversity", billing
+        "embedding"), by the provider's token count. `ref` names the measurement, so measuring it again
+        replaces the line instead of adding one."""
+        self.store.record_usage([UsageRow(
+            run_id=self.run_id, stage="diversity", iteration=iteration, model=result.model, ref=ref,
+            billing="embedding", prompt_tokens=result.prompt_tokens,
+            cost_usd=self.pricing.embedding(result.model, result.prompt_tokens),
+            price_source=self.pricing.source(result.model),
+        )])
 
     def chat_line(self, row: ResponseRow, result: ChatResult, iteration: int | None) -> UsageRow:
         """The ledger line of one response; the caller stores it with the response, in one transaction."""

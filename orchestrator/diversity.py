@@ -27,7 +27,7 @@ from itertools import combinations
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
-from backends.base import ChatMessage, ScoreRequest, SupportsEmbeddings
+from backends.base import ChatMessage, EmbeddingResult, ScoreRequest, SupportsEmbeddings
 from orchestrator.debate import AgentTranscript, DebateOutcome
 from orchestrator.errors import UserError
 from orchestrator.voting import majority_vote
@@ -215,9 +215,15 @@ def minilm_dir() -> Path:
 
 
 class BackendEmbedder:
-    """A provider's embedding endpoint (e.g. OpenAI's text-embedding-3-small) as an `Embedder`."""
+    """A provider's embedding endpoint (e.g. OpenAI's text-embedding-3-small) as an `Embedder`.
 
-    def __init__(self, backend: object, model: str | None = None) -> None:
+    Those calls are paid: `before` sees the texts before any is sent (the budget check, which may raise to stop
+    it), and `on_usage` gets what the provider billed for them (the ledger line). Neither knows the provider.
+    """
+
+    def __init__(self, backend: object, model: str | None = None, *,
+                 before: Callable[[Sequence[str]], None] | None = None,
+                 on_usage: Callable[[EmbeddingResult], None] | None = None) -> None:
         if not isinstance(backend, SupportsEmbeddings):
             name = getattr(backend, "name", type(backend).__name__)
             raise UserError(
@@ -225,9 +231,18 @@ class BackendEmbedder:
             )
         self.backend: SupportsEmbeddings = backend
         self.model = model
+        self.before = before
+        self.on_usage = on_usage
 
     def embed(self, texts: Sequence[str]) -> list[list[float]]:
-        return self.backend.embed(texts, model=self.model) if texts else []
+        if not texts:
+            return []
+        if self.before is not None:
+            self.before(texts)
+        result = self.backend.embed(texts, model=self.model)
+        if self.on_usage is not None:
+            self.on_usage(result)
+        return result.vectors
 
 
 # -- helpers -----------------------------------------------------------------------------------------------------

@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import math
 import random
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 
 from rich.console import Console
 
 from backends.base import Backend, SupportsScoring
 from orchestrator.config import DiversityConfig
+from orchestrator.costs import Ledger
 from orchestrator.debate import DebateOutcome, Society
 from orchestrator.diversity import (
     BackendEmbedder,
@@ -79,46 +80,74 @@ def evaluate(
 class DiversityMeter:
     """The diversity measures of one run's evaluations, each computed where it can be: consensus always, the
     embedding measure when its model is installed (or the provider embeds), the critics' NLL where the backend
-    can score text. What cannot be measured is said once, not failed on."""
+    can score text. What cannot be measured is said once, not failed on.
 
-    def __init__(self, settings: DiversityConfig, backend: Backend, run_id: str, console: Console) -> None:
+    A provider's embeddings are paid: with a `ledger`, each measurement is checked against the budget before
+    its texts are sent and writes one ledger line after (stage "diversity", billing "embedding"). One line per
+    measurement rather than per request: the backend sends its own chunks and sums their usage, and the
+    measurement (task, society, iteration, model) is what a later session can name again, so measuring it
+    again replaces its line instead of adding one. MiniLM runs here for free and writes nothing."""
+
+    def __init__(self, settings: DiversityConfig, backend: Backend, run_id: str, console: Console,
+                 ledger: Ledger | None = None) -> None:
         self.settings = settings
         self.backend = backend
         self.run_id = run_id
         self.console = console
+        self.ledger = ledger
         self._embedder: Embedder | None = None
         self._said: set[str] = set()
 
     def measure(self, society: str, iteration: int, outcomes: Sequence[DebateOutcome], models: Society,
-                task: Task) -> list[DiversityRow]:
+                task: Task, done: Collection[str] = ()) -> list[DiversityRow]:
+        """The metrics not in `done` (those stored by an earlier session: measured again, a provider's
+        embeddings would be paid twice and the critics scored again for nothing)."""
+
         def row(metric: str, value: float, detail: str) -> DiversityRow:
             return DiversityRow(run_id=self.run_id, task=task.name, society=society, iteration=iteration,
                                 metric=metric, value=value, n=len(outcomes), detail=detail)
 
-        rows = [row("consensus", consensus(outcomes, task.equivalent), "round-1 answers agreeing with their majority")]
-        embedder = self._get_embedder()
+        rows = []
+        if "consensus" not in done:
+            rows.append(row("consensus", consensus(outcomes, task.equivalent),
+                            "round-1 answers agreeing with their majority"))
+        embedder = None if "embedding_dissimilarity" in done else self._get_embedder(task, society, iteration)
         if embedder is not None:
             rows.append(row("embedding_dissimilarity", embedding_dissimilarity(outcomes, embedder),
                             f"1 - mean pairwise cosine of round-1 responses ({self.settings.embeddings})"))
-        if self.settings.critic_nll and isinstance(self.backend, SupportsScoring) and len(models.critics) > 1:
+        if ("critic_nll" not in done and self.settings.critic_nll and isinstance(self.backend, SupportsScoring)
+                and len(models.critics) > 1):
             rows.append(row("critic_nll", critic_nll(outcomes, self.backend, models.critics),
                             "mean NLL per token of other agents' round-1 responses under each critic"))
         return rows
 
-    def _get_embedder(self) -> Embedder | None:
+    def _get_embedder(self, task: Task, society: str, iteration: int) -> Embedder | None:
         if self.settings.embeddings == "off":
             return None
-        if self._embedder is None:
-            try:
-                if self.settings.embeddings == "provider":
-                    self._embedder = BackendEmbedder(self.backend, self.settings.embedding_model)
-                else:
-                    minilm_dir()  # raises when the model package is not installed
-                    self._embedder = MiniLMEmbedder()
-            except UserError as exc:
-                self._say(f"embedding diversity not measured: {exc}")
-                return None
+        try:
+            if self.settings.embeddings == "provider":  # one per measurement: its bill is this measurement's
+                return self._provider_embedder(task, society, iteration)
+            if self._embedder is None:
+                minilm_dir()  # raises when the model package is not installed
+                self._embedder = MiniLMEmbedder()
+        except UserError as exc:
+            self._say(f"embedding diversity not measured: {exc}")
+            return None
         return self._embedder
+
+    def _provider_embedder(self, task: Task, society: str, iteration: int) -> BackendEmbedder:
+        ledger = self.ledger
+        if ledger is None:
+            return BackendEmbedder(self.backend, self.settings.embedding_model)
+        model = self.settings.embedding_model or self.backend.describe().embedding_model or "default"
+        ref = f"{self.run_id}/diversity/{task.name}/{society}/iteration-{iteration}/{model}"
+
+        def before(texts: Sequence[str]) -> None:
+            what = f"embedding {len(texts)} responses of {society} (iteration {iteration}) with {model}"
+            ledger.check_embedding(model, texts, what)
+
+        return BackendEmbedder(self.backend, self.settings.embedding_model, before=before,
+                               on_usage=lambda result: ledger.record_embedding(result, ref, iteration))
 
     def _say(self, message: str) -> None:
         if message not in self._said:

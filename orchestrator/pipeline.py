@@ -363,10 +363,12 @@ class Pipeline:
         for row in evaluate(self.run_row.id, society, iteration, outcomes, task, self.config.seed):
             self.store.save_evaluation(row)
         if outcomes:
-            self.store.save_diversity(self.diversity.measure(society, iteration, outcomes, models, task))
+            done = self.store.diversity_metrics(self.run_row.id, task.name, society, iteration)
+            self.store.save_diversity(self.diversity.measure(society, iteration, outcomes, models, task, done))
 
     @property
     def diversity(self) -> DiversityMeter:
         if self._diversity is None:
-            self._diversity = DiversityMeter(self.config.diversity, self.backend, self.run_row.id, self.console)
+            self._diversity = DiversityMeter(self.config.diversity, self.backend, self.run_row.id, self.console,
+                                             ledger=self.ledger)
         return self._diversity

@@ -164,14 +164,14 @@ class UsageRow(BaseModel):
 
     id: int | None = None
     run_id: str
-    stage: str  # debate | summary | training
+    stage: str  # debate | evaluation | training | diversity
     debate: str | None = None
     iteration: int | None = None
     agent: int | None = None
     role: str | None = None
     model: str
     ref: str  # the response key or job key paid for; (ref, billing) is unique, so nothing is counted twice
-    billing: str  # standard | batch | training
+    billing: str  # standard | batch | training | embedding
     prompt_tokens: int = 0
     cached_tokens: int = 0
     completion_tokens: int = 0
@@ -453,6 +453,12 @@ class Store:
     def save_diversity(self, rows: list[DiversityRow]) -> None:
         with self.transaction():
             self._upsert("diversity", rows)
+
+    def diversity_metrics(self, run_id: str, task: str, society: str, iteration: int) -> set[str]:
+        """The diversity metrics already stored for one evaluation."""
+        rows = self.db.execute("select metric from diversity where run_id = ? and task = ? and society = ? and "
+                               "iteration = ?", [run_id, task, society, iteration]).fetchall()
+        return {r[0] for r in rows}
 
     def get_diversity(self, run_id: str) -> list[DiversityRow]:
         return self._select("diversity", DiversityRow, "run_id = ?", [run_id], "task, society, iteration, metric")

@@ -17,11 +17,22 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before transformers is imported:
 
 import pytest
 import torch
+from rich.console import Console
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from backends.base import ChatMessage, FinetuneSpec, ScoreRequest, SupportsEmbeddings, SupportsScoring, TrainingParams
+from backends.base import (
+    ChatMessage,
+    EmbeddingResult,
+    FinetuneSpec,
+    ScoreRequest,
+    SupportsEmbeddings,
+    SupportsScoring,
+    TrainingParams,
+)
 from backends.local import LocalBackend
-from orchestrator.debate import AgentTranscript, DebateOutcome
+from orchestrator.config import DiversityConfig, RunConfig
+from orchestrator.costs import Ledger, Pricing, load_prices
+from orchestrator.debate import AgentTranscript, DebateOutcome, Society
 from orchestrator.diversity import (
     BackendEmbedder,
     Embedder,
@@ -32,7 +43,11 @@ from orchestrator.diversity import (
     embedding_dissimilarity,
 )
 from orchestrator.errors import UserError
-from orchestrator.tasks import Problem
+from orchestrator.evaluate import DiversityMeter
+from orchestrator.finetune import RunStopped
+from orchestrator.pipeline import open_run
+from orchestrator.store import Store
+from orchestrator.tasks import Problem, get_task
 from orchestrator.voting import majority_vote
 from tests.tiny_model import build_random_adapter, build_tiny_model
 
@@ -248,9 +263,10 @@ class EmbeddingBackend:
     def __init__(self) -> None:
         self.models: list[str | None] = []
 
-    def embed(self, texts: Sequence[str], model: str | None = None) -> list[list[float]]:
+    def embed(self, texts: Sequence[str], model: str | None = None) -> EmbeddingResult:
         self.models.append(model)
-        return [AXES[t] for t in texts]
+        return EmbeddingResult(vectors=[AXES[t] for t in texts], prompt_tokens=sum(len(t) for t in texts),
+                               model=model or "text-embedding-3-small")
 
 
 def test_backend_embedder_passes_the_model_and_refuses_a_backend_without_embeddings(tmp_path: Path) -> None:
@@ -259,10 +275,54 @@ def test_backend_embedder_passes_the_model_and_refuses_a_backend_without_embeddi
     embedder = BackendEmbedder(backend, "text-embedding-3-small")
     assert embedding_dissimilarity([said("p", "x", "y")], embedder) == pytest.approx(1.0)
     assert backend.models == ["text-embedding-3-small"]
+    # the paid call is announced before it is sent (the budget) and its bill handed on after (the ledger)
+    seen: list[object] = []
+    billed = BackendEmbedder(backend, "text-embedding-3-large", before=lambda texts: seen.append(list(texts)),
+                             on_usage=seen.append)
+    assert billed.embed(["x", "xy"]) == [AXES["x"], AXES["xy"]] and billed.embed([]) == []
+    assert seen == [["x", "xy"], EmbeddingResult(vectors=[AXES["x"], AXES["xy"]], prompt_tokens=3,
+                                                 model="text-embedding-3-large")]
     local = LocalBackend("unused", workdir=tmp_path, device="cpu")
     assert isinstance(local, SupportsScoring) and not isinstance(local, SupportsEmbeddings)
     with pytest.raises(UserError, match="no embedding endpoint"):
         BackendEmbedder(local)
+
+
+def test_provider_embeddings_are_held_to_the_budget_and_written_once_per_measurement(tmp_path: Path) -> None:
+    store = Store(tmp_path / "m.db")
+    open_run(store, RunConfig(), "r", must_exist=False)
+    task = get_task("arithmetic:easy")
+    outcomes = [said("p1", "x", "y"), said("p2", "z", "xy")]  # 4 distinct texts of 5 characters
+
+    def meter(max_cost: float | None, model: str = "text-embedding-3-small") -> tuple[DiversityMeter, EmbeddingBackend]:
+        backend = EmbeddingBackend()
+        ledger = Ledger(store, "r", Pricing(load_prices(), "gpt-4.1-mini", family="openai"), max_cost=max_cost)
+        settings = DiversityConfig(embeddings="provider", embedding_model=model, critic_nll=False)
+        return DiversityMeter(settings, backend, "r", Console(quiet=True), ledger=ledger), backend
+
+    # estimated 1 token per text (a quarter of a character, rounded up) at $0.02 / 1M: more than a budget of ~0
+    tiny, backend = meter(max_cost=1e-9)
+    with pytest.raises(RunStopped, match=r"budget: embedding 4 responses of maft .iteration 1. .* up to \$0\.0000"):
+        tiny.measure("maft", 1, outcomes, Society.base(2), task)
+    assert backend.models == [] and store.get_usage("r") == []  # nothing was sent, nothing billed
+    unpriced, backend = meter(max_cost=1.0, model="acme-embedder")
+    with pytest.raises(RunStopped, match="no price for embedding model acme-embedder"):
+        unpriced.measure("maft", 1, outcomes, Society.base(2), task)
+    assert backend.models == []
+
+    enough, backend = meter(max_cost=1.0)
+    for _ in range(2):  # measured again (a resumed run): the line is replaced, not doubled
+        rows = enough.measure("maft", 1, outcomes, Society.base(2), task)
+        assert [r.metric for r in rows] == ["consensus", "embedding_dissimilarity"]
+    (line,) = store.get_usage("r")
+    assert (line.stage, line.billing, line.model, line.iteration) == ("diversity", "embedding",
+                                                                      "text-embedding-3-small", 1)
+    assert line.prompt_tokens == 5 and line.cost_usd == pytest.approx(5 * 0.02 / 1e6)
+    assert line.ref == "r/diversity/arithmetic:easy/maft/iteration-1/text-embedding-3-small"
+    assert "openai.com/api/pricing" in (line.price_source or "")
+    enough.measure("base", 0, outcomes, Society.base(2), task)  # another measurement: a line of its own
+    assert len(store.get_usage("r")) == 2
+    store.close()
 
 
 # -- LocalBackend.score --------------------------------------------------------------------------------------------

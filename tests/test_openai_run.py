@@ -178,3 +178,38 @@ def test_baselines_and_provider_embeddings_on_the_openai_backend(tmp_path, fake_
     dissimilarity = [d for d in store.get_diversity("r") if d.metric == "embedding_dissimilarity"]
     assert dissimilarity and all(0 <= d.value <= 1 for d in dissimilarity) and "provider" in dissimilarity[0].detail
     assert fake_openai.usage["text-embedding-3-small"]["embedding_tokens"] > 0
+
+
+@pytest.mark.fake_openai(base_accuracy=0.8)
+def test_provider_embeddings_are_in_the_ledger_as_the_provider_counted_them_once(tmp_path, fake_openai):
+    import json
+
+    from click.testing import CliRunner
+
+    from orchestrator.cli import cli as command
+    from orchestrator.config import DiversityConfig
+
+    cfg = config(fake_openai, diversity=DiversityConfig(embeddings="provider"))
+    store = run(tmp_path, fake_openai, cfg, max_cost=100.0)  # the budget is checked before each measurement
+    lines = [u for u in store.get_usage("r") if u.billing == "embedding"]
+    counted = fake_openai.usage["text-embedding-3-small"]["embedding_tokens"]
+    assert counted > 0 and sum(u.prompt_tokens for u in lines) == counted  # the provider's count, not an estimate
+    assert {(u.stage, u.model) for u in lines} == {("diversity", "text-embedding-3-small")}
+    assert sorted(u.iteration for u in lines) == [0, 1]  # one line per measurement: the base society, iteration 1
+    assert all(u.cost_usd > 0 and u.cost_usd == pytest.approx(u.prompt_tokens * 0.02 / 1e6) for u in lines)
+    result = CliRunner().invoke(command, ["cost", "r", "--json", "--db", str(tmp_path / "m.db")],
+                                catch_exceptions=False)
+    summary = json.loads(result.output)
+    (diversity,) = [g for g in summary["by_stage"] if g["stage"] == "diversity"]
+    assert diversity["prompt_tokens"] == counted and diversity["calls"] == len(lines)
+    assert summary["total_usd"] == pytest.approx(store.total_cost("r"))
+    assert any("(embeddings)" in source for source in summary["sources"])
+    store.close()
+    # run again: every answer and every diversity measure comes from the store, so nothing is embedded (or paid)
+    # twice
+    asked = fake_openai.counts["POST /v1/embeddings"]
+    store = run(tmp_path, fake_openai, cfg)
+    assert fake_openai.counts["POST /v1/embeddings"] == asked
+    again = [u for u in store.get_usage("r") if u.billing == "embedding"]
+    assert sorted((u.ref, u.prompt_tokens) for u in again) == sorted((u.ref, u.prompt_tokens) for u in lines)
+    store.close()
