@@ -13,7 +13,7 @@ bound is the overhead of the SDK, the limiter, asyncio and the loopback HTTP ser
 from __future__ import annotations
 
 import argparse
-import importlib.util
+import importlib
 import os
 import platform
 import random
@@ -35,14 +35,11 @@ CRITIC = ("These are the solutions to the problem from other agents: {summary} U
 
 
 def load_fake() -> ModuleType:
-    """tests/ is not a package on the path of a bench script: load the fake server from its file."""
-    path = Path(__file__).resolve().parents[1] / "tests" / "fake_openai.py"
-    spec = importlib.util.spec_from_file_location("fake_openai", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["fake_openai"] = module
-    spec.loader.exec_module(module)
-    return module
+    """tests/ is not installed: import the fake server from the checkout (it imports its siblings as `tests.*`)."""
+    root = str(Path(__file__).resolve().parents[1])
+    if root not in sys.path:
+        sys.path.insert(0, root)
+    return importlib.import_module("tests.fake_openai")
 
 
 def user(text: str) -> ChatMessage:
