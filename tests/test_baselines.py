@@ -16,12 +16,18 @@ from tests.fakes import ScriptedBackend
 ALL = ("star", "majority-ft", "single-ft", "no-summary", "no-critic")
 
 
-def run(tmp_path, backend, baselines=ALL, **overrides) -> Store:
-    config = RunConfig(**{"train_size": 12, "eval_size": 8, "seed": 2, **overrides})
+def pipeline_for(tmp_path, backend, config: RunConfig) -> tuple[Store, Pipeline]:
+    """A new run "r" in tmp_path/m.db, quiet, on `backend`."""
     store = Store(tmp_path / "m.db")
     row = open_run(store, config, "r", must_exist=False)
-    Pipeline(config=config, run=row, store=store, backend=backend, workdir=tmp_path / "w",
-             console=Console(quiet=True), show_progress=False, poll_interval=0).run(baselines)
+    return store, Pipeline(config=config, run=row, store=store, backend=backend, workdir=tmp_path / "w",
+                           console=Console(quiet=True), show_progress=False, poll_interval=0)
+
+
+def run(tmp_path, backend, baselines=ALL, **overrides) -> Store:
+    store, pipeline = pipeline_for(tmp_path, backend,
+                                   RunConfig(**{"train_size": 12, "eval_size": 8, "seed": 2, **overrides}))
+    pipeline.run(baselines)
     store.close()
     return Store(tmp_path / "m.db")
 
@@ -114,11 +120,7 @@ def test_a_rerun_with_baselines_asks_nothing_again(tmp_path):
 
 def test_zero_shot_transfer_evaluates_every_society_on_the_other_tasks_held_out_problems(tmp_path):
     backend = ScriptedBackend()
-    config = RunConfig(train_size=12, eval_size=6, seed=2)
-    store = Store(tmp_path / "m.db")
-    row = open_run(store, config, "r", must_exist=False)
-    pipeline = Pipeline(config=config, run=row, store=store, backend=backend, workdir=tmp_path / "w",
-                        console=Console(quiet=True), show_progress=False, poll_interval=0)
+    store, pipeline = pipeline_for(tmp_path, backend, RunConfig(train_size=12, eval_size=6, seed=2))
     pipeline.run(("majority-ft",))
     asked = len(backend.requests)
     pipeline.run_more(transfer=("arithmetic:medium",))
@@ -134,11 +136,7 @@ def test_zero_shot_transfer_evaluates_every_society_on_the_other_tasks_held_out_
 
 def test_zero_shot_transfer_debates_each_society_as_on_its_own_task(tmp_path):
     backend = ScriptedBackend()
-    config = RunConfig(train_size=12, eval_size=6, seed=2)
-    store = Store(tmp_path / "m.db")
-    row = open_run(store, config, "r", must_exist=False)
-    pipeline = Pipeline(config=config, run=row, store=store, backend=backend, workdir=tmp_path / "w",
-                        console=Console(quiet=True), show_progress=False, poll_interval=0)
+    store, pipeline = pipeline_for(tmp_path, backend, RunConfig(train_size=12, eval_size=6, seed=2))
     pipeline.run(("no-summary", "no-critic"))
     asked = len(backend.requests)
     pipeline.run_more(transfer=("arithmetic:medium",))
