@@ -602,6 +602,15 @@ class HostedBackend(Generic[SettingsT]):
     def _setup(self) -> None:
         """The parts a subclass makes on first use (clients, runners), each None until then."""
 
+    @property
+    def clients(self) -> Any:
+        """The provider's key and client makers, each subclass its own; a missing key is a one-line UserError."""
+        raise NotImplementedError
+
+    def check_credentials(self) -> None:
+        """The key is read now (a missing one is a one-line UserError); nothing is sent (NeedsCredentials)."""
+        _ = self.clients
+
     def resolve_model(self, model_id: str) -> str:
         """BASE_MODEL_ID stands for the provider's base model; every other id goes to the server as it is."""
         return self.model if model_id == BASE_MODEL_ID else model_id

@@ -99,10 +99,6 @@ class OpenAIBackend(HostedBackend[OpenAIConfig]):
                                             poll_initial=self.batch_poll_initial, log=self._log)
             return self._batches
 
-    def check_credentials(self) -> None:
-        """The key is read now (a missing one is a one-line UserError); nothing is sent."""
-        _ = self.clients
-
     # -- Backend protocol -----------------------------------------------------------------------------------
 
     def describe(self) -> BackendInfo:

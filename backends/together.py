@@ -168,10 +168,6 @@ class TogetherBackend(HostedBackend[TogetherConfig]):
                                           backoff=self.backoff, sleep=self.sleep)
             return self._jobs
 
-    def check_credentials(self) -> None:
-        """The key is read now (a missing one is a one-line UserError); nothing is sent."""
-        _ = self.clients
-
     # -- Backend protocol -----------------------------------------------------------------------------------
 
     def describe(self) -> BackendInfo:

@@ -169,10 +169,11 @@ def _pricing(config: RunConfig, info: BackendInfo, prices: Path | None, *, max_c
     """The run's prices. A billed model without a price is refused under --max-cost (its budget could never
     stop anything), else it costs 0 with one warning line."""
     table = load_prices(prices) if info.billed is not False else None
-    if info.billed is None and table is not None and table.lookup(info.base_model, info.price_family) is None:
-        table = None  # a server of unknown billing (vLLM, a proxy) serving a model with no price: not billed
     pricing = Pricing(table, info.base_model, full_finetune=info.full_finetune, family=info.price_family)
     missing = pricing.missing_price()
+    if missing is not None and info.billed is None:
+        # a server of unknown billing (vLLM, a proxy) serving a model with no price: not billed
+        return Pricing(None, info.base_model, full_finetune=info.full_finetune, family=info.price_family)
     if missing is not None:
         entry = f'[models."{info.base_model}"] input=… output=… training=… source=…'
         if max_cost is not None:
@@ -451,8 +452,8 @@ def jobs_cancel(run_id: str, db: str | None) -> None:
     Each job is then polled and stored as the provider reports it: one that had already ended while no run
     watched it keeps how it ended (a succeeded job its model, which no resume pays for again)."""
     from backends import create_backend
-    from backends.base import TERMINAL_STATUSES, JobRef
-    from orchestrator.finetune import attempt_key, refresh_job
+    from backends.base import TERMINAL_STATUSES
+    from orchestrator.finetune import job_ref, refresh_job
     from orchestrator.pipeline import stored_config
 
     store = _open_store(db, must_exist=True)
@@ -468,8 +469,7 @@ def jobs_cancel(run_id: str, db: str | None) -> None:
         try:
             ledger = Ledger(store, run_id, _pricing(config, backend.describe(), None))
             for job in open_jobs:
-                ref = JobRef(key=attempt_key(job.key, job.attempt), provider_job_id=job.provider_job_id or "")
-                backend.cancel(ref)  # a job that had already ended is left as it is
+                backend.cancel(job_ref(job))  # a job that had already ended is left as it is
                 state = refresh_job(job, backend, store, ledger)  # what did happen, stored as a run stores it
                 which = f"{job.provider_job_id} (agent {job.agent + 1} {job.role}, iteration {job.iteration})"
                 if job.status == "cancelled":

@@ -155,11 +155,13 @@ class Pricing:
         self.family = family  # the provider whose size tiers price a model not listed by name
         self._roots: dict[str, str] = {}  # finetuned model id -> its root base model
 
-    def missing_price(self) -> str | None:
-        """Why this billed run's base model cannot be priced (None when it can, or nothing is billed)."""
-        if self.table is None or self.table.lookup(self.base_model, self.family) is not None:
+    def missing_price(self, model: str | None = None) -> str | None:
+        """Why a billed model (the run's base model by default) cannot be priced; None when it can, or when
+        nothing is billed."""
+        model = model or self.base_model
+        if self.table is None or self.table.lookup(model, self.family) is not None:
             return None
-        return f"no price for model {self.base_model} in price table {self.table.version}"
+        return f"no price for model {model} in price table {self.table.version}"
 
     def learn(self, model_id: str, started_from: str) -> None:
         """`model_id` was finetuned from `started_from` (the base model id or an earlier finetuned id)."""
@@ -258,11 +260,12 @@ class Ledger:
         billed model the table cannot price is refused under a budget, as a run's own model is at its start."""
         if self.max_cost is None:
             return
-        if self.pricing.table is not None and self.pricing.table.lookup(model, self.pricing.family) is None:
+        missing = self.pricing.missing_price(model)
+        if missing is not None:
             raise RunStopped(
-                f"budget: no price for embedding model {model} in price table {self.pricing.table.version}, so "
-                f"{what} cannot be held to --max-cost; nothing more was started. Add [models.\"{model}\"] with "
-                "--prices, or set [diversity] embeddings = \"minilm\""
+                f"budget: {missing.replace('model', 'embedding model', 1)}, so {what} cannot be held to "
+                f"--max-cost; nothing more was started. Add [models.\"{model}\"] with --prices, or set "
+                "[diversity] embeddings = \"minilm\""
             )
         self.check(self.pricing.embedding(model, sum(estimate_tokens(t) for t in texts)), what)
 

@@ -109,14 +109,15 @@ class _Runner:
         return True
 
 
-def _ref(job: JobRow) -> JobRef:
+def job_ref(job: JobRow) -> JobRef:
+    """The provider's handle on a stored job's current attempt."""
     return JobRef(key=attempt_key(job.key, job.attempt), provider_job_id=job.provider_job_id or "")
 
 
 def refresh_job(job: JobRow, backend: Backend, store: Store, ledger: Ledger | None = None) -> JobState:
     """Poll one stored job and store what the provider says, as a run does: its events, its status (ours and the
     provider's), and for an ended job the bill. For `jobs cancel`, which must not guess how a job ended."""
-    ref = _ref(job)
+    ref = job_ref(job)
     state = backend.poll(ref)
     _Runner(backend, store, ledger).poll(job, ref, state)
     return state
@@ -143,7 +144,7 @@ def run_jobs(
         if stored is not None and stored.status == "succeeded":
             runner.done[stored.key] = stored
         elif stored is not None and stored.provider_job_id and stored.status not in TERMINAL_STATUSES:
-            active.append((stored, _ref(stored)))  # re-attach: it was started by an earlier session
+            active.append((stored, job_ref(stored)))  # re-attach: it was started by an earlier session
         elif stored is not None and stored.status == "pending" and stored.provider_job_id is None:
             # Crashed between recording the intent and storing the id: the backend finds the job by its key.
             waiting.append((plan, stored.model_copy(update={"attempt": stored.attempt - 1})))
