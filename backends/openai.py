@@ -25,10 +25,10 @@ from backends.base import (
     JobState,
     ResultCallback,
 )
-from backends.hosted import HostedBackend, call_with_retries
-from backends.hosted_chat import ChatRunner
+from backends.hosted.backend import HostedBackend
+from backends.hosted.chat import ChatRunner
 from backends.openai_batch import BatchRunner
-from backends.openai_client import OPENAI_ERRORS, ClientFactory, is_hosted, resolve_credentials
+from backends.openai_client import ClientFactory, is_hosted, resolve_credentials
 from backends.openai_finetune import DEFAULT_MAX_EXAMPLE_TOKENS, MIN_EXAMPLES, FinetuneJobs
 from orchestrator.config import OpenAIConfig
 
@@ -77,16 +77,15 @@ class OpenAIBackend(HostedBackend[OpenAIConfig]):
     def chats(self) -> ChatRunner:
         with self._lock:
             if self._chat is None:
-                self._chat = ChatRunner(self.clients, self.limiter, resolve_model=self.resolve_model,
-                                        max_retries=self.settings.max_retries, backoff=self.backoff)
+                self._chat = ChatRunner(self.clients, self.limiter, retry=self.retry, resolve_model=self.resolve_model)
             return self._chat
 
     @property
     def jobs(self) -> FinetuneJobs:
         with self._lock:
             if self._jobs is None:
-                self._jobs = FinetuneJobs(self.client, self.clients, self.state, self.settings,
-                                          resolve_model=self.resolve_model, backoff=self.backoff, sleep=self.sleep,
+                self._jobs = FinetuneJobs(self.client, self.clients, self.state, self.settings, retry=self.retry,
+                                          resolve_model=self.resolve_model,
                                           max_example_tokens=self.max_example_tokens)
             return self._jobs
 
@@ -94,8 +93,8 @@ class OpenAIBackend(HostedBackend[OpenAIConfig]):
     def batches(self) -> BatchRunner:
         with self._lock:
             if self._batches is None:
-                self._batches = BatchRunner(self.client, self.clients, self.state, self.settings,
-                                            resolve_model=self.resolve_model, backoff=self.backoff, sleep=self.sleep,
+                self._batches = BatchRunner(self.client, self.clients, self.state, self.settings, retry=self.retry,
+                                            resolve_model=self.resolve_model, sleep=self.sleep,
                                             poll_initial=self.batch_poll_initial, log=self._log)
             return self._batches
 
@@ -151,9 +150,7 @@ class OpenAIBackend(HostedBackend[OpenAIConfig]):
             def ask(chunk: list[str] = chunk) -> CreateEmbeddingResponse:
                 return self.client.embeddings.create(model=name, input=chunk)
 
-            reply = call_with_retries(ask, errors=OPENAI_ERRORS, what=f"embedding {len(chunk)} texts with {name}",
-                                      max_retries=self.settings.max_retries, backoff=self.backoff,
-                                      scrubber=self.clients.scrubber, sleep=self.sleep)
+            reply = self.retry.call(ask, f"embedding {len(chunk)} texts with {name}")
             vectors += [list(item.embedding) for item in sorted(reply.data, key=lambda d: d.index)]
             prompt_tokens += getattr(reply.usage, "prompt_tokens", None) or 0
         return EmbeddingResult(vectors=vectors, prompt_tokens=prompt_tokens, model=name)

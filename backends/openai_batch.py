@@ -21,8 +21,10 @@ from openai import OpenAI
 from pydantic import BaseModel, ValidationError
 
 from backends.base import BackendState, ChatRequest, ChatResult, ResultCallback
-from backends.hosted import Backoff, call_with_retries, create_once, error_message, scan
-from backends.hosted_chat import ChatBody, CompletionPayload, chat_body
+from backends.hosted.chat import ChatBody, CompletionPayload, chat_body
+from backends.hosted.errors import error_message
+from backends.hosted.names import scan
+from backends.hosted.retry import RetryPolicy
 from backends.openai_client import OPENAI_ERRORS, ClientFactory, OpenAIRequestError
 from orchestrator.config import OpenAIConfig
 from orchestrator.crashpoints import crashpoint
@@ -83,8 +85,8 @@ class BatchRunner:
         state: BackendState,
         settings: OpenAIConfig,
         *,
+        retry: RetryPolicy,
         resolve_model: Callable[[str], str],
-        backoff: Backoff,
         sleep: Callable[[float], None] = time.sleep,
         poll_initial: float = 5.0,
         max_resubmissions: int = 3,
@@ -95,9 +97,9 @@ class BatchRunner:
         self.clients = clients
         self.state = state
         self.settings = settings
+        self.retry = retry
         self.resolve_model = resolve_model
-        self.backoff = backoff
-        self.sleep = sleep
+        self.sleep = sleep  # between polls
         self.poll_initial = poll_initial
         self.max_resubmissions = max_resubmissions
         self.max_requests_per_batch = max_requests_per_batch
@@ -105,8 +107,7 @@ class BatchRunner:
 
     def _call(self, what: str, fn: Callable[[], Any]) -> Any:
         try:
-            return call_with_retries(fn, errors=OPENAI_ERRORS, what=what, max_retries=self.settings.max_retries,
-                                     backoff=self.backoff, scrubber=self.clients.scrubber, sleep=self.sleep)
+            return self.retry.call(fn, what)
         except openai.APIStatusError as exc:
             raise self._refused(exc, what) from None
 
@@ -227,9 +228,7 @@ class BatchRunner:
 
     def _retrieve(self, batch_id: str) -> Any | None:
         try:
-            return call_with_retries(lambda: self.client.batches.retrieve(batch_id), errors=OPENAI_ERRORS,
-                                     what=f"looking up {batch_id}", max_retries=self.settings.max_retries,
-                                     backoff=self.backoff, scrubber=self.clients.scrubber, sleep=self.sleep)
+            return self.retry.call(lambda: self.client.batches.retrieve(batch_id), f"looking up {batch_id}")
         except openai.NotFoundError:
             return None
         except openai.APIStatusError as exc:
@@ -237,9 +236,7 @@ class BatchRunner:
 
     def _file_exists(self, file_id: str) -> bool:
         try:
-            call_with_retries(lambda: self.client.files.retrieve(file_id), errors=OPENAI_ERRORS,
-                              what="checking a batch input file", max_retries=self.settings.max_retries,
-                              backoff=self.backoff, scrubber=self.clients.scrubber, sleep=self.sleep)
+            self.retry.call(lambda: self.client.files.retrieve(file_id), "checking a batch input file")
             return True
         except openai.NotFoundError:  # deleted: upload again
             return False
@@ -254,10 +251,8 @@ class BatchRunner:
                                                input_file_id=input_file_id, metadata={"maft_batch": sha})
             return str(batch.id)
 
-        return create_once(create, lambda: self._find(sha, used, usable_only=True), errors=OPENAI_ERRORS,
-                           what="creating a batch", max_retries=self.settings.max_retries, backoff=self.backoff,
-                           scrubber=self.clients.scrubber, refused=lambda exc: self._refused(exc, "creating a batch"),
-                           sleep=self.sleep)
+        return self.retry.create_once(create, lambda: self._find(sha, used, usable_only=True), "creating a batch",
+                                      refused=lambda exc: self._refused(exc, "creating a batch"))
 
     def _find(self, sha: str, used: set[str], *, usable_only: bool) -> str | None:
         """The newest batch on the server carrying `metadata.maft_batch == sha` (the list is newest first)."""

@@ -3,8 +3,8 @@
 The key is read once, held as a pydantic `SecretStr` (its repr is masked) and handed only to the SDK; every
 error text that leaves this package goes through `Scrubber.scrub` first, because providers echo parts of keys
 (and proxies echo headers) in their error bodies. Every client is built with `max_retries=0`: our own retry
-layer (tenacity, in `hosted_chat` and `hosted.call_with_retries`) is the only one, so a retry budget means what
-it says. What is not OpenAI's own (.env, scrubbing, backoff, retries) lives in `backends.hosted`.
+layer (`backends.hosted.retry.RetryPolicy`) is the only one, so a retry budget means what it says. What is not
+OpenAI's own (.env, scrubbing, backoff, retries) lives in `backends.hosted`.
 """
 
 from __future__ import annotations
@@ -17,7 +17,8 @@ import openai
 from openai import AsyncAzureOpenAI, AsyncOpenAI, AzureOpenAI, OpenAI
 from pydantic import BaseModel, ConfigDict, SecretStr
 
-from backends.hosted import HostedRequestError, Scrubber, SdkErrors, env_value
+from backends.hosted.env import Scrubber, env_value
+from backends.hosted.errors import HostedRequestError, SdkErrors
 from orchestrator.config import OpenAIConfig
 from orchestrator.errors import UserError
 

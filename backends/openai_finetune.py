@@ -21,23 +21,12 @@ from openai import OpenAI
 from pydantic import BaseModel, ConfigDict
 
 from backends.base import BackendState, FinetuneSpec, JobEvent, JobRef, JobState, JobStatus
-from backends.chat_files import ChatFileRules, FileCheck, TokenCounter, load_token_counter, validate_chat_file
-from backends.hosted import (
-    Backoff,
-    EventCursor,
-    PreparedJob,
-    call_or_refuse,
-    call_with_retries,
-    create_once,
-    error_code,
-    error_message,
-    key_digest,
-    scan,
-    start_once,
-    train_loss_in,
-    upload_once,
-)
-from backends.hosted import sanitize_suffix as shared_sanitize_suffix
+from backends.hosted.chat_files import ChatFileRules, FileCheck, TokenCounter, load_token_counter, validate_chat_file
+from backends.hosted.errors import error_code, error_message
+from backends.hosted.names import key_digest, scan, train_loss_in
+from backends.hosted.names import sanitize_suffix as shared_sanitize_suffix
+from backends.hosted.records import EventCursor, PreparedJob, start_once, upload_once
+from backends.hosted.retry import RetryPolicy
 from backends.openai_client import OPENAI_ERRORS, ClientFactory, OpenAIRequestError
 from orchestrator.config import OpenAIConfig
 from orchestrator.errors import UserError
@@ -144,9 +133,8 @@ class FinetuneJobs:
         state: BackendState,
         settings: OpenAIConfig,
         *,
+        retry: RetryPolicy,
         resolve_model: Callable[[str], str],
-        backoff: Backoff,
-        sleep: Callable[[float], None],
         max_example_tokens: int = DEFAULT_MAX_EXAMPLE_TOKENS,
     ) -> None:
         self.client = client
@@ -154,9 +142,8 @@ class FinetuneJobs:
         self.state = state
         self.events = EventCursor(state)
         self.settings = settings
+        self.retry = retry
         self.resolve_model = resolve_model
-        self.backoff = backoff
-        self.sleep = sleep
         self.max_example_tokens = max_example_tokens
         self._counter: TokenCounter | None = None
 
@@ -169,9 +156,7 @@ class FinetuneJobs:
         return self._counter
 
     def _call(self, what: str, fn: Callable[[], Any], *, missing_ok: bool = False) -> Any:
-        return call_or_refuse(fn, errors=OPENAI_ERRORS, what=what, max_retries=self.settings.max_retries,
-                              backoff=self.backoff, scrubber=self.clients.scrubber, sleep=self.sleep,
-                              refused=self._refused, missing_ok=missing_ok)
+        return self.retry.call_or_refuse(fn, what, self._refused, missing_ok=missing_ok)
 
     def _refused(self, exc: Exception, doing: str, model: str | None = None) -> Exception:
         """What to raise for a non-retryable error while uploading or creating."""
@@ -222,11 +207,9 @@ class FinetuneJobs:
 
         def upload() -> str:
             doing = f"the upload of {path.name}"
-            return create_once(
-                lambda: str(self.client.files.create(file=(name, data), purpose="fine-tune").id), find,
-                errors=OPENAI_ERRORS, what=doing, max_retries=self.settings.max_retries, backoff=self.backoff,
-                scrubber=self.clients.scrubber, refused=lambda exc: self._refused(exc, doing), sleep=self.sleep,
-            )
+            return self.retry.create_once(
+                lambda: str(self.client.files.create(file=(name, data), purpose="fine-tune").id), find, doing,
+                refused=lambda exc: self._refused(exc, doing))
 
         return upload_once(self.state, sha256, exists=exists, upload=upload, filename=name, nbytes=len(data),
                            find=find)
@@ -261,13 +244,10 @@ class FinetuneJobs:
         """Create the job; after a retryable failure, look for it before trying again (the request may have
         reached the server even though the answer did not reach us)."""
         doing = f"creating the finetuning job for {key!r}"
-        return create_once(
+        return self.retry.create_once(
             lambda: str(self.client.fine_tuning.jobs.create(**body.model_dump()).id),
-            lambda: self._find(body.metadata["maft_key"], body.metadata["maft_file"]),
-            errors=OPENAI_ERRORS, what=doing, max_retries=self.settings.max_retries, backoff=self.backoff,
-            scrubber=self.clients.scrubber, refused=lambda exc: self._refused(exc, doing, body.model),
-            sleep=self.sleep,
-        )
+            lambda: self._find(body.metadata["maft_key"], body.metadata["maft_file"]), doing,
+            refused=lambda exc: self._refused(exc, doing, body.model))
 
     def _find(self, mkey: str, file_sha: str) -> str | None:
         """A live job for this key and this data (created by an earlier, interrupted start). The metadata filter
@@ -340,9 +320,7 @@ class FinetuneJobs:
         """Cancel; a job that already ended (or is gone) needs nothing."""
         what = f"cancelling job {job.provider_job_id}"
         try:
-            call_with_retries(lambda: self.client.fine_tuning.jobs.cancel(job.provider_job_id), errors=OPENAI_ERRORS,
-                              what=what, max_retries=self.settings.max_retries, backoff=self.backoff,
-                              scrubber=self.clients.scrubber, sleep=self.sleep)
+            self.retry.call(lambda: self.client.fine_tuning.jobs.cancel(job.provider_job_id), what)
         except (openai.NotFoundError, openai.BadRequestError, openai.ConflictError):
             return
         except openai.APIStatusError as exc:

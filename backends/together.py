@@ -1,23 +1,21 @@
 """The together backend: chat and LoRA (or full) finetuning on Together AI through the official `together` SDK.
 
-This module wires the parts together: keys and clients (below), concurrent chat (`hosted_chat`, the same runner
-as OpenAI's, given Together's async client), finetuning jobs (`together_finetune`). `BASE_MODEL_ID` stands for the
-base model given as `model`; a finetuned agent is the job's `output_name`, which Together serves without a
-dedicated endpoint only for LoRA adapters of some base models ("serverless LoRA"). Before a round is sent, every
-finetuned model in it is checked once: listed by `GET /v1/models` (free), or else its first request goes alone
-before the others, so a model that needs a dedicated endpoint stops the run with what to do, never half a round.
+This module wires the parts together: keys and clients (`together_client`), concurrent chat (`hosted.chat`, the
+same runner as OpenAI's, given Together's async client), finetuning jobs (`together_finetune`). `BASE_MODEL_ID`
+stands for the base model given as `model`; a finetuned agent is the job's `output_name`, which Together serves
+without a dedicated endpoint only for LoRA adapters of some base models ("serverless LoRA"). Before a round is
+sent, every finetuned model in it is checked once: listed by `GET /v1/models` (free), or else its first request
+goes alone before the others, so a model that needs a dedicated endpoint stops the run with what to do, never
+half a round.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any
 
-import httpx
-import together
-from pydantic import SecretStr
-from together import AsyncTogether, Together
+from together import Together
 
 from backends.base import (
     BASE_MODEL_ID,
@@ -29,74 +27,18 @@ from backends.base import (
     JobState,
     ResultCallback,
 )
-from backends.hosted import (
-    HostedBackend,
-    HostedRequestError,
-    Scrubber,
-    SdkErrors,
-    call_with_retries,
-    env_value,
-    error_message,
-)
-from backends.hosted_chat import ChatRunner
+from backends.hosted.backend import HostedBackend
+from backends.hosted.chat import ChatRunner
+from backends.hosted.errors import HostedRequestError, error_message
+from backends.together_client import TOGETHER_ERRORS, TogetherClients, resolve_clients
 from backends.together_finetune import MIN_EXAMPLES, TogetherJobs
 from orchestrator.config import TogetherConfig
 from orchestrator.errors import UserError
 
-# The SDK's upload helper sends the file's bytes with the raw httpx client, so a dropped connection there is httpx's
-TOGETHER_ERRORS = SdkErrors.of(together, "TogetherError", raw_connection=(httpx.TransportError,))
-KEY_VARIABLE = "TOGETHER_API_KEY"
-BASE_URL_VARIABLE = "TOGETHER_BASE_URL"
-DEFAULT_API_ROOT = "https://api.together.ai"
 MODELS_PAGE = "https://api.together.ai/models"
 # Together's words when a model has no serverless deployment ("Unable to access non-serverless model X. Please
 # visit ... to create and start a new dedicated endpoint for the model.")
 _NEEDS_ENDPOINT = re.compile(r"(?i)dedicated endpoint|non-serverless")
-
-
-def api_root(base_url: str | None) -> str:
-    """What the SDK (>= 3) wants as `base_url`: the server's root, since it puts `/v1/...` in every path. A base
-    URL ending in `/v1` (the OpenAI-compatible form Together's docs and older SDKs use) is cut back to it."""
-    url = (base_url or DEFAULT_API_ROOT).rstrip("/")
-    return url[: -len("/v1")] if url.endswith("/v1") else url
-
-
-class TogetherClients:
-    """Makes SDK clients for one key: a sync one (files, jobs, models) and async ones (chat, one per event loop).
-    The key is held as a SecretStr and handed only to the SDK; clients retry nothing (`max_retries=0`)."""
-
-    errors = TOGETHER_ERRORS
-    key_variable = KEY_VARIABLE
-
-    def __init__(self, api_key: str, base_url: str | None, *, timeout: float) -> None:
-        self._key = SecretStr(api_key)
-        self.base_url = base_url
-        self.timeout = timeout
-        self.scrubber = Scrubber([api_key])
-
-    @property
-    def where(self) -> str:
-        return f"{api_root(self.base_url)}/v1"
-
-    def sync(self) -> Together:
-        return Together(api_key=self._key.get_secret_value(), base_url=api_root(self.base_url), max_retries=0,
-                        timeout=self.timeout)
-
-    def async_(self) -> AsyncTogether:
-        return AsyncTogether(api_key=self._key.get_secret_value(), base_url=api_root(self.base_url), max_retries=0,
-                             timeout=self.timeout)
-
-    def key_error(self, exc: BaseException) -> UserError | None:
-        return self.errors.key_error(exc, where=self.where, key_variable=self.key_variable, scrubber=self.scrubber)
-
-
-def resolve_clients(settings: TogetherConfig, env: Mapping[str, str]) -> TogetherClients:
-    """The key from TOGETHER_API_KEY (environment over ./.env); the server from settings, else TOGETHER_BASE_URL,
-    else Together's. A missing key is a one-line UserError naming the variable."""
-    key = env_value(env, KEY_VARIABLE)
-    if key is None:
-        raise UserError(f"no Together API key: set {KEY_VARIABLE} in the environment or in ./.env")
-    return TogetherClients(key, settings.base_url or env_value(env, BASE_URL_VARIABLE), timeout=settings.timeout)
 
 
 def needs_endpoint(exc: BaseException) -> bool:
@@ -155,8 +97,7 @@ class TogetherBackend(HostedBackend[TogetherConfig]):
     def chats(self) -> ChatRunner:
         with self._lock:
             if self._chat is None:
-                self._chat = ChatRunner(self.clients, self.limiter, resolve_model=self.resolve_model,
-                                        max_retries=self.settings.max_retries, backoff=self.backoff,
+                self._chat = ChatRunner(self.clients, self.limiter, retry=self.retry, resolve_model=self.resolve_model,
                                         refusal=self._refusal)
             return self._chat
 
@@ -164,8 +105,8 @@ class TogetherBackend(HostedBackend[TogetherConfig]):
     def jobs(self) -> TogetherJobs:
         with self._lock:
             if self._jobs is None:
-                self._jobs = TogetherJobs(self.client, self.clients, self.state, self.settings, base_model=self.model,
-                                          backoff=self.backoff, sleep=self.sleep)
+                self._jobs = TogetherJobs(self.client, self.clients, self.state, self.settings, retry=self.retry,
+                                          base_model=self.model)
             return self._jobs
 
     # -- Backend protocol -----------------------------------------------------------------------------------
@@ -225,9 +166,7 @@ class TogetherBackend(HostedBackend[TogetherConfig]):
         every unlisted model is then checked by its first request instead."""
         errors = self.clients.errors
         try:
-            payload = call_with_retries(lambda: self.client.get("/v1/models", cast_to=object), errors=errors,
-                                        what="listing models", max_retries=self.settings.max_retries,
-                                        backoff=self.backoff, scrubber=self.clients.scrubber, sleep=self.sleep)
+            payload = self.retry.call(lambda: self.client.get("/v1/models", cast_to=object), "listing models")
         except errors.status as exc:
             refused = self.clients.key_error(exc)
             if refused is not None:

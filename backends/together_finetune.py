@@ -26,32 +26,19 @@ from collections.abc import Callable, Mapping
 from datetime import datetime
 from pathlib import Path
 from types import MappingProxyType
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from together import Together
 
 from backends.base import BASE_MODEL_ID, BackendState, FinetuneSpec, JobEvent, JobRef, JobState, JobStatus
-from backends.chat_files import ChatFileRules, FileCheck, validate_chat_file
-from backends.hosted import (
-    Backoff,
-    EventCursor,
-    PreparedJob,
-    call_or_refuse,
-    call_with_retries,
-    create_once,
-    error_message,
-    key_digest,
-    sanitize_suffix,
-    scan,
-    start_once,
-    train_loss_in,
-    upload_once,
-)
+from backends.hosted.chat_files import ChatFileRules, FileCheck, validate_chat_file
+from backends.hosted.errors import error_message
+from backends.hosted.names import key_digest, sanitize_suffix, scan, train_loss_in
+from backends.hosted.records import EventCursor, PreparedJob, start_once, upload_once
+from backends.hosted.retry import RetryPolicy
+from backends.together_client import TogetherClients
 from orchestrator.config import TogetherConfig
 from orchestrator.errors import UserError
-
-if TYPE_CHECKING:
-    from backends.together import TogetherClients
 
 MIN_EXAMPLES = 1  # the SDK's MIN_SAMPLES
 MAX_SUFFIX_CHARS = 40  # "up to 40 character suffix" (SDK docstring of fine_tuning.create)
@@ -148,9 +135,8 @@ class TogetherJobs:
         state: BackendState,
         settings: TogetherConfig,
         *,
+        retry: RetryPolicy,
         base_model: str,
-        backoff: Backoff,
-        sleep: Callable[[float], None],
     ) -> None:
         self.client = client
         self.clients = clients
@@ -158,16 +144,13 @@ class TogetherJobs:
         self.events = EventCursor(state)
         self.settings = settings
         self.base_model = base_model  # the root every job of the run starts from, directly or via checkpoints
-        self.backoff = backoff
-        self.sleep = sleep
+        self.retry = retry
         self._limits: dict[str, Any] = {}
 
     # -- plumbing
 
     def _call(self, what: str, fn: Callable[[], Any], *, missing_ok: bool = False) -> Any:
-        return call_or_refuse(fn, errors=self.clients.errors, what=what, max_retries=self.settings.max_retries,
-                              backoff=self.backoff, scrubber=self.clients.scrubber, sleep=self.sleep,
-                              refused=self._refused, missing_ok=missing_ok)
+        return self.retry.call_or_refuse(fn, what, self._refused, missing_ok=missing_ok)
 
     def _refused(self, exc: Exception, doing: str) -> Exception:
         """What to raise for a non-retryable error."""
@@ -289,10 +272,8 @@ class TogetherJobs:
                 raise UserError(f"Together cannot finetune {self.base_model} with these settings: {exc} "
                                 "(change [together] in the config)") from None
 
-        return create_once(create, lambda: self._find(key_marker(key), str(params["training_file"])),
-                           errors=self.clients.errors, what=doing, max_retries=self.settings.max_retries,
-                           backoff=self.backoff, scrubber=self.clients.scrubber,
-                           refused=lambda exc: self._refused(exc, doing), sleep=self.sleep)
+        return self.retry.create_once(create, lambda: self._find(key_marker(key), str(params["training_file"])),
+                                      doing, refused=lambda exc: self._refused(exc, doing))
 
     def _find(self, marker: str, file_id: str) -> str | None:
         """A live job for this key and this training file (created by an earlier, interrupted start)."""
@@ -386,9 +367,7 @@ class TogetherJobs:
         errors = self.clients.errors
         what = f"cancelling job {job.provider_job_id}"
         try:
-            call_with_retries(lambda: self.client.fine_tuning.cancel(job.provider_job_id), errors=errors, what=what,
-                              max_retries=self.settings.max_retries, backoff=self.backoff,
-                              scrubber=self.clients.scrubber, sleep=self.sleep)
+            self.retry.call(lambda: self.client.fine_tuning.cancel(job.provider_job_id), what)
         except (errors.not_found, errors.bad_request, errors.conflict):
             return
         except errors.status as exc:

@@ -67,7 +67,10 @@ class OpenAIConfig(BaseModel):
     concurrency: int = Field(16, ge=1, le=1024)
     requests_per_minute: int | None = Field(None, ge=1)
     tokens_per_minute: int | None = Field(None, ge=1)
-    max_retries: int = Field(6, ge=0, le=50)
+    max_retries: int = Field(6, ge=0, le=50)  # quick retries of a transient fault, before it is put back
+    give_up_after: float = Field(900.0, gt=0)  # seconds the provider may answer nothing before a stage stops
+    backoff_initial: float = Field(1.0, gt=0)  # seconds before the first retry (doubling to backoff_max)
+    backoff_max: float = Field(60.0, gt=0)  # and between the tries of a request put back
     timeout: float = Field(120.0, gt=0)
     batch: bool = False  # debate rounds through the Batch API (half price, slower)
     n_epochs: int | Literal["auto"] = 2
@@ -90,7 +93,10 @@ class TogetherConfig(BaseModel):
     concurrency: int = Field(16, ge=1, le=1024)
     requests_per_minute: int | None = Field(None, ge=1)
     tokens_per_minute: int | None = Field(None, ge=1)
-    max_retries: int = Field(6, ge=0, le=50)
+    max_retries: int = Field(6, ge=0, le=50)  # as in [openai]
+    give_up_after: float = Field(900.0, gt=0)
+    backoff_initial: float = Field(1.0, gt=0)
+    backoff_max: float = Field(60.0, gt=0)
     timeout: float = Field(120.0, gt=0)
     lora: bool = True  # False: full finetuning (dearer; its models need a dedicated endpoint to answer)
     # True: you will deploy finetuned models on dedicated endpoints when the run stops to ask (needed for full
@@ -110,10 +116,12 @@ _OPERATIONAL: dict[str, Any] = {
     "iterations": True,
     "diversity": True,  # measured after the fact: it changes no answer and no model
     "local": {"device", "batch_size"},
-    "openai": {"concurrency", "requests_per_minute", "tokens_per_minute", "max_retries", "timeout", "batch",
-               "poll_interval", "max_concurrent_jobs", "base_url", "azure_endpoint", "api_version", "billed"},
-    "together": {"concurrency", "requests_per_minute", "tokens_per_minute", "max_retries", "timeout",
-                 "poll_interval", "max_concurrent_jobs", "base_url", "dedicated_endpoints"},
+    "openai": {"concurrency", "requests_per_minute", "tokens_per_minute", "max_retries", "give_up_after",
+               "backoff_initial", "backoff_max", "timeout", "batch", "poll_interval", "max_concurrent_jobs",
+               "base_url", "azure_endpoint", "api_version", "billed"},
+    "together": {"concurrency", "requests_per_minute", "tokens_per_minute", "max_retries", "give_up_after",
+                 "backoff_initial", "backoff_max", "timeout", "poll_interval", "max_concurrent_jobs", "base_url",
+                 "dedicated_endpoints"},
 }
 BACKENDS = ("local", "openai", "together")
 

@@ -16,14 +16,16 @@ import openai
 import pytest
 
 from backends.base import BASE_MODEL_ID, ChatMessage, ChatRequest, ChatResult, FinetuneSpec, JobRef, MemoryState
-from backends.chat_files import CharEstimate, load_token_counter
-from backends.hosted import Backoff, Scrubber, parse_dotenv, parse_retry_after, read_environment
-from backends.hosted_chat import ChatBody, CompletionPayload, chat_body
+from backends.hosted.chat import ChatBody, CompletionPayload, chat_body
+from backends.hosted.chat_files import CharEstimate, load_token_counter
+from backends.hosted.env import Scrubber, parse_dotenv, read_environment
+from backends.hosted.errors import ProviderUnavailable
+from backends.hosted.rate_limit import RateLimiter, TokenBucket, estimate_request_tokens
+from backends.hosted.retry import Backoff, parse_retry_after
 from backends.openai import OpenAIBackend
 from backends.openai_batch import batch_input
 from backends.openai_client import NO_KEY_PLACEHOLDER, OpenAIRequestError, is_retryable, resolve_credentials
 from backends.openai_finetune import job_status, maft_key, sanitize_suffix, validate_training_file
-from backends.rate_limit import RateLimiter, TokenBucket, estimate_request_tokens
 from orchestrator.config import OpenAIConfig
 from orchestrator.errors import UserError
 from tests.fake_openai import FakeOpenAI
@@ -498,14 +500,27 @@ def test_cached_tokens_are_reported(fake_openai: FakeOpenAI) -> None:
     assert results[0].usage.cached_tokens == 0 and results[2].usage.cached_tokens > 0
 
 
-def test_retries_are_bounded_then_a_clear_error(fake_openai: FakeOpenAI) -> None:
+def test_a_request_past_its_quick_retries_is_put_back_not_failed(fake_openai: FakeOpenAI) -> None:
     fake_openai.inject("POST /v1/chat/completions", "500", times=10)
     backend = make_backend(fake_openai, max_retries=2)
-    with pytest.raises(OpenAIRequestError) as info:
+    results = backend.chat(arithmetic(1, prefix="only-"))
+    assert [answer_of(r) for r in results] == [1]
+    assert fake_openai.counts["POST /v1/chat/completions"] == 11
+    assert backend.retry_pressure() == "retrying 0 · 5xx 10"
+
+
+def test_a_provider_silent_past_give_up_after_is_a_clear_error(fake_openai: FakeOpenAI) -> None:
+    fake_openai.inject("POST /v1/chat/completions", "500", times=10_000)
+    backend = make_backend(fake_openai, max_retries=2, give_up_after=0.3)
+    started = time.monotonic()
+    with pytest.raises(ProviderUnavailable) as info:
         backend.chat(arithmetic(1, prefix="only-"))
+    assert 0.3 <= time.monotonic() - started < 5
     message = str(info.value)
-    assert "chat request 'only-0'" in message and "after 3 attempts" in message and "last status 500" in message
-    assert fake_openai.counts["POST /v1/chat/completions"] == 3
+    assert message.startswith(f"the provider at {fake_openai.base_url} has answered nothing for 0.3 s (chat "
+                              "request 'only-0': ")
+    assert "last status 500" in message
+    assert fake_openai.counts["POST /v1/chat/completions"] > 3  # tried past its quick retries
 
 
 def test_bad_key_is_a_user_error_without_the_key(fake_openai: FakeOpenAI) -> None:

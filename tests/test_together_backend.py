@@ -24,17 +24,12 @@ from backends.base import (
     JobState,
     MemoryState,
 )
-from backends.chat_files import validate_chat_file
-from backends.hosted import Backoff, HostedRequestError, Scrubber
-from backends.together import (
-    TOGETHER_ERRORS,
-    TogetherBackend,
-    api_root,
-    endpoint_error,
-    listed_models,
-    needs_endpoint,
-    resolve_clients,
-)
+from backends.hosted.chat_files import validate_chat_file
+from backends.hosted.env import Scrubber
+from backends.hosted.errors import ProviderUnavailable
+from backends.hosted.retry import Backoff
+from backends.together import TogetherBackend, endpoint_error, listed_models, needs_endpoint
+from backends.together_client import TOGETHER_ERRORS, api_root, resolve_clients
 from backends.together_finetune import (
     MAX_SUFFIX_CHARS,
     TOGETHER_RULES,
@@ -464,10 +459,11 @@ def test_faults_are_retried_everywhere(fake_together: FakeTogether, tmp_path: Pa
     assert finish(backend, ref)[0].status == "succeeded" and fake_together.counts["POST /v1/fine-tunes"] == 1
 
 
-def test_running_out_of_retries_is_a_clear_error(fake_together: FakeTogether) -> None:
-    fake_together.inject(r"^POST /v1/chat/completions$", "500", times=50)
-    with pytest.raises(HostedRequestError, match=r"chat request 'q0' failed after 3 attempts; last status 500"):
-        make_backend(fake_together, max_retries=2).chat(arithmetic(1))
+def test_a_provider_silent_past_give_up_after_is_a_clear_error(fake_together: FakeTogether) -> None:
+    fake_together.inject(r"^POST /v1/chat/completions$", "500", times=10_000)
+    with pytest.raises(ProviderUnavailable, match=r"^the provider at .* has answered nothing for 0\.[2-9] s \(chat "
+                       r"request 'q0': \d+ tries, last status 500"):
+        make_backend(fake_together, max_retries=2, give_up_after=0.2).chat(arithmetic(1))
 
 
 def test_upload_faults_are_retried(fake_together: FakeTogether, tmp_path: Path) -> None:

@@ -3,24 +3,28 @@ retried alone. Used by every hosted backend: OpenAI's `AsyncOpenAI` and Together
 `chat.completions.create(model=, messages=, max_tokens=, temperature=, top_p=, seed=)` and answer the same shape.
 
 A debate round is a few thousand independent requests: they all start at once as asyncio tasks and the limiter
-decides how many are in flight. tenacity is the only retry layer (clients are built with `max_retries=0`): 429,
-5xx, timeouts and dropped connections are retried with the server's Retry-After or capped exponential backoff;
-a 429 also pauses the limiter, since the other requests would hit the same wall. Other 4xx are not retried: a
-bad key or an unknown model fails the whole call at once with a UserError that says what to fix.
+decides how many are in flight. The backend's `RetryPolicy` is the only retry layer (clients are built with
+`max_retries=0`): 429, 5xx, timeouts and dropped connections are retried, a request that used up its quick
+retries waits longer (without a slot) while the others go on, and only a provider silent for `give_up_after`
+seconds ends the round; a 429 also pauses the limiter, since the other requests would hit the same wall. Other
+4xx are not retried: a bad key or an unknown model fails the whole call at once with a UserError that says
+what to fix.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field
-from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, stop_after_attempt
+from tenacity import RetryCallState
 
 from backends.base import ChatRequest, ChatResult, ResultCallback, Usage
-from backends.hosted import Backoff, Scrubber, SdkErrors, error_message
-from backends.rate_limit import RateLimiter, estimate_request_tokens
+from backends.hosted.env import Scrubber
+from backends.hosted.errors import SdkErrors, error_message
+from backends.hosted.rate_limit import RateLimiter, estimate_request_tokens
+from backends.hosted.retry import RetryPolicy
 from orchestrator.errors import UserError
 
 
@@ -131,19 +135,15 @@ class ChatRunner:
         clients: ChatClients,
         limiter: RateLimiter,
         *,
+        retry: RetryPolicy,
         resolve_model: Callable[[str], str],
-        max_retries: int,
-        backoff: Backoff,
-        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
         refusal: Refusal | None = None,
     ) -> None:
         """`refusal` lets a provider name its own failures (e.g. a model that needs a dedicated endpoint)."""
         self.clients = clients
         self.limiter = limiter
+        self.retry = retry
         self.resolve_model = resolve_model
-        self.max_retries = max_retries
-        self.backoff = backoff
-        self.sleep = sleep
         self.refusal = refusal
 
     def run(self, requests: Sequence[ChatRequest], on_result: ResultCallback | None = None) -> list[ChatResult]:
@@ -182,32 +182,22 @@ class ChatRunner:
         requests start while finished answers still wait in memory for their turn to be stored."""
         body = chat_body(request, self.resolve_model(request.model))
         cost = estimate_request_tokens((m.content for m in body.messages), body.max_tokens)
-        errors = self.clients.errors
-        retrying = AsyncRetrying(
-            stop=stop_after_attempt(self.max_retries + 1),
-            wait=self.backoff.tenacity_wait,
-            retry=retry_if_exception(errors.is_retryable),
-            before_sleep=self._before_sleep,
-            reraise=True,
-            sleep=self.sleep,
-        )
-        result: ChatResult | None = None
+
+        async def attempt() -> ChatResult:
+            async with self.limiter.slot(cost):
+                completion = await client.chat.completions.create(**body.params())
+                # Answered: nothing below is retried (errors from here on are not the SDK's).
+                result = CompletionPayload.model_validate(completion.model_dump()).to_result(request.key)
+                self.limiter.settle(cost, result.usage.prompt_tokens + result.usage.completion_tokens)
+                if on_result is not None:
+                    on_result(result)
+                return result
+
         try:
-            async for attempt in retrying:
-                with attempt:
-                    async with self.limiter.slot(cost):
-                        completion = await client.chat.completions.create(**body.params())
-                        # Answered: nothing below is retried (errors from here on are not the SDK's).
-                        result = CompletionPayload.model_validate(completion.model_dump()).to_result(request.key)
-                        self.limiter.settle(cost, result.usage.prompt_tokens + result.usage.completion_tokens)
-                        if on_result is not None:
-                            on_result(result)
-        except errors.base as exc:
-            attempts = int(retrying.statistics.get("attempt_number", 1))
-            raise self._failure(request, body.model, exc, attempts) from None
-        if result is None:  # tenacity ends with an answer or an exception; this cannot happen
-            raise RuntimeError(f"chat request {request.key!r} ended without an answer")
-        return result
+            return await self.retry.call_async(attempt, f"chat request {request.key!r}",
+                                               before_sleep=self._before_sleep)
+        except self.clients.errors.base as exc:  # not transient (a ProviderUnavailable is not the SDK's)
+            raise self._failure(request, body.model, exc) from None
 
     def _before_sleep(self, state: RetryCallState) -> None:
         """A 429 means every request is about to hit the same limit: hold them all for the wait."""
@@ -215,7 +205,7 @@ class ChatRunner:
         if isinstance(exc, self.clients.errors.rate_limit) and state.next_action is not None:
             self.limiter.pause(state.next_action.sleep)
 
-    def _failure(self, request: ChatRequest, model: str, exc: Exception, attempts: int) -> Exception:
+    def _failure(self, request: ChatRequest, model: str, exc: Exception) -> Exception:
         """The error to raise for a request that will not succeed: a UserError when the user can fix it."""
         c = self.clients
         detail = c.scrubber.scrub(error_message(exc))
@@ -227,4 +217,4 @@ class ChatRunner:
         if isinstance(exc, c.errors.not_found):
             return UserError(f"model {model} is not available on this server: {detail} "
                              f"(server {c.where}; check the model name or --base-url)")
-        return c.errors.failure(exc, f"chat request {request.key!r}", c.scrubber, attempts)
+        return c.errors.failure(exc, f"chat request {request.key!r}", c.scrubber)
