@@ -23,7 +23,7 @@ from collections.abc import Callable
 
 import prompts
 from backends.base import BASE_MODEL_ID, ChatMessage
-from orchestrator.debate import DebateOutcome, Society
+from orchestrator.debate import DebateOutcome, Society, readable_answer
 from orchestrator.pipeline import Pipeline
 from orchestrator.store import DatasetRow
 from orchestrator.tasks import Problem
@@ -119,7 +119,7 @@ class Star(SingleModelMethod):
         runner = p.runner(f"{self.society}/rationale-{iteration}", iteration)
         rationales = runner.ask(asks, "rationale", "rationalizations") if asks else []
         for outcome, row in zip(wrong, rationales, strict=True):
-            if p.task.is_correct(row.answer, outcome.problem):
+            if p.task.is_correct(readable_answer(row), outcome.problem):  # a cut rationale is no answer
                 # learned without the hint: the model must come to the answer on its own next time
                 prompt = outcome.agents[0].messages[0]
                 kept.append(Example(messages=[prompt, ChatMessage(role="assistant", content=row.text)],

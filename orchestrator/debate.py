@@ -14,7 +14,7 @@ import random
 import time
 from collections.abc import Callable, Sequence
 
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 from rich.progress import Progress
 
 import prompts
@@ -66,7 +66,9 @@ class AgentTranscript(BaseModel):
     """Agent n's whole conversation on one problem: user and assistant turns alternate, one pair per round."""
 
     messages: list[ChatMessage]
-    answers: list[str | None]  # the parsed answer of each round
+    answers: list[str | None]  # the readable answer of each round (None: unparseable, or cut at max_tokens)
+    cut: list[bool] = Field(default_factory=list)  # each round's reply stopped at max_tokens
+    tokens: list[int] = Field(default_factory=list)  # each round's conversation through its reply, in tokens
 
 
 class DebateOutcome(BaseModel):
@@ -81,6 +83,23 @@ class _Pending(BaseModel):
     round: int
     agent: int
     kind: str  # answer | summary
+
+
+def truncated(row: ResponseRow) -> bool:
+    """The reply stopped at `max_tokens` (finish reason "length"): it was cut mid-answer."""
+    return row.finish_reason == "length"
+
+
+def readable_answer(row: ResponseRow) -> str | None:
+    """The answer a response counts with: none when it was cut at `max_tokens`.
+
+    The stored `answer` is what the text's extractor reads, kept as it was (history is never rewritten); for
+    arithmetic and GSM8K that falls back to the last number, which in a cut reply is a number out of half-finished
+    reasoning. So a cut reply neither votes nor becomes a training target, and is graded as no answer, decided
+    here at read time: a fresh row and a stored or reused one give the same outcome, so a resumed run ends
+    exactly like an uninterrupted one.
+    """
+    return None if truncated(row) else row.answer
 
 
 def request_seed(seed: int, slot: str) -> int:
@@ -148,7 +167,9 @@ class DebateRunner:
                 row = done[item.request.key]
                 transcript = transcripts[(item.problem_id, item.agent)]
                 transcript.messages = [*item.request.messages, ChatMessage(role="assistant", content=row.text)]
-                transcript.answers.append(row.answer)
+                transcript.answers.append(readable_answer(row))
+                transcript.cut.append(truncated(row))
+                transcript.tokens.append(row.prompt_tokens + row.completion_tokens)
         return self._vote(problems, transcripts, n_agents)
 
     def ask(self, items: Sequence[tuple[Problem, str, list[ChatMessage]]], kind: str, what: str) -> list[ResponseRow]:

@@ -15,7 +15,7 @@ from rich.console import Console
 from backends.base import Backend, SupportsScoring
 from orchestrator.config import DiversityConfig
 from orchestrator.costs import Ledger
-from orchestrator.debate import DebateOutcome, Society
+from orchestrator.debate import AgentTranscript, DebateOutcome, Society
 from orchestrator.diversity import (
     BackendEmbedder,
     Embedder,
@@ -42,7 +42,7 @@ def accuracy(correct: int, n: int) -> tuple[float, float]:
 
 
 def _row(run_id: str, society: str, iteration: int, method: str, answers: Sequence[str | None],
-         outcomes: Sequence[DebateOutcome], task: Task) -> EvaluationRow:
+         cut: Sequence[bool], outcomes: Sequence[DebateOutcome], task: Task) -> EvaluationRow:
     correct = sum(task.is_correct(a, o.problem) for a, o in zip(answers, outcomes, strict=True))
     acc, se = accuracy(correct, len(outcomes))
     return EvaluationRow(
@@ -56,12 +56,15 @@ def _row(run_id: str, society: str, iteration: int, method: str, answers: Sequen
         accuracy=acc,
         stderr=se,
         unparseable=sum(a is None for a in answers),
+        truncated=sum(a is None and c for a, c in zip(answers, cut, strict=True)),
     )
 
 
 def evaluate(
     run_id: str, society: str, iteration: int, outcomes: Sequence[DebateOutcome], task: Task, seed: int
 ) -> list[EvaluationRow]:
+    """The three rows; each counts its unanswered problems and, of those, how many are unanswered because a
+    reply was cut at max_tokens (for a vote: at least one of its voters was cut)."""
     single = [o.agents[0].answers[0] for o in outcomes]
     majority = [
         majority_vote(
@@ -71,10 +74,16 @@ def evaluate(
     ]
     final = [o.vote.final for o in outcomes]
     return [
-        _row(run_id, society, iteration, "single", single, outcomes, task),
-        _row(run_id, society, iteration, "majority", majority, outcomes, task),
-        _row(run_id, society, iteration, "debate", final, outcomes, task),
+        _row(run_id, society, iteration, "single", single, [_cut(o.agents[0], 0) for o in outcomes], outcomes, task),
+        _row(run_id, society, iteration, "majority", majority,
+             [any(_cut(a, 0) for a in o.agents) for o in outcomes], outcomes, task),
+        _row(run_id, society, iteration, "debate", final, [any(_cut(a, -1) for a in o.agents) for o in outcomes],
+             outcomes, task),
     ]
+
+
+def _cut(transcript: AgentTranscript, round_index: int) -> bool:
+    return bool(transcript.cut) and transcript.cut[round_index]
 
 
 class DiversityMeter:

@@ -237,6 +237,12 @@ def m006_job_provider_status(db: sqlite_utils.Database) -> None:
     db.table("jobs").add_column("provider_status", str)
 
 
+def m007_truncated_answers(db: sqlite_utils.Database) -> None:
+    """Evaluations count how many of their unanswered problems are unanswered because a reply was cut at
+    max_tokens (a cut reply counts as no answer). Earlier rows did not tell: 0."""
+    db.table("evaluations").add_column("truncated", int, not_null_default=0)
+
+
 MIGRATIONS: list[Migration] = [
     m001_initial,
     m002_costs_and_backend_state,
@@ -244,6 +250,7 @@ MIGRATIONS: list[Migration] = [
     m004_societies_of_models_and_request_hashes,
     m005_training_estimates,
     m006_job_provider_status,
+    m007_truncated_answers,
 ]
 
 

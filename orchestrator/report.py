@@ -118,6 +118,7 @@ def status_data(store: Store, run: RunRow, now: float | None = None) -> dict[str
         },
         "agents": [a.model_dump(exclude={"run_id", "created_at"}) for a in store.get_agents(run.id)],
         "jobs": [_job_data(store, j, now) for j in jobs],
+        "debates": [t.model_dump() for t in store.truncation(run.id)],
     }
 
 
@@ -134,6 +135,7 @@ def report_data(store: Store, run: RunRow) -> dict[str, Any]:
             d.model_dump(exclude={"run_id", "created_at", "problem_ids"}) for d in store.get_datasets(run.id)
         ],
         "diversity": [d.model_dump(exclude={"run_id", "created_at"}) for d in store.get_diversity(run.id)],
+        "debates": [t.model_dump() for t in store.truncation(run.id)],
     }
 
 
@@ -159,7 +161,26 @@ def accuracy_table(evaluations: list[dict[str, Any]], title: str) -> Table:
     table.add_column("no answer", justify="right")
     for e in evaluations:
         table.add_row(society_label(e["society"], e["iteration"]), METHOD_LABELS.get(e["method"], e["method"]),
-                      f"{acc_text(e['accuracy'], e['stderr'])} %", str(e["n"]), str(e["unparseable"]))
+                      f"{acc_text(e['accuracy'], e['stderr'])} %", str(e["n"]), no_answer_text(e))
+    if any(e.get("truncated") for e in evaluations):
+        table.caption = "no answer: unreadable or missing; (k cut): k of them because a reply stopped at max_tokens"
+    return table
+
+
+def no_answer_text(e: dict[str, Any]) -> str:
+    """How many got no answer, and how many of those because a reply was cut at max_tokens: "3 (2 cut)"."""
+    cut = e.get("truncated") or 0
+    return f"{e['unparseable']} ({cut} cut)" if cut else str(e["unparseable"])
+
+
+def truncation_table(debates: list[dict[str, Any]]) -> Table:
+    """Per debate: replies, and those cut at max_tokens (a cut answer neither votes nor trains)."""
+    table = Table(title="replies cut at max_tokens, per debate")
+    for col in ("debate", "answers", "answers cut", "summaries", "summaries cut"):
+        table.add_column(col, justify="left" if col == "debate" else "right")
+    for d in debates:
+        table.add_row(d["debate"], str(d["answers"]), str(d["answers_cut"]), str(d["summaries"] or ""),
+                      str(d["summaries_cut"]) if d["summaries"] else "")
     return table
 
 
@@ -271,6 +292,8 @@ def status_view(data: dict[str, Any]) -> Group:
         + (f" · last error: {r['error']}" if r["error"] else "")
     )
     parts: list[Any] = [line, agents_table(data["agents"])]
+    if data.get("debates"):
+        parts.append(truncation_table(data["debates"]))
     if data["jobs"]:
         parts.append(jobs_table(data["jobs"]))
     return Group(*parts)

@@ -30,6 +30,7 @@ from matplotlib.figure import Figure
 from pydantic import BaseModel
 
 from orchestrator.costs import cost_summary
+from orchestrator.debate import readable_answer, truncated
 from orchestrator.report import METHOD_LABELS, SOCIETY_LABELS, acc_text, method_order, usd
 from orchestrator.store import (
     DatasetRow,
@@ -224,14 +225,19 @@ class Cell:
     iteration: int
     other_iteration: bool = False  # this task's cell comes from another iteration than the row's
     best: bool = False
+    truncated: int = 0  # of the unanswered: a reply was cut at max_tokens
 
     @property
     def text(self) -> str:
         return acc_text(self.accuracy, self.stderr)
 
     @property
+    def unanswered(self) -> str:
+        return f"{self.unparseable} unanswered" + (f" ({self.truncated} cut)" if self.truncated else "")
+
+    @property
     def detail(self) -> str:
-        return f"{self.correct}/{self.n} correct · {self.unparseable} unanswered"
+        return f"{self.correct}/{self.n} correct · {self.unanswered}"
 
 
 @dataclass
@@ -291,7 +297,8 @@ def build_comparison(evals: Sequence[EvaluationRow], main_task: str | None,
 def _cell(task: str, per_iteration: dict[int, EvaluationRow], target: int) -> Cell:
     e = per_iteration.get(target) or per_iteration[max(per_iteration)]
     return Cell(task=task, accuracy=e.accuracy, stderr=e.stderr, n=e.n, correct=e.correct,
-                unparseable=e.unparseable, iteration=e.iteration, other_iteration=e.iteration != target)
+                unparseable=e.unparseable, iteration=e.iteration, other_iteration=e.iteration != target,
+                truncated=e.truncated)
 
 
 def _mark_groups(rows: list[ComparisonRow]) -> None:
@@ -313,7 +320,8 @@ def _mark_best(rows: Sequence[ComparisonRow], tasks: Iterable[str]) -> None:
 
 def _comparison_notes(rows: Sequence[ComparisonRow], shown: dict[str, int], iteration: int | None) -> list[str]:
     notes = ["Accuracy in % ± one standard error, √(p(1−p)/n); under each value: correct/n and unanswered "
-             "(no readable answer). Bold: the best value in its column."]
+             "(no readable answer; \"k cut\": k of them because a reply stopped at max_tokens, which counts as no "
+             "answer). Bold: the best value in its column."]
     finetuned = [s for s in sorted(shown, key=_society_rank) if s != "base"]
     if finetuned:
         which = "the chosen iteration where they have it" if iteration is not None else "their last iteration"
@@ -632,6 +640,7 @@ class Turn:
     answer: str | None
     correct: bool | None  # None: grading was not possible
     summary: str | None = None  # what this agent's critic was shown before answering this round
+    cut: bool = False  # the reply stopped at max_tokens: it counts as no answer
 
     @property
     def long(self) -> bool:
@@ -783,8 +792,9 @@ def _agent_view(agent: int, last: int, responses: dict[tuple[int, int, str], Res
         if answer is None:
             continue
         summary = responses.get((rnd, agent, "summary"))
-        turns.append(Turn(round=rnd, text=answer.text, answer=answer.answer, correct=grade(answer.answer, truth),
-                          summary=summary.text if summary else None))
+        readable = readable_answer(answer)
+        turns.append(Turn(round=rnd, text=answer.text, answer=readable, correct=grade(readable, truth),
+                          summary=summary.text if summary else None, cut=truncated(answer)))
     corrected = len(turns) > 1 and turns[0].correct is False and turns[-1].correct is True
     return AgentView(agent=agent + 1, turns=turns, corrected=corrected)
 
@@ -1052,7 +1062,7 @@ def _md_cell(cell: Cell | None) -> str:
         return "—"
     value = f"**{cell.text}**" if cell.best else cell.text
     note = f"it. {cell.iteration}* · " if cell.other_iteration else ""
-    return f"{value}<br><sub>{note}{cell.correct}/{cell.n} · {cell.unparseable} unanswered</sub>"
+    return f"{value}<br><sub>{note}{cell.correct}/{cell.n} · {cell.unanswered}</sub>"
 
 
 def _md_comparison(c: Comparison) -> str:
@@ -1142,7 +1152,8 @@ def _md_sample(s: Sample) -> str:
              f"Ground truth **{md_inline(s.truth)}** · final answer **{_md_answer(s.final, s.final_correct)}** · "
              f"votes: {votes} · consensus {s.consensus:.2f}"]
     for agent in s.agents:
-        answers = " → ".join(f"round {t.round}: {_md_answer(t.answer, t.correct)}" for t in agent.turns)
+        answers = " → ".join(f"round {t.round}: {_md_answer(t.answer, t.correct)}{' (cut at max_tokens)' * t.cut}"
+                             for t in agent.turns)
         lines += ["", f"**Agent {agent.agent}**{' (corrected)' if agent.corrected else ''}: {answers}"]
         for t in agent.turns:
             if t.summary is not None:

@@ -198,7 +198,19 @@ class EvaluationRow(BaseModel):
     accuracy: float
     stderr: float
     unparseable: int
+    truncated: int = 0  # of the unparseable: no answer because a reply was cut at max_tokens
     created_at: float = Field(default_factory=_now)
+
+
+class DebateTruncation(BaseModel):
+    """How many of one debate's replies stopped at max_tokens: cut answers count as no answer; cut summaries are
+    still shown to the critics, as they are."""
+
+    debate: str
+    answers: int
+    answers_cut: int
+    summaries: int
+    summaries_cut: int
 
 
 _PKS: dict[str, str | tuple[str, ...]] = {
@@ -379,6 +391,15 @@ class Store:
 
     def count_responses(self, run_id: str) -> int:
         return self.db["responses"].count_where("run_id = ?", [run_id])
+
+    def truncation(self, run_id: str) -> list[DebateTruncation]:
+        """Per debate, in the order the debates began: replies, and those cut at max_tokens."""
+        rows = self.db.execute(
+            "select debate, sum(kind != 'summary'), sum(kind != 'summary' and finish_reason = 'length'), "
+            "sum(kind = 'summary'), sum(kind = 'summary' and finish_reason = 'length') from responses "
+            "where run_id = ? group by debate order by min(created_at), debate", [run_id]).fetchall()
+        return [DebateTruncation(debate=r[0], answers=r[1], answers_cut=r[2], summaries=r[3], summaries_cut=r[4])
+                for r in rows]
 
     # debates ---------------------------------------------------------------------------------------------
 

@@ -7,7 +7,9 @@
   side is empty the other is taken whole rather than training the critic on nothing.
 
 Critic examples learn only the final answer (`weight: 0` on earlier assistant turns) unless `all_turns`, the
-research code's behaviour, is asked for.
+research code's behaviour, is asked for. A reply cut at max_tokens is unreadable (its parsed answer is None, see
+`debate.readable_answer`), so it never agrees with ŷ: it is never a generator example nor a critic's final
+answer, and with `all_turns` it stays unlearned context.
 """
 
 from __future__ import annotations
@@ -52,10 +54,18 @@ def _generator_example(outcome: DebateOutcome, agent: int) -> Example:
 
 
 def _critic_example(outcome: DebateOutcome, agent: int, all_turns: bool) -> Example:
-    messages = outcome.agents[agent].messages
+    """The whole conversation; only its final answer is learned, or with `all_turns` every answer that was not
+    cut at max_tokens (a cut reply stays as context: learning it would teach the model to stop mid-solution)."""
+    transcript = outcome.agents[agent]
+    messages = transcript.messages
     last = len(messages) - 1
+    cut = transcript.cut or [False] * len(transcript.answers)
+
+    def learned(i: int) -> bool:
+        return i == last or (all_turns and not cut[i // 2])  # message i is round i // 2's reply
+
     weighted = [
-        m.model_copy(update={"weight": 1 if (all_turns or i == last) else 0}) if m.role == "assistant" else m
+        m.model_copy(update={"weight": 1 if learned(i) else 0}) if m.role == "assistant" else m
         for i, m in enumerate(messages)
     ]
     return Example(messages=weighted, problem_id=outcome.problem.id)
