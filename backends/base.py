@@ -194,6 +194,24 @@ class NeedsCredentials(Protocol):
     def check_credentials(self) -> None: ...
 
 
+@runtime_checkable
+class ChecksServer(Protocol):
+    """A backend whose server may lack what a command needs: an OpenAI-compatible `--base-url` server without
+    finetuning endpoints, a model it does not serve. `check_server` finds out with a cheap call or two (listing
+    jobs, looking the model up) before anything is spent, and raises a one-line UserError naming what is missing
+    and what to do; `finetuning=False` (an evaluation) asks only about the model."""
+
+    def check_server(self, *, finetuning: bool) -> None: ...
+
+
+@runtime_checkable
+class ReportsRetries(Protocol):
+    """A backend that retries remote calls: what the progress bar shows of it ("retrying 3 · 429s 41"; "" while
+    nothing has gone wrong), so a user can see a fault storm happening."""
+
+    def retry_pressure(self) -> str: ...
+
+
 class ScoreRequest(BaseModel):
     """How surprising `continuation` is as the assistant's reply to `messages` under `model`.
 

@@ -27,10 +27,12 @@ from backends.base import (
 )
 from backends.hosted.backend import HostedBackend
 from backends.hosted.chat import ChatRunner
+from backends.hosted.errors import error_message
 from backends.openai_batch import BatchRunner
-from backends.openai_client import ClientFactory, is_hosted, resolve_credentials
+from backends.openai_client import OPENAI_ERRORS, ClientFactory, is_hosted, resolve_credentials
 from backends.openai_finetune import DEFAULT_MAX_EXAMPLE_TOKENS, MIN_EXAMPLES, FinetuneJobs
 from orchestrator.config import OpenAIConfig
+from orchestrator.errors import UserError
 
 AUTO_EPOCHS_ESTIMATE = 3  # OpenAI's usual choice for "auto" (more for files under ~35 examples)
 DEFAULT_EMBEDDING_MODEL = "text-embedding-3-small"
@@ -121,6 +123,42 @@ class OpenAIBackend(HostedBackend[OpenAIConfig]):
             min_training_examples=MIN_EXAMPLES,
             embedding_model=DEFAULT_EMBEDDING_MODEL,
         )
+
+    def check_server(self, *, finetuning: bool) -> None:
+        """Before anything is spent (ChecksServer): the model is served, and, when the command will train, the
+        server has a finetuning API (and a Batch API under `batch = true`)."""
+        self._check_model()
+        if finetuning:
+            self.jobs.check_available()
+        if self.settings.batch:
+            self.batches.check_available()
+
+    def _check_model(self) -> None:
+        """`models.retrieve(model)`; a 404 is confirmed by the model list (vLLM and llama.cpp list models but do
+        not serve `/models/{id}`), and a server with no list at all is let through: its first chat will tell.
+        Azure is skipped: its models are deployments, which `/models` does not list."""
+        if self.settings.api == "azure":
+            return
+        errors = OPENAI_ERRORS
+        try:
+            self.retry.call(lambda: self.client.models.retrieve(self.model), f"looking up model {self.model}")
+            return
+        except errors.not_found as exc:
+            missing = exc
+        except errors.status as exc:
+            if (refused := self.clients.key_error(exc)) is not None:
+                raise refused from None
+            return
+        try:
+            listed = self.retry.call(lambda: [m.id for m in self.client.models.list()], "listing models")
+        except errors.status as exc:
+            if (refused := self.clients.key_error(exc)) is not None:
+                raise refused from None
+            return
+        if self.model not in listed:
+            detail = self.clients.scrubber.scrub(error_message(missing))
+            raise UserError(f"model {self.model} is not available on this server: {detail} (server "
+                            f"{self.clients.where}; check the model name or --base-url)")
 
     def chat(self, requests: Sequence[ChatRequest], on_result: ResultCallback | None = None) -> list[ChatResult]:
         if not requests:

@@ -122,6 +122,10 @@ class BatchRunner:
             return UserError(f"the server refused {what}: {scrub.scrub(error_message(exc))}")
         return OPENAI_ERRORS.failure(exc, what, scrub)
 
+    def check_available(self) -> None:
+        """One cheap call that finds out, before anything is spent, whether this server has a Batch API."""
+        self._call("listing batches", lambda: self.client.batches.list(limit=1))
+
     # -- the whole round ----------------------------------------------------------------------------------------
 
     def run(self, requests: Sequence[ChatRequest], on_result: ResultCallback | None = None) -> list[ChatResult]:

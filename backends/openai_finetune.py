@@ -177,6 +177,11 @@ class FinetuneJobs:
             return UserError(f"the server refused {doing}: {detail}")
         return OpenAIRequestError(doing, OPENAI_ERRORS.status_of(exc), detail)
 
+    def check_available(self) -> None:
+        """One cheap call that finds out, before anything is spent, whether this server has a finetuning API (a
+        404 is a UserError saying so)."""
+        self._call("listing finetuning jobs", lambda: self.client.fine_tuning.jobs.list(limit=1))
+
     # -- files
 
     def check(self, path: Path) -> FileCheck:

@@ -182,6 +182,12 @@ class TogetherBackend(HostedBackend[TogetherConfig]):
             return endpoint_error(model, finetuned=model != self.model)
         return None
 
+    def check_server(self, *, finetuning: bool) -> None:
+        """Before anything is spent (ChecksServer): when the command will train, Together can finetune the base
+        model. (Whether a model answers without a dedicated endpoint is found by its first request.)"""
+        if finetuning:
+            self.jobs.check_model()
+
     def start_finetune(self, spec: FinetuneSpec) -> JobRef:
         return self.jobs.start(spec)
 

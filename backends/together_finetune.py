@@ -262,6 +262,11 @@ class TogetherJobs:
                 lambda: self.client.fine_tuning.model_limits(model_name=self.base_model))
         return self._limits[self.base_model]
 
+    def check_model(self) -> None:
+        """Before anything is spent: can Together finetune the base model (its limits answer, so the finetuning
+        API is there too)? A refusal is a UserError with Together's words."""
+        self._model_limits()
+
     def _create(self, params: dict[str, Any], key: str) -> str:
         doing = f"creating the finetuning job for {key!r}"
 

@@ -17,7 +17,9 @@ from rich.console import Console
 from backends.base import BackendInfo, MemoryState
 from orchestrator.config import BACKENDS, DEFAULT_MODEL, RunConfig, build_config, read_toml
 from orchestrator.costs import Ledger, Pricing, load_prices
+from orchestrator.crashpoints import crashpoint
 from orchestrator.errors import UserError
+from orchestrator.failures import CommandContext, debug_requested, finish
 from orchestrator.finetune import RunStopped
 from orchestrator.interrupts import GracefulStop, StopRequested
 from orchestrator.locks import RunLock
@@ -60,10 +62,27 @@ def _print_json(data: Any) -> None:
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
 @click.version_option(package_name="maft-orchestrator")
-def cli() -> None:
+@click.option("--debug", is_flag=True, help="Show the traceback of a failure instead of one line (also "
+              "MAFT_DEBUG=1). Without it, the traceback goes to the errors.log the line names.")
+@click.pass_context
+def cli(ctx: click.Context, debug: bool) -> None:
     """Multiagent finetuning (Subramaniam et al., ICLR 2025): a society of N agents debates training problems,
     each agent's generator and critic are finetuned on its own share of the debate, and the finetuned society
-    is evaluated on held-out problems. Every step is tracked in SQLite; any run can be watched and resumed."""
+    is evaluated on held-out problems. Every step is tracked in SQLite; any run can be watched and resumed.
+
+    Exit status: 0 done; 1 stopped, resumable (the line says how); 2 bad input (nothing started or spent);
+    130 interrupted."""
+    context = ctx.ensure_object(CommandContext)
+    context.debug = context.debug or debug
+
+
+def _enter(command: str, db: str | None, run_id: str | None = None) -> CommandContext:
+    """Where this command's failures are logged (the run's folder, or maft-runs beside the database)."""
+    context = click.get_current_context().find_object(CommandContext) or CommandContext()
+    runs = _db_path(db).resolve().parent / "maft-runs"
+    context.at(runs / run_id if run_id else runs)
+    crashpoint(f"cli.{command}")  # tests inject an unexpected failure here
+    return context
 
 
 @cli.command()
@@ -127,6 +146,7 @@ def run(config_file: Path | None, backend: str | None, model: str | None, task: 
     With no options it runs a small job on the bundled SmolLM2-135M-Instruct on CPU: 3 agents, 2 rounds,
     1 iteration, 24 easy arithmetic problems to train on and 24 to evaluate on.
     """
+    _enter("run", db, resume or name)
     flags: dict[str, Any] = {
         "backend": backend, "model": model, "task": task, "agents": agents, "rounds": rounds,
         "iterations": iterations, "train_size": train_size, "eval_size": eval_size, "seed": seed,
@@ -217,7 +237,7 @@ def _run_locked(store: Store, config: RunConfig, run_id: str, *, must_exist: boo
                 baselines: tuple[str, ...], transfer: tuple[str, ...], more_only: bool, stop: GracefulStop,
                 console: Console) -> None:
     from backends import create_backend
-    from backends.base import NeedsCredentials
+    from backends.base import ChecksServer, NeedsCredentials
     from orchestrator.pipeline import Pipeline, open_run
     from orchestrator.report import accuracy_table, comparison_table, datasets_table, report_data
 
@@ -230,16 +250,19 @@ def _run_locked(store: Store, config: RunConfig, run_id: str, *, must_exist: boo
         pricing = _pricing(config, info, prices, max_cost=max_cost, console=console)
         if isinstance(backend_obj, NeedsCredentials):
             backend_obj.check_credentials()
+        if isinstance(backend_obj, ChecksServer):  # a chat-only server, an unknown model: said before any spend
+            backend_obj.check_server(finetuning=not more_only or bool(baselines))
         run_row = open_run(store, config, run_id, must_exist=must_exist)
     except BaseException:
         backend_obj.close()
         raise
+    resume_cmd = f"orchestrator run --resume {run_id}{_db_flag(db)}"
+    _enter("run.started", db).at(work, resume_cmd)
     ledger = Ledger(store, run_id, pricing, max_cost=max_cost,
                     batch=config.backend == "openai" and config.openai.batch)
     console.print(f"run [bold]{run_id}[/] · {config.backend} ({info.device or 'remote'}) · {config.model} · "
                   f"{config.task} · {config.agents} agents × {config.rounds} rounds × {config.iterations} "
                   f"iteration(s) · db {store.path} · files {work}")
-    resume_cmd = f"orchestrator run --resume {run_id}{_db_flag(db)}"
     started = time.monotonic()
     try:
         pipeline = Pipeline(config=config, run=run_row, store=store, backend=backend_obj, workdir=work,
@@ -307,6 +330,7 @@ def status(run_id: str | None, db: str | None, as_json: bool, watch: bool, inter
     from orchestrator.locks import is_held
     from orchestrator.report import runs_data, runs_table, status_data, status_view
 
+    _enter("status", db, run_id)
     store = _open_store(db, must_exist=True)
     try:
         if run_id is None:
@@ -355,6 +379,7 @@ def report(run_id: str, db: str | None, as_json: bool, out_dir: Path | None, ite
     from orchestrator.report import accuracy_table, comparison_table, datasets_table, report_data
     from orchestrator.report_html import write_report
 
+    _enter("report", db, run_id)
     store = _open_store(db, must_exist=True)
     try:
         run_row = store.require_run(run_id)
@@ -378,17 +403,26 @@ def report(run_id: str, db: str | None, as_json: bool, out_dir: Path | None, ite
 
 
 def main() -> None:
+    """The console script: whatever ends a command ends in one line and an exit status (see `failures`), never
+    a traceback unless --debug or MAFT_DEBUG=1 asks for one."""
+    args = _debug_first(sys.argv[1:])
+    context = CommandContext(debug=debug_requested(os.environ))
     try:
-        cli.main(standalone_mode=False)
-    except UserError as exc:
-        click.echo(f"error: {exc}", err=True)
-        sys.exit(2)
-    except click.exceptions.Abort:
-        click.echo("interrupted", err=True)
-        sys.exit(130)
-    except click.ClickException as exc:
+        cli.main(args=args, prog_name="orchestrator", standalone_mode=False, obj=context)
+    except click.ClickException as exc:  # a usage error: click's own lines name the option
         exc.show()
         sys.exit(2)
+    except (Exception, KeyboardInterrupt, click.exceptions.Abort) as exc:
+        if context.debug and not isinstance(exc, UserError | KeyboardInterrupt | click.exceptions.Abort):
+            raise
+        sys.exit(finish(exc, context, args))
+
+
+def _debug_first(args: list[str]) -> list[str]:
+    """`--debug` belongs to the group, but users type it anywhere (`orchestrator run --debug`): move it first."""
+    if "--debug" not in args[1:]:
+        return args
+    return ["--debug", *(a for a in args if a != "--debug")]
 
 
 @cli.command()
@@ -404,6 +438,7 @@ def cost(run_id: str, db: str | None, as_json: bool) -> None:
     from orchestrator.costs import cost_summary
     from orchestrator.report import cost_tables
 
+    _enter("cost", db, run_id)
     store = _open_store(db, must_exist=True)
     try:
         store.require_run(run_id)
@@ -435,6 +470,7 @@ def jobs_list(run_id: str, db: str | None, as_json: bool) -> None:
     """Every job of RUN with its provider id, state, elapsed time, trained tokens and last event."""
     from orchestrator.report import jobs_table, status_data
 
+    _enter("jobs-list", db, run_id)
     store = _open_store(db, must_exist=True)
     try:
         data = status_data(store, store.require_run(run_id))["jobs"]
@@ -456,6 +492,7 @@ def jobs_cancel(run_id: str, db: str | None) -> None:
     from orchestrator.finetune import job_ref, refresh_job
     from orchestrator.pipeline import stored_config
 
+    _enter("jobs-cancel", db, run_id)
     store = _open_store(db, must_exist=True)
     try:
         config = stored_config(store, run_id)
@@ -510,6 +547,7 @@ def eval_command(run_id: str, baselines: str | None, tasks: tuple[str, ...], db:
     tasks. Every response already stored is reused, and nothing finished is redone."""
     from orchestrator.pipeline import stored_config
 
+    _enter("eval", db, run_id)
     chosen = parse_baselines(baselines)
     if not chosen and not tasks:
         raise UserError("nothing to evaluate: give --baselines and/or --task")

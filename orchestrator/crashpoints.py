@@ -11,7 +11,10 @@ commit, ...) with one line each:
 at its 7th hit in this process. The kill is `SIGKILL` to ourselves: no exception, no `finally`, no atexit, no
 buffered output flushed, no SQLite rollback; exactly what a power cut leaves behind.
 
-The variable is read once per process, on the first call. When it is unset (always, outside tests) a crashpoint
+`MAFT_RAISE_AT=name` (or `name#k`) raises `InjectedFailure` there instead: an unexpected exception, for the
+tests that check that no failure of any kind reaches the user as a traceback.
+
+The variables are read once per process, on the first call. When it is unset (always, outside tests) a crashpoint
 costs a few global lookups and comparisons, and counts nothing. `MAFT_CRASH_TRACE=FILE` appends the name of every
 point hit to FILE instead, so a sweep can learn how often each point is hit in a run before choosing where to kill.
 
@@ -29,12 +32,15 @@ import signal
 import threading
 
 ENV_VAR = "MAFT_CRASH_AT"
+RAISE_VAR = "MAFT_RAISE_AT"  # raise InjectedFailure at that point instead of dying
 TRACE_VAR = "MAFT_CRASH_TRACE"  # a file: every point hit is appended to it, one name a line (to plan a sweep)
 
 _target: tuple[str, int] | None = None  # (point name, hit that kills); None when disarmed
+_raise_at: tuple[str, int] | None = None  # (point name, hit that raises)
 _read = False  # whether the environment was read (once per process)
 _trace: str | None = None
 _hits: dict[str, int] = {}  # hits of the armed point only: nothing is counted when disarmed
+_raise_hits: dict[str, int] = {}
 _lock = threading.Lock()  # points are hit from worker threads too (job polling)
 
 
@@ -52,33 +58,45 @@ def parse(spec: str | None) -> tuple[str, int] | None:
     return name, int(count)
 
 
-def arm(spec: str | None) -> None:
-    """Set (or with None clear) the crash target of this process and reset its hit count; reads no environment.
-    For tests of this module; a run is armed through the environment."""
-    global _target, _read, _trace
+class InjectedFailure(RuntimeError):
+    """The unexpected exception `MAFT_RAISE_AT` asks for."""
+
+
+def arm(spec: str | None, *, raise_at: str | None = None) -> None:
+    """Set (or with None clear) the crash and raise targets of this process and reset their hit counts; reads no
+    environment. For tests of this module; a run is armed through the environment."""
+    global _target, _raise_at, _read, _trace
     with _lock:
-        _target, _trace, _read = parse(spec), None, True
+        _target, _raise_at, _trace, _read = parse(spec), parse(raise_at), None, True
         _hits.clear()
+        _raise_hits.clear()
+
+
+def _due(target: tuple[str, int] | None, name: str, counts: dict[str, int]) -> bool:
+    """Count a hit of the armed point `name`; True at its k-th."""
+    if target is None or name != target[0]:
+        return False
+    with _lock:
+        counts[name] = counts.get(name, 0) + 1
+        return counts[name] == target[1]
 
 
 def crashpoint(name: str) -> None:
-    """Die here, by SIGKILL, if `MAFT_CRASH_AT` names this point (and this is its k-th hit)."""
-    global _target, _read, _trace
+    """Die here, by SIGKILL, if `MAFT_CRASH_AT` names this point (and this is its k-th hit); raise
+    InjectedFailure if `MAFT_RAISE_AT` does."""
+    global _target, _raise_at, _read, _trace
     if not _read:
         with _lock:
             if not _read:
-                _target, _trace, _read = parse(os.environ.get(ENV_VAR)), os.environ.get(TRACE_VAR) or None, True
+                _target, _raise_at = parse(os.environ.get(ENV_VAR)), parse(os.environ.get(RAISE_VAR))
+                _trace, _read = os.environ.get(TRACE_VAR) or None, True
     if _trace is not None:
         with _lock, open(_trace, "a", encoding="utf-8") as trace:
             trace.write(name + "\n")
-    target = _target
-    if target is None or name != target[0]:
-        return
-    with _lock:
-        _hits[name] = _hits.get(name, 0) + 1
-        due = _hits[name] == target[1]
-    if due:
+    if _due(_target, name, _hits):
         os.kill(os.getpid(), signal.SIGKILL)
+    if _due(_raise_at, name, _raise_hits):
+        raise InjectedFailure(f"failure injected at {name} ({RAISE_VAR})")
 
 
 def hits(name: str) -> int:

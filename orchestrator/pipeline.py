@@ -15,9 +15,17 @@ from pathlib import Path
 
 from pydantic import BaseModel
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    ProgressColumn,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 
-from backends.base import BASE_MODEL_ID, Backend, FinetuneSpec
+from backends.base import BASE_MODEL_ID, Backend, FinetuneSpec, ReportsRetries
 from orchestrator.config import RunConfig
 from orchestrator.costs import Ledger
 from orchestrator.crashpoints import crashpoint
@@ -26,6 +34,7 @@ from orchestrator.errors import UserError
 from orchestrator.evaluate import DiversityMeter, evaluate
 from orchestrator.finetune import FinetunePlan, run_jobs
 from orchestrator.interrupts import StopRequested, never
+from orchestrator.progress import RetryColumn
 from orchestrator.store import AgentRow, DatasetRow, JobRow, ProblemRow, RunRow, Store
 from orchestrator.tasks import Problem, Task, get_task
 from orchestrator.training_data import build_agent_data, write_jsonl
@@ -271,8 +280,11 @@ class Pipeline:
         if not self.show_progress:
             yield None
             return
-        columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                   TimeRemainingColumn())
+        columns: tuple[ProgressColumn, ...] = (
+            TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+            TimeRemainingColumn())
+        if isinstance(self.backend, ReportsRetries):  # a storm of 429s shows, instead of a bar that stalls
+            columns += (RetryColumn(self.backend),)
         with Progress(*columns, console=self.console) as progress:
             yield progress
 

@@ -142,21 +142,43 @@ def test_a_failed_job_stops_the_iteration_and_resume_continues(tmp_path, fake_op
     assert len(retried) == 1 and retried[0].status == "succeeded"
 
 
+def orchestrator(fake: FakeOpenAI, cwd, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "OPENAI_API_KEY": fake.api_key}
+    return subprocess.run([sys.executable, "-m", "orchestrator", *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=300)
+
+
 @pytest.mark.fake_openai(finetuning=False, base_accuracy=0.8)
-def test_a_chat_only_server_is_reported_clearly(tmp_path, fake_openai):
-    env = {**os.environ, "OPENAI_API_KEY": fake_openai.api_key}
-    proc = subprocess.run(
-        [sys.executable, "-m", "orchestrator", "run", "--backend", "openai", "--model", MINI, "--base-url",
-         fake_openai.base_url, "--train-size", "30", "--eval-size", "4", "--critic-mix", "0", "--quiet",
-         "--name", "chat-only"],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
-    )
+def test_a_chat_only_server_is_refused_before_any_debate(tmp_path, fake_openai):
+    proc = orchestrator(fake_openai, tmp_path, "run", "--backend", "openai", "--model", MINI, "--base-url",
+                        fake_openai.base_url, "--train-size", "30", "--eval-size", "4", "--critic-mix", "0",
+                        "--quiet", "--name", "chat-only")
     assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
-    assert "Traceback" not in proc.stderr
-    assert "no finetuning API" in proc.stderr and fake_openai.base_url in proc.stderr
+    assert "Traceback" not in proc.stdout + proc.stderr
+    assert proc.stderr.strip() == (f"error: this server ({fake_openai.base_url}) has no finetuning API: use it for "
+                                   "chat only, or point --base-url at OpenAI/Azure")
     assert fake_openai.api_key not in proc.stdout + proc.stderr
-    db = sqlite3.connect(tmp_path / "maft.db")  # the debates it paid for are kept
-    assert db.execute("select count(*) from responses").fetchone()[0] > 0
+    assert fake_openai.counts["POST /v1/chat/completions"] == 0  # nothing was asked, nothing spent
+    assert fake_openai.counts["GET /v1/fine_tuning/jobs"] == 1  # one cheap call found out
+    db = sqlite3.connect(tmp_path / "maft.db")
+    assert db.execute("select count(*) from runs").fetchone()[0] == 0  # and no run was recorded
+
+
+@pytest.mark.fake_openai(base_accuracy=0.8)
+def test_eval_runs_against_a_chat_only_server_but_a_baseline_that_trains_is_refused(tmp_path, fake_openai):
+    first = orchestrator(fake_openai, tmp_path, "run", "--backend", "openai", "--model", MINI, "--base-url",
+                         fake_openai.base_url, "--train-size", "10", "--eval-size", "4", "--critic-mix", "0",
+                         "--quiet", "--name", "r")
+    assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-2000:]
+    fake_openai.finetuning = False  # the same server, now serving chat only
+    chats = fake_openai.counts["POST /v1/chat/completions"]
+    refused = orchestrator(fake_openai, tmp_path, "eval", "r", "--baselines", "star", "--quiet")
+    assert refused.returncode == 2 and "no finetuning API" in refused.stderr
+    assert fake_openai.counts["POST /v1/chat/completions"] == chats
+    transfer = orchestrator(fake_openai, tmp_path, "eval", "r", "--task", "arithmetic", "--quiet")
+    assert transfer.returncode == 0, transfer.stdout[-2000:] + transfer.stderr[-2000:]
+    assert "Traceback" not in transfer.stdout + transfer.stderr
+    assert fake_openai.counts["POST /v1/chat/completions"] > chats
 
 
 @pytest.mark.fake_openai(base_accuracy=0.8, finetune_bonus=0.1)
