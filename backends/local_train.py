@@ -46,6 +46,7 @@ EventSink = Callable[[str], None]
 class EncodedExample:
     input_ids: list[int]
     labels: list[int]
+    too_long: bool = False  # a learned token lies past max_length: never trained on, nor cut (see encode_example)
 
     @property
     def learned_tokens(self) -> int:
@@ -103,6 +104,11 @@ def encode_example(
     A learned span starts after the assistant header (rendered as the generation prompt of the conversation
     so far) and ends with the end-of-turn token, so the model learns to stop; the template's trailing newline
     after it is not learned because generation never gets there.
+
+    A target is never cut: cut on the right, a critic's final answer (its only learned span, at the very end)
+    would lose its end and its end-of-turn, teaching the model to stop mid-solution. Only tokens after the last
+    learned one are dropped to fit `max_length`; an example whose learned tokens do not all fit comes back whole
+    with `too_long` set, for the trainer to drop and count.
     """
     # Leading whitespace carries no meaning after a role header, but it can merge with the template's newline
     # into one token (SmolLM2 has "\n\n"), and then no prefix of the conversation tokenizes as a prefix of the
@@ -119,6 +125,9 @@ def encode_example(
         if eos is not None and eos in full[start:end]:
             end = start + max(j for j, t in enumerate(full[start:end]) if t == eos) + 1
         labels[start:end] = full[start:end]
+    learned_end = max((i + 1 for i, label in enumerate(labels) if label != IGNORE_INDEX), default=0)
+    if learned_end > max_length:
+        return EncodedExample(input_ids=full, labels=labels, too_long=True)
     return EncodedExample(input_ids=full[:max_length], labels=labels[:max_length])
 
 
@@ -242,13 +251,19 @@ def train_lora(
     started = time.perf_counter()
     tokenizer = pool.loaded.tokenizer
     conversations = read_training_file(spec.training_file)
-    encoded = [encode_example(tokenizer, c, spec.params.max_length) for c in conversations]
-    examples = [e for e in encoded if e.learned_tokens > 0]
+    max_length = spec.params.max_length
+    encoded = [encode_example(tokenizer, c, max_length) for c in conversations]
+    examples = [e for e in encoded if e.learned_tokens > 0 and not e.too_long]
+    too_long = sum(e.too_long for e in encoded)
     on_event(f"loaded {len(examples)} examples from {spec.training_file}")
-    if len(examples) < len(encoded):
-        on_event(f"skipped {len(encoded) - len(examples)} examples with no assistant tokens to learn")
+    if too_long:
+        on_event(f"dropped {too_long} examples whose learned answer ends past max_length {max_length} (never cut): "
+                 "raise [training] max_length to keep them")
+    if len(examples) + too_long < len(encoded):
+        on_event(f"skipped {len(encoded) - len(examples) - too_long} examples with no assistant tokens to learn")
     if not examples:
-        raise UserError(f"{spec.training_file} has no assistant turn to learn within max_length: check weights")
+        raise UserError(f"{spec.training_file} has no assistant turn to learn within max_length {max_length}: check "
+                        "the weights, or raise [training] max_length")
 
     set_seed(spec.seed)  # before the adapter exists: LoRA's A matrices are drawn from the global RNG
     with warnings.catch_warnings():

@@ -27,7 +27,7 @@ from orchestrator.debate import DebateOutcome, Society, readable_answer
 from orchestrator.pipeline import Pipeline
 from orchestrator.store import DatasetRow
 from orchestrator.tasks import Problem
-from orchestrator.training_data import Example, agreeing_examples, write_jsonl
+from orchestrator.training_data import Example, agreeing_examples, fit, generator_example, write_jsonl
 from orchestrator.voting import agrees
 
 ROLE = "single"
@@ -71,9 +71,11 @@ class SingleModelMethod:
     def _dataset(self, iteration: int, examples: list[Example]) -> DatasetRow:
         p = self.p
         path = p.dataset_path(self.society, iteration, 0, ROLE)
+        examples, too_long = fit(examples, p.max_length)
         row = DatasetRow(run_id=p.run_row.id, society=self.society, iteration=iteration, agent=0, role=ROLE,
                          path=str(path), sha256=write_jsonl(path, examples), n_examples=len(examples),
-                         n_generation=len(examples), problem_ids=json.dumps([e.problem_id for e in examples]))
+                         n_generation=len(examples), problem_ids=json.dumps([e.problem_id for e in examples]),
+                         n_too_long=too_long)
         p.store.save_datasets([row])
         return row
 
@@ -86,8 +88,8 @@ class MajorityFT(SingleModelMethod):
         outcomes = p.debate(f"{self.society}/train-{iteration}", train, Society.uniform(p.config.agents, model),
                             iteration, p.settings(rounds=1))
         return [
-            Example(messages=agent.messages[:2], problem_id=o.problem.id)
-            for o in outcomes for agent in o.agents
+            generator_example(o, k)
+            for o in outcomes for k, agent in enumerate(o.agents)
             if agrees(agent.answers[0], o.vote.final, p.task.equivalent)
         ]
 
@@ -110,8 +112,7 @@ class Star(SingleModelMethod):
         p = self.p
         first = p.debate(f"{self.society}/train-{iteration}", train, Society.uniform(1, model), iteration,
                          p.settings(rounds=1))
-        kept = [Example(messages=o.agents[0].messages[:2], problem_id=o.problem.id)
-                for o in first if p.task.is_correct(o.agents[0].answers[0], o.problem)]
+        kept = [generator_example(o, 0) for o in first if p.task.is_correct(o.agents[0].answers[0], o.problem)]
         wrong = [o for o in first if not p.task.is_correct(o.agents[0].answers[0], o.problem)]
         family = p.task.family
         asks = [(o.problem, model, [ChatMessage(role="user", content=prompts.render(

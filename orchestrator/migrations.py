@@ -243,6 +243,12 @@ def m007_truncated_answers(db: sqlite_utils.Database) -> None:
     db.table("evaluations").add_column("truncated", int, not_null_default=0)
 
 
+def m008_dataset_too_long(db: sqlite_utils.Database) -> None:
+    """Datasets count the examples dropped as longer than the trainer's max_length (which would have cut their
+    learned answer). Earlier sets were not checked: 0."""
+    db.table("datasets").add_column("n_too_long", int, not_null_default=0)
+
+
 MIGRATIONS: list[Migration] = [
     m001_initial,
     m002_costs_and_backend_state,
@@ -251,6 +257,7 @@ MIGRATIONS: list[Migration] = [
     m005_training_estimates,
     m006_job_provider_status,
     m007_truncated_answers,
+    m008_dataset_too_long,
 ]
 
 

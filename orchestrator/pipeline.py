@@ -299,6 +299,14 @@ class Pipeline:
         with self._progress() as progress:
             return self.runner(name, iteration, settings, progress, task).run(problems, society)
 
+    @property
+    def max_length(self) -> int | None:
+        """The longest example a finetune takes, in tokens: longer ones are dropped when the data is built and
+        counted in its dataset row, since the trainer would cut them exactly where they are learned. Only the
+        local trainer has such a limit (`[training] max_length`); hosted providers take whole conversations
+        and check their own limits on the file."""
+        return self.config.training.max_length if self.config.backend == "local" else None
+
     def dataset_path(self, society: str, iteration: int, agent: int, role: str) -> Path:
         where = self.workdir / "datasets" / ("" if society == "maft" else society) / f"iteration-{iteration}"
         return where / f"agent-{agent + 1}-{role}.jsonl"
@@ -309,7 +317,7 @@ class Pipeline:
         for agent in range(self.config.agents):
             rng = random.Random(f"{self.config.seed}:critic-mix:{iteration}:{agent}")
             data = build_agent_data(outcomes, agent, self.task.equivalent, w=self.config.critic_mix, rng=rng,
-                                    all_turns=self.config.critic_train_all_turns)
+                                    all_turns=self.config.critic_train_all_turns, max_length=self.max_length)
             roles = (("generator", data.generator), ("critic", data.critic))
             for role, examples in roles if variant.train_critics else roles[:1]:
                 path = self.dataset_path(variant.society, iteration, agent, role)
@@ -323,6 +331,7 @@ class Pipeline:
                     n_critic_neg_available=data.critic_neg_available if critic else 0,
                     n_critic_pos_available=data.critic_pos_available if critic else 0,
                     problem_ids=json.dumps([e.problem_id for e in examples]),
+                    n_too_long=data.critic_too_long if critic else data.generator_too_long,
                 ))
         self.store.save_datasets(rows)
         return rows

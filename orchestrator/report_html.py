@@ -180,6 +180,7 @@ class DatasetLine:
     critic_pos: str
     job: str
     loss: str
+    too_long: int  # dropped as longer than max_length (never trained on cut)
     sha: str
 
 
@@ -204,6 +205,7 @@ def dataset_lines(datasets: Sequence[DatasetRow], jobs: Sequence[JobRow]) -> lis
             examples=d.n_examples,
             critic_neg=f"{d.n_critic_neg}/{d.n_critic_neg_available}" if critic else "",
             critic_pos=f"{d.n_critic_pos}/{d.n_critic_pos_available}" if critic else "",
+            too_long=d.n_too_long,
             job=trained.status if trained else "—",
             loss=f"{trained.train_loss:.3f}" if trained and trained.train_loss is not None else "",
             sha=d.sha256[:12],
@@ -1106,14 +1108,15 @@ def _md_diversity(report: Report, plot_files: dict[str, str]) -> str:
 def _md_datasets(report: Report) -> str:
     if not report.datasets:
         return "## Finetuning data\n\nNo finetuning sets are stored for this run yet."
-    headers = ["society", "iteration", "agent", "role", "examples", "D^C− used/avail.", "D^C+ used/avail.", "job",
-               "loss", "sha256"]
+    headers = ["society", "iteration", "agent", "role", "examples", "D^C− used/avail.", "D^C+ used/avail.",
+               "too long", "job", "loss", "sha256"]
     rows = ([md_inline(d.society), str(d.iteration), str(d.agent), d.role, str(d.examples), d.critic_neg,
-             d.critic_pos, md_inline(d.job), d.loss, f"`{d.sha}`"] for d in report.datasets)
+             d.critic_pos, str(d.too_long), md_inline(d.job), d.loss, f"`{d.sha}`"] for d in report.datasets)
     return ("## Finetuning data per agent and role\n\n"
-            + md_table(headers, rows, [False, True, True, False, True, True, True, False, True, False])
+            + md_table(headers, rows, [False, True, True, False, True, True, True, True, False, True, False])
             + "\n\nCritic sets mix D^C− (wrong or unreadable in round 1, then agreeing with the majority) and D^C+ "
-              "(agreeing throughout): used/available.")
+              "(agreeing throughout): used/available. Too long: examples dropped as longer than the trainer's "
+              "max_length, which would have cut the answer they teach.")
 
 
 def _md_cost(report: Report, plot_files: dict[str, str]) -> str:

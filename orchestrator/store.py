@@ -112,6 +112,7 @@ class DatasetRow(BaseModel):
     n_critic_neg_available: int = 0
     n_critic_pos_available: int = 0
     problem_ids: str = "[]"
+    n_too_long: int = 0  # examples dropped as longer than max_length (never trained on cut)
     created_at: float = Field(default_factory=_now)
 
 

@@ -34,6 +34,9 @@ class Example(BaseModel):
 
     messages: list[ChatMessage]
     problem_id: str = Field(exclude=True)
+    # its length in the backend's tokens, through its last learned token, from the stored token counts of the
+    # reply it ends with (None: not known, e.g. a rationale asked with a hint it is learned without)
+    tokens: int | None = Field(None, exclude=True)
 
     def to_json(self) -> str:
         return json.dumps({"messages": [m.model_dump(exclude_none=True) for m in self.messages]}, ensure_ascii=False)
@@ -46,11 +49,16 @@ class AgentData(BaseModel):
     critic_pos_available: int
     critic_neg_used: int
     critic_pos_used: int
+    generator_too_long: int = 0  # dropped: longer than max_length (a cut target is never trained on)
+    critic_too_long: int = 0  # dropped before the mix: the critic sets are mixed from what fits
 
 
-def _generator_example(outcome: DebateOutcome, agent: int) -> Example:
-    first_turns = outcome.agents[agent].messages[:2]  # the round-1 prompt and answer
-    return Example(messages=list(first_turns), problem_id=outcome.problem.id)
+def generator_example(outcome: DebateOutcome, agent: int) -> Example:
+    """Agent n's round-1 prompt and answer."""
+    transcript = outcome.agents[agent]
+    first_turns = transcript.messages[:2]  # the round-1 prompt and answer
+    return Example(messages=list(first_turns), problem_id=outcome.problem.id,
+                   tokens=transcript.tokens[0] if transcript.tokens else None)
 
 
 def _critic_example(outcome: DebateOutcome, agent: int, all_turns: bool) -> Example:
@@ -68,7 +76,19 @@ def _critic_example(outcome: DebateOutcome, agent: int, all_turns: bool) -> Exam
         m.model_copy(update={"weight": 1 if learned(i) else 0}) if m.role == "assistant" else m
         for i, m in enumerate(messages)
     ]
-    return Example(messages=weighted, problem_id=outcome.problem.id)
+    return Example(messages=weighted, problem_id=outcome.problem.id,
+                   tokens=transcript.tokens[-1] if transcript.tokens else None)
+
+
+def fit(examples: Sequence[Example], max_length: int | None) -> tuple[list[Example], int]:
+    """The examples that fit in `max_length` tokens, and how many did not. A trainer that cut the rest on the
+    right would cut exactly what is learned (a critic's final answer ends its example), so they are dropped and
+    counted instead. None: no limit (hosted providers take whole conversations). An example of unknown length
+    is kept: the local trainer measures it again and drops it there if it must."""
+    if max_length is None:
+        return list(examples), 0
+    kept = [e for e in examples if e.tokens is None or e.tokens <= max_length]
+    return kept, len(examples) - len(kept)
 
 
 def mix_sizes(available_neg: int, available_pos: int, w: float) -> tuple[int, int]:
@@ -98,7 +118,10 @@ def build_agent_data(
     w: float,
     rng: random.Random,
     all_turns: bool = False,
+    max_length: int | None = None,
 ) -> AgentData:
+    """Agent n's sets; examples longer than `max_length` tokens are dropped (and counted) before the critic
+    mix, so the mix is made of what can be trained on."""
     generator: list[Example] = []
     corrected: list[Example] = []
     kept: list[Example] = []
@@ -107,10 +130,13 @@ def build_agent_data(
         answers = outcome.agents[agent].answers
         first_ok = agrees(answers[0], final, equivalent)
         if first_ok:
-            generator.append(_generator_example(outcome, agent))
+            generator.append(generator_example(outcome, agent))
         if len(answers) < 2 or not agrees(answers[-1], final, equivalent):
             continue
         (kept if first_ok else corrected).append(_critic_example(outcome, agent, all_turns))
+    generator, generator_too_long = fit(generator, max_length)
+    corrected, neg_too_long = fit(corrected, max_length)
+    kept, pos_too_long = fit(kept, max_length)
     n_neg, n_pos = mix_sizes(len(corrected), len(kept), w)
     order = {o.problem.id: i for i, o in enumerate(outcomes)}
     critic = sorted(_sample(corrected, n_neg, rng) + _sample(kept, n_pos, rng), key=lambda e: order[e.problem_id])
@@ -121,6 +147,8 @@ def build_agent_data(
         critic_pos_available=len(kept),
         critic_neg_used=n_neg,
         critic_pos_used=n_pos,
+        generator_too_long=generator_too_long,
+        critic_too_long=neg_too_long + pos_too_long,
     )
 
 
@@ -133,7 +161,7 @@ def agreeing_examples(
     for outcome in outcomes:
         for agent, transcript in enumerate(outcome.agents):
             if agrees(transcript.answers[0], outcome.vote.final, equivalent):
-                examples.append(_generator_example(outcome, agent))
+                examples.append(generator_example(outcome, agent))
             if len(transcript.answers) > 1 and agrees(transcript.answers[-1], outcome.vote.final, equivalent):
                 examples.append(_critic_example(outcome, agent, all_turns))
     return examples

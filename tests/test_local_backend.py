@@ -232,8 +232,15 @@ def test_loss_mask_covers_exactly_the_learned_assistant_turns(tiny_dir: Path) ->
     assert learned(turns) == f"It is 4.{eos}"
     both = [*turns[:2], turns[2].model_copy(update={"weight": None}), *turns[3:]]
     assert learned(both) == f"It is 5.{eos}It is 4.{eos}"
-    truncated = encode_example(tokenizer, turns, max_length=10)
-    assert len(truncated.input_ids) == 10 and truncated.learned_tokens == 0
+    # a target is never cut: a learned token past max_length flags the whole example too long (the trainer drops
+    # it); only the unlearned tail after the last learned token is trimmed to fit
+    whole = encode_example(tokenizer, turns, max_length=512)
+    too_long = encode_example(tokenizer, turns, max_length=10)
+    assert too_long.too_long and (too_long.input_ids, too_long.labels) == (whole.input_ids, whole.labels)
+    end = max(i for i, label in enumerate(whole.labels) if label != IGNORE_INDEX) + 1
+    fitted = encode_example(tokenizer, turns, max_length=end)
+    assert not fitted.too_long and len(fitted.input_ids) == end < len(whole.input_ids)
+    assert fitted.learned_tokens == whole.learned_tokens
 
 
 def test_loss_mask_refuses_a_template_that_is_not_prefix_stable(tiny_dir: Path) -> None:
