@@ -212,17 +212,20 @@ class DebateRunner:
         return _Pending(request=request, problem_id=problem.id, round=1, agent=agent, kind="answer")
 
     def _others(self, problem: Problem, agent: int, transcripts: dict[tuple[str, int], AgentTranscript],
-                n_agents: int) -> str:
-        """The other agents' answers of the previous round, as one block of the response-item template."""
+                n_agents: int, item: str) -> str:
+        """The other agents' answers of the previous round, each rendered with the `item` template, as one block:
+        the summarizer's items (`response_item.txt`) or the task's own for concatenation (`concat_item.txt`:
+        the sources word them differently per task)."""
         return "".join(
-            prompts.render("response_item.txt", response=transcripts[(problem.id, k)].messages[-1].content)
+            prompts.render(item, response=transcripts[(problem.id, k)].messages[-1].content)
             for k in range(n_agents)
             if k != agent
         )
 
     def _summary(self, problem: Problem, agent: int, rnd: int, transcripts: dict[tuple[str, int], AgentTranscript],
                  n_agents: int) -> _Pending:
-        text = prompts.render("summarize.txt", responses=self._others(problem, agent, transcripts, n_agents))
+        others = self._others(problem, agent, transcripts, n_agents, "response_item.txt")
+        text = prompts.render("summarize.txt", responses=others)
         key = self._key(problem.id, rnd, agent, "summary")
         request = self._request(
             key, BASE_MODEL_ID, [ChatMessage(role="user", content=text)], self.settings.generation.summary_max_tokens
@@ -239,7 +242,8 @@ class DebateRunner:
         else:
             text = prompts.render(
                 f"{family}/critic_concat.txt",
-                responses=self._others(problem, agent, transcripts, len(society.generators)),
+                responses=self._others(problem, agent, transcripts, len(society.generators),
+                                       f"{family}/concat_item.txt"),
                 question=problem.question,
             )
         history = transcripts[(problem.id, agent)].messages
