@@ -76,13 +76,14 @@ def cli(ctx: click.Context, debug: bool) -> None:
     context.debug = context.debug or debug
 
 
-def _enter(command: str, db: str | None, run_id: str | None = None) -> CommandContext:
-    """Where this command's failures are logged (the run's folder, or maft-runs beside the database)."""
+def _enter(command: str, db: str | None, run_id: str | None = None, *, folder: Path | None = None,
+           resume: str | None = None) -> None:
+    """Tell the command's ending where its failures are logged (the run's folder, else maft-runs beside the
+    database) and how to resume."""
     context = click.get_current_context().find_object(CommandContext) or CommandContext()
     runs = _db_path(db).resolve().parent / "maft-runs"
-    context.at(runs / run_id if run_id else runs)
+    context.at(folder or (runs / run_id if run_id else runs), resume)
     crashpoint(f"cli.{command}")  # tests inject an unexpected failure here
-    return context
 
 
 @cli.command()
@@ -257,7 +258,7 @@ def _run_locked(store: Store, config: RunConfig, run_id: str, *, must_exist: boo
         backend_obj.close()
         raise
     resume_cmd = f"orchestrator run --resume {run_id}{_db_flag(db)}"
-    _enter("run.started", db).at(work, resume_cmd)
+    _enter("run.started", db, folder=work, resume=resume_cmd)
     ledger = Ledger(store, run_id, pricing, max_cost=max_cost,
                     batch=config.backend == "openai" and config.openai.batch)
     console.print(f"run [bold]{run_id}[/] · {config.backend} ({info.device or 'remote'}) · {config.model} · "

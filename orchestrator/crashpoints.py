@@ -12,7 +12,8 @@ at its 7th hit in this process. The kill is `SIGKILL` to ourselves: no exception
 buffered output flushed, no SQLite rollback; exactly what a power cut leaves behind.
 
 `MAFT_RAISE_AT=name` (or `name#k`) raises `InjectedFailure` there instead: an unexpected exception, for the
-tests that check that no failure of any kind reaches the user as a traceback.
+tests that check that no failure of any kind reaches the user as a traceback. Its message ends with
+`MAFT_RAISE_DETAIL` when set, so a test can make it carry what a real error might (a secret a proxy echoed).
 
 The variables are read once per process, on the first call. When it is unset (always, outside tests) a crashpoint
 costs a few global lookups and comparisons, and counts nothing. `MAFT_CRASH_TRACE=FILE` appends the name of every
@@ -33,6 +34,7 @@ import threading
 
 ENV_VAR = "MAFT_CRASH_AT"
 RAISE_VAR = "MAFT_RAISE_AT"  # raise InjectedFailure at that point instead of dying
+DETAIL_VAR = "MAFT_RAISE_DETAIL"  # text the injected failure's message ends with
 TRACE_VAR = "MAFT_CRASH_TRACE"  # a file: every point hit is appended to it, one name a line (to plan a sweep)
 
 _target: tuple[str, int] | None = None  # (point name, hit that kills); None when disarmed
@@ -96,7 +98,8 @@ def crashpoint(name: str) -> None:
     if _due(_target, name, _hits):
         os.kill(os.getpid(), signal.SIGKILL)
     if _due(_raise_at, name, _raise_hits):
-        raise InjectedFailure(f"failure injected at {name} ({RAISE_VAR})")
+        detail = os.environ.get(DETAIL_VAR)
+        raise InjectedFailure(f"failure injected at {name} ({RAISE_VAR})" + (f": {detail}" if detail else ""))
 
 
 def hits(name: str) -> int:

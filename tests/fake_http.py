@@ -379,6 +379,9 @@ class FakeLLMServer:
         self._storm_rng = random.Random(f"storm/{seed}")
         self._storm: tuple[float, tuple[str, ...], float | None, float] = (0.0, (), None, 0.0)
         self._injections: list[Injection] = []
+        self._down = False
+        self._down_after: tuple[int, float] | None = None  # (total requests, seconds down), see `outage`
+        self.outages = 0  # times the server went down
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
         self._connections: set[socket.socket] = set()
@@ -448,6 +451,27 @@ class FakeLLMServer:
         with self._lock:
             self._storm = (rate, tuple(kinds), retry_after, delay)
 
+    def go_down(self) -> None:
+        """Answer nothing until `come_up`: every request's connection is closed unanswered, before any work (so
+        nothing is paid for or created), as a server that is down or unreachable looks to a client."""
+        with self._lock:
+            self._down = True
+            self.outages += 1
+
+    def come_up(self) -> None:
+        with self._lock:
+            self._down = False
+
+    def outage(self, after: int, seconds: float) -> None:
+        """Go down once `after` requests have been served in all, and come back `seconds` later (`inf`: stay
+        down until `come_up`)."""
+        with self._lock:
+            self._down_after = (after, seconds)
+
+    def total_requests(self) -> int:
+        with self._lock:
+            return sum(self.counts.values())
+
     def set_accuracy(self, model: str, p: float) -> None:
         """Fix the chance that `model` answers right (wins over base_accuracy and the finetune bonus)."""
         with self._lock:
@@ -461,6 +485,9 @@ class FakeLLMServer:
         path, query = split.path, parse_qsl(split.query, keep_blank_values=True)
         key, resolved = self.resolve(method, path)
         with self._lock:
+            self._maybe_go_down()
+            if self._down:
+                return Reply(drop=True)
             self.counts[key] += 1
             fault = self._take_fault(f"{method} {path}")
         kind = fault.kind if fault else None
@@ -494,6 +521,18 @@ class FakeLLMServer:
         """Run the method named by a route (looked up now, so a test can replace it on one instance)."""
         method: Callable[[Call], Reply] = getattr(self, handler)
         return method(call)
+
+    def _maybe_go_down(self) -> None:
+        """Start the outage `outage` planned, once its request count is reached (called under the lock)."""
+        if self._down_after is None or sum(self.counts.values()) < self._down_after[0]:
+            return
+        seconds = self._down_after[1]
+        self._down_after, self._down = None, True
+        self.outages += 1
+        if math.isfinite(seconds):
+            timer = threading.Timer(seconds, self.come_up)
+            timer.daemon = True
+            timer.start()
 
     def _take_fault(self, line: str) -> Injection | None:
         for injection in self._injections:
