@@ -113,6 +113,9 @@ def test_an_unknown_model_is_named(tmp_path, fake_openai):
                     f"not exist or you do not have access to it. (server {fake_openai.base_url}; check the model "
                     "name or --base-url)")
     assert fake_openai.counts["POST /v1/fine_tuning/jobs"] == 0
+    assert fake_openai.counts["POST /v1/chat/completions"] == 0  # found before the first debate
+    runs = sqlite3.connect(tmp_path / "maft.db").execute("select count(*) from runs").fetchone()[0]
+    assert runs == 0  # and no run recorded
 
 
 # -- data files --------------------------------------------------------------------------------------------------
