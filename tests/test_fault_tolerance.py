@@ -196,3 +196,35 @@ def test_debug_shows_the_traceback(finished_run: tuple[Path, FakeOpenAI]) -> Non
     proc = orchestrator(workdir, "status", RUN, "--db", str(workdir / "m.db"), "--debug",
                         extra_env={crashpoints.RAISE_VAR: "cli.status"})
     assert proc.returncode == 1 and "Traceback" in proc.stderr and "InjectedFailure" in proc.stderr
+
+
+# -- the progress bar ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.fake_openai(base_accuracy=0.8)
+def test_the_progress_bar_shows_the_retry_pressure(tmp_path: Path, fake_openai: FakeOpenAI) -> None:
+    from rich.console import Console
+
+    from backends.openai import OpenAIBackend
+    from orchestrator.config import OpenAIConfig, RunConfig
+    from orchestrator.debate import Society
+    from orchestrator.pipeline import Pipeline, open_run
+    from orchestrator.store import Store, StoreState
+
+    fake_openai.inject("POST /v1/chat/completions", "429", times=5, retry_after=0.01)
+    fake_openai.inject("POST /v1/chat/completions", "500", times=2)
+    config = RunConfig(backend="openai", model="gpt-4.1-mini-2025-04-14", train_size=4, eval_size=2, rounds=1,
+                       openai=OpenAIConfig(base_url=fake_openai.base_url, poll_interval=0.01, concurrency=1,
+                                           backoff_initial=0.01))
+    store = Store(tmp_path / "m.db")
+    backend = OpenAIBackend(config.model, config.openai, StoreState(store, "openai"), show_progress=False,
+                            environ={"OPENAI_API_KEY": fake_openai.api_key})
+    console = Console(record=True, force_terminal=True, width=200)
+    pipeline = Pipeline(config=config, run=open_run(store, config, "p", must_exist=False), store=store,
+                        backend=backend, workdir=tmp_path / "w", console=console, show_progress=True,
+                        poll_interval=0.01)
+    train, _ = pipeline.problems()
+    pipeline.debate("train-1", train, Society.base(config.agents), 1)
+    backend.close()
+    store.close()
+    assert "retrying 0 · 429s 5 · 5xx 2" in console.export_text()
