@@ -263,7 +263,8 @@ def _run_locked(store: Store, config: RunConfig, run_id: str, *, must_exist: boo
                     batch=config.backend == "openai" and config.openai.batch)
     console.print(f"run [bold]{run_id}[/] · {config.backend} ({info.device or 'remote'}) · {config.model} · "
                   f"{config.task} · {config.agents} agents × {config.rounds} rounds × {config.iterations} "
-                  f"iteration(s) · db {store.path} · files {work}")
+                  f"iteration(s) · temperature {config.generation.temperature:g}, top_p {config.generation.top_p:g}, "
+                  f"max_tokens {config.generation.max_tokens} · db {store.path} · files {work}")
     started = time.monotonic()
     try:
         pipeline = Pipeline(config=config, run=run_row, store=store, backend=backend_obj, workdir=work,

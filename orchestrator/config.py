@@ -17,12 +17,15 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from backends.base import TrainingParams
 from orchestrator.errors import UserError
+from orchestrator.tasks import task_defaults
 
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"
 
 
 class GenerationConfig(BaseModel):
-    """Sampling for every agent and the summarizer (the paper's code: temperature 1, top_p 0.9)."""
+    """Sampling for every agent and the summarizer. In a run config, what `[generation]` leaves out comes from
+    the task (`orchestrator.tasks.task_defaults`: the paper's temperature 1, top_p 0.9 and answer-sized
+    `max_tokens` for its tasks; these class defaults, the demo's, for the default job's easy arithmetic)."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -48,6 +51,9 @@ class LocalConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    # Generation's dtype (auto: bfloat16 on CUDA, float32 on CPU). Part of the run's identity: it changes the
+    # answers, and in bfloat16 an answer also depends on its batch mates.
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     batch_size: int = Field(48, ge=1, le=4096)
 
 
@@ -126,9 +132,9 @@ _OPERATIONAL: dict[str, Any] = {
 BACKENDS = ("local", "openai", "together")
 
 
-def _default_training() -> TrainingParams:
+def _default_training(max_length: int = 512) -> TrainingParams:
     # Small sets of short answers: a few more epochs and a higher rate than the paper's 7B settings.
-    return TrainingParams(epochs=3, batch_size=8, learning_rate=3e-4, max_length=512)
+    return TrainingParams(epochs=3, batch_size=8, learning_rate=3e-4, max_length=max_length)
 
 
 class RunConfig(BaseModel):
@@ -155,6 +161,26 @@ class RunConfig(BaseModel):
     openai: OpenAIConfig = Field(default_factory=OpenAIConfig)
     together: TogetherConfig = Field(default_factory=TogetherConfig)
     diversity: DiversityConfig = Field(default_factory=DiversityConfig)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _task_defaults(cls, data: Any) -> Any:
+        """What the config leaves out of `[generation]` and `[training] max_length` comes from its task, so a
+        GSM8K run without a `[generation]` table samples as the paper did with room for its answers instead of
+        the demo's 96 tokens. A stored config holds every value, so resuming never changes one."""
+        if not isinstance(data, dict):
+            return data
+        defaults = task_defaults(str(data.get("task", cls.model_fields["task"].default)))
+        out = dict(data)
+        generation = data.get("generation")
+        if generation is None or isinstance(generation, dict):
+            out["generation"] = {**defaults.generation(), **(generation or {})}
+        training = data.get("training")
+        if training is None:
+            out["training"] = _default_training(defaults.max_length)
+        elif isinstance(training, dict) and "max_length" not in training:
+            out["training"] = {**training, "max_length": defaults.max_length}
+        return out
 
     @model_validator(mode="after")
     def _consistent(self) -> RunConfig:

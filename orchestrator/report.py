@@ -186,11 +186,13 @@ def truncation_table(debates: list[dict[str, Any]]) -> Table:
 
 def datasets_table(datasets: list[dict[str, Any]]) -> Table:
     table = Table(title="finetuning data per agent and role")
-    table.caption = ("critic sets mix D^C− (wrong, then corrected) and D^C+ (right throughout): used/available; "
-                     "too long: dropped as longer than max_length, never trained on cut")
     societies = any(d.get("society", "maft") != "maft" for d in datasets)  # baselines too: say whose data
-    columns = ("society",) * societies + ("iteration", "agent", "role", "examples", "D^C−", "D^C+", "too long",
-                                          "sha256")
+    too_long = any(d.get("n_too_long") for d in datasets)  # a column only when something was dropped
+    table.caption = ("critic sets mix D^C− (wrong, then corrected) and D^C+ (right throughout): used/available; "
+                     + ("too long: dropped as longer than max_length, never trained on cut" if too_long else
+                        "no example was longer than max_length"))
+    columns = ("society",) * societies + ("iteration", "agent", "role", "examples", "D^C−", "D^C+") + (
+        "too long",) * too_long + ("sha256",)
     for col in columns:
         table.add_column(col, justify="left" if col in ("society", "role", "sha256") else "right")
     for d in datasets:
@@ -200,7 +202,7 @@ def datasets_table(datasets: list[dict[str, Any]]) -> Table:
             str(d["iteration"]), str(d["agent"] + 1), d["role"], str(d["n_examples"]),
             f"{d['n_critic_neg']}/{d['n_critic_neg_available']}" if critic else "",
             f"{d['n_critic_pos']}/{d['n_critic_pos_available']}" if critic else "",
-            str(d.get("n_too_long", 0)),
+            *[str(d.get("n_too_long", 0))] * too_long,
             d["sha256"][:12],
         )
     return table

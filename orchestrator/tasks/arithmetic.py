@@ -15,7 +15,7 @@ from types import MappingProxyType
 
 from orchestrator.errors import UserError
 from orchestrator.tasks.answers import extract_numeric_answer, numeric_equivalent
-from orchestrator.tasks.base import Problem, Task
+from orchestrator.tasks.base import DEMO_DEFAULTS, Problem, Task, TaskDefaults, paper_defaults
 from orchestrator.tasks.sampling import check_count, draw, is_eval
 
 # Above this many expressions a variant is sampled rather than enumerated (memory and start-up time).
@@ -52,6 +52,15 @@ VARIANTS: Mapping[str, _Variant] = MappingProxyType(
         "arithmetic:medium": _Variant("{}+{}*{}", 3, 0, 10, lambda v: v[0] + v[1] * v[2]),
     }
 )
+
+
+# The paper's task answers in a few lines of arithmetic (256 tokens, as the README's Table 1 recipe); the easier
+# variants exist for small local models and keep the demo's short settings.
+DEFAULTS: Mapping[str, TaskDefaults] = MappingProxyType({
+    "arithmetic": paper_defaults(max_tokens=256, max_length=1024),
+    "arithmetic:easy": DEMO_DEFAULTS,
+    "arithmetic:medium": DEMO_DEFAULTS,
+})
 
 
 class ArithmeticTask(Task):

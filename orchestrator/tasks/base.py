@@ -8,6 +8,39 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 
+class TaskDefaults(BaseModel):
+    """What a run of a task uses where its config says nothing: sampling, and lengths sized for its answers.
+
+    The paper's tasks get the paper's sampling (temperature 1, top_p 0.9, as its code) and `max_tokens` that
+    fit their answers (256 for arithmetic, 512 for GSM8K and MATH): a cut answer counts as no answer, so a limit
+    sized for a tiny demo would throw most of a capable model's answers away. `max_length` (the local trainer's
+    longest example) is sized from the token counts of the longest critic conversation such a run can make: two
+    rounds in summary mode, every reply at its limit, a question at the 99th percentile of the task's packaged
+    problems, counted with SmolLM2's tokenizer (README, "Task defaults"); longer examples are dropped, never
+    cut, and counted in the dataset table.
+    """
+
+    model_config = ConfigDict(frozen=True)
+
+    temperature: float
+    top_p: float
+    max_tokens: int
+    summary_max_tokens: int
+    max_length: int
+
+    def generation(self) -> dict[str, Any]:
+        return self.model_dump(exclude={"max_length"})
+
+
+def paper_defaults(max_tokens: int, max_length: int) -> TaskDefaults:
+    return TaskDefaults(temperature=1.0, top_p=0.9, max_tokens=max_tokens, summary_max_tokens=max_tokens,
+                        max_length=max_length)
+
+
+# The small CPU demo (the default job): short answers to a+b, kept exactly as it has always run.
+DEMO_DEFAULTS = TaskDefaults(temperature=0.7, top_p=0.9, max_tokens=96, summary_max_tokens=128, max_length=512)
+
+
 class Problem(BaseModel):
     """One problem. `id` is stable across runs and machines, so the store can say which problems a run used."""
 

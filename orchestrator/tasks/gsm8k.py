@@ -11,10 +11,11 @@ import json
 from pathlib import Path
 
 from orchestrator.tasks.answers import extract_numeric_answer, numeric_equivalent
-from orchestrator.tasks.base import Problem, Task
+from orchestrator.tasks.base import Problem, Task, paper_defaults
 from orchestrator.tasks.sampling import draw
 
 DATA_DIR = Path(__file__).parent / "data" / "gsm8k"
+DEFAULTS = paper_defaults(max_tokens=512, max_length=2048)
 
 
 def gold_answer(solution: str) -> str:

@@ -16,10 +16,12 @@ from typing import Any
 from orchestrator.errors import UserError
 from orchestrator.tasks.answers import extract_boxed
 from orchestrator.tasks.base import Problem, Task
+from orchestrator.tasks.math import DEFAULTS as MATH_DEFAULTS
 from orchestrator.tasks.math import MathGrader
 from orchestrator.tasks.sampling import draw, is_eval
 
 _SPLITS = {"train": False, "test": True, "eval": True}  # value: held out
+DEFAULTS = MATH_DEFAULTS  # free-form answers with MATH's prompts: MATH's lengths
 
 
 class JsonlTask(Task):

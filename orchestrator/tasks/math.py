@@ -22,11 +22,12 @@ from typing import Any
 
 from orchestrator.errors import UserError
 from orchestrator.tasks.answers import extract_boxed, normalize_text, parse_number
-from orchestrator.tasks.base import Problem, Task
+from orchestrator.tasks.base import Problem, Task, paper_defaults
 from orchestrator.tasks.sampling import draw
 
 DATA_DIR = Path(__file__).parent / "data" / "math"
 DEFAULT_LEVELS = (1, 3)  # the paper's choice
+DEFAULTS = paper_defaults(max_tokens=512, max_length=3072)  # MATH questions run long: p99 433 tokens, max 1,234
 MAX_SYMBOLIC_CHARS = 400  # longer answers are compared as text only (MATH gold answers are far shorter)
 _TIMEOUT_S = 5
 
