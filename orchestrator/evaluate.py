@@ -17,6 +17,8 @@ from orchestrator.config import DiversityConfig
 from orchestrator.costs import Ledger
 from orchestrator.debate import AgentTranscript, DebateOutcome, Society
 from orchestrator.diversity import (
+    CRITIC_NLL,
+    MINILM_MAX_TOKENS,
     BackendEmbedder,
     Embedder,
     MiniLMEmbedder,
@@ -123,12 +125,20 @@ class DiversityMeter:
         embedder = None if "embedding_dissimilarity" in done else self._get_embedder(task, society, iteration)
         if embedder is not None:
             rows.append(row("embedding_dissimilarity", embedding_dissimilarity(outcomes, embedder),
-                            f"1 - mean pairwise cosine of round-1 responses ({self.settings.embeddings})"))
-        if ("critic_nll" not in done and self.settings.critic_nll and isinstance(self.backend, SupportsScoring)
+                            f"1 - mean pairwise cosine of round-1 responses ({self._embedding_name()})"))
+        # The paper's measure, under its own name: rows of the round-1 variant measured before ("critic_nll")
+        # keep theirs, so a resumed run measures this one rather than taking the old value for it.
+        if (CRITIC_NLL not in done and self.settings.critic_nll and isinstance(self.backend, SupportsScoring)
                 and len(models.critics) > 1):
-            rows.append(row("critic_nll", critic_nll(outcomes, self.backend, models.critics),
-                            "mean NLL per token of other agents' round-1 responses under each critic"))
+            rows.append(row(CRITIC_NLL, critic_nll(outcomes, self.backend, models.critics),
+                            "mean NLL per token of the other agents' final-round responses, each in its own "
+                            "conversation, under each critic"))
         return rows
+
+    def _embedding_name(self) -> str:
+        if self.settings.embeddings == "minilm":
+            return f"all-MiniLM-L6-v2, first {MINILM_MAX_TOKENS} tokens"
+        return f"provider: {self.settings.embedding_model or self.backend.describe().embedding_model or 'default'}"
 
     def _get_embedder(self, task: Task, society: str, iteration: int) -> Embedder | None:
         if self.settings.embeddings == "off":

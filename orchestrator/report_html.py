@@ -51,7 +51,8 @@ SOCIETY_ORDER = ("base", "star", "majority-ft", "single-ft", "maft", "no-summary
 METRIC_LABELS = {
     "consensus": "consensus (share of agents agreeing with the majority)",
     "embedding_dissimilarity": "embedding dissimilarity (1 − mean pairwise cosine)",
-    "critic_nll": "critic NLL of the other agents' answers",
+    "critic_nll_final": "critic NLL of the other critics' final answers",
+    "critic_nll": "critic NLL of the other agents' round-1 answers (earlier definition)",
     "final_consensus": "final-round consensus (debates table)",
 }
 METHOD_COLORS = {"single": "#1f77b4", "majority": "#ff7f0e", "debate": "#2ca02c"}
@@ -401,7 +402,7 @@ def diversity_groups(rows: Sequence[DiversityRow], debates: dict[str, list[Debat
     if rows:
         for r in sorted(rows, key=lambda r: r.iteration):
             groups[(r.society, r.metric, r.task)].append(Point(r.iteration, r.value))
-        return groups, ""
+        return groups, diversity_definitions(rows)
     for name, debate_rows in debates.items():
         parsed = parse_eval_debate(name)
         if parsed is None or not debate_rows:
@@ -414,6 +415,28 @@ def diversity_groups(rows: Sequence[DiversityRow], debates: dict[str, list[Debat
     note = ("No diversity metrics are stored for this run yet: shown is the final-round consensus of each "
             "evaluation debate (share of agents agreeing with the final answer), from the debates table.")
     return groups, note if groups else ""
+
+
+def diversity_definitions(rows: Sequence[DiversityRow]) -> str:
+    """What the stored metrics measure, where that differs from the paper's figures: the embedding model, and
+    which responses the critics' NLL scored."""
+    metrics = {r.metric for r in rows}
+    notes = []
+    embedded = {r.detail or "" for r in rows if r.metric == "embedding_dissimilarity"}
+    if any("minilm" in d.lower() for d in embedded):
+        notes.append("Embedding dissimilarity is measured with all-MiniLM-L6-v2 (texts truncated at 256 tokens), "
+                     "not the paper's T5-3B encoder: its values are not comparable to the paper's figures.")
+    elif embedded:
+        notes.append("Embedding dissimilarity is measured with the provider's embedding model ("
+                     + "; ".join(sorted(embedded)) + "), not the paper's T5-3B encoder: its values are not "
+                     "comparable to the paper's figures.")
+    if "critic_nll_final" in metrics:
+        notes.append("Critic NLL follows the paper: each critic scores the other agents' final-round responses, "
+                     "each in its own conversation (mean NLL per token; higher = more surprising = more diverse).")
+    if "critic_nll" in metrics:
+        notes.append("\"critic NLL (earlier definition)\" was measured by an earlier version on the other agents' "
+                     "round-1 answers; it is not the paper's measure.")
+    return " ".join(notes)
 
 
 EVAL_DEBATE = re.compile(r"(?:(?P<society>[^/]+)/)?eval-(?P<iteration>\d+)")

@@ -223,7 +223,7 @@ def test_every_baseline_runs_end_to_end_on_the_local_backend_with_a_tiny_model(t
             if society == "star":
                 assert task.equivalent(answer, truth[pid])
     metrics = {d.metric for d in store.get_diversity("tiny")}
-    assert {"consensus", "critic_nll"} <= metrics
+    assert {"consensus", "critic_nll_final"} <= metrics
 
 
 def test_orchestrator_eval_adds_a_baseline_and_a_transfer_task_to_a_finished_run(tmp_path):

@@ -187,7 +187,61 @@ class TableScorer:
         return [self.critic_values[r.model] + self.response_values[r.continuation] for r in requests]
 
 
-def test_critic_nll_scores_only_other_agents_round1_responses() -> None:
+def test_critic_nll_by_hand_scores_the_other_critics_final_answers_in_their_own_conversations() -> None:
+    """The paper's definition on a hand-built society: 2 problems, 3 agents, 2 rounds; each critic n scores the
+    final (round-2) responses of the agents k != n, each as the reply to agent k's own conversation."""
+    outcomes = [
+        said("a", "r0", "r1", "r2", later=["fa0", "fa1", "fa2"]),
+        said("b", "s0", "s1", "s2", later=["fb0", "fb1", "fb2"]),
+    ]
+    finals = {"fa0": 1.0, "fa1": 2.0, "fa2": 3.0, "fb0": 10.0, "fb1": 20.0, "fb2": 30.0}
+    scorer = TableScorer({"c0": 0.0, "c1": 100.0, "c2": 200.0}, finals)
+
+    value = critic_nll(outcomes, scorer, ["c0", "c1", "c2"])
+
+    # by hand: problem a: c0 scores fa1, fa2 (2, 3); c1 fa0, fa2 (101, 103); c2 fa0, fa1 (201, 202) -> 612 / 6 = 102
+    #          problem b: (20, 30), (110, 130), (210, 220) -> 720 / 6 = 120;  mean over problems: 111
+    assert value == pytest.approx(111.0)
+    assert sorted((r.model, r.continuation) for r in scorer.requests) == sorted(
+        (f"c{n}", f"f{p}{k}") for p in "ab" for n in range(3) for k in range(3) if k != n)
+    first = {"a": "r", "b": "s"}
+    for request in scorer.requests:  # agent k's own conversation: its question, its round-1 answer, its prompt
+        problem, k = request.continuation[1], request.continuation[2]
+        assert request.messages == (
+            ChatMessage(role="user", content=f"question {problem}"),
+            ChatMessage(role="assistant", content=f"{first[problem]}{k}"),
+            ChatMessage(role="user", content="others said ... (round 2)"),
+        )
+
+
+def test_the_meter_stores_the_papers_nll_under_its_own_name_and_names_the_embedding_model() -> None:
+    class Scoring:
+        name = "scoring"
+
+        def describe(self) -> object:
+            raise AssertionError("not needed")
+
+        def score(self, requests: Sequence[ScoreRequest]) -> list[float]:
+            return [float(len(r.messages)) for r in requests]  # final-round replies follow 3 messages
+
+    class Flat:
+        def embed(self, texts: Sequence[str]) -> list[list[float]]:
+            return [[1.0, float(i)] for i, _ in enumerate(texts)]
+
+    meter = DiversityMeter(DiversityConfig(), Scoring(), "r", Console(quiet=True))  # type: ignore[arg-type]
+    meter._embedder = Flat()
+    outcomes = [said("a", "r0", "r1", "r2", later=["fa0", "fa1", "fa2"])]
+    rows = {r.metric: r for r in meter.measure("maft", 1, outcomes, Society.uniform(3, "c"), get_task("gsm8k"))}
+    assert set(rows) == {"consensus", "embedding_dissimilarity", "critic_nll_final"}
+    assert rows["critic_nll_final"].value == 3.0 and "final-round" in (rows["critic_nll_final"].detail or "")
+    assert "all-MiniLM-L6-v2, first 256 tokens" in (rows["embedding_dissimilarity"].detail or "")
+    # an earlier session's round-1 NLL is no reason to skip the paper's
+    again = meter.measure("maft", 1, outcomes, Society.uniform(3, "c"), get_task("gsm8k"),
+                          done={"consensus", "embedding_dissimilarity", "critic_nll"})
+    assert [r.metric for r in again] == ["critic_nll_final"]
+
+
+def test_critic_nll_of_round_one_scores_only_other_agents_round1_responses() -> None:
     outcomes = [
         said("a", "r0", "r1", "r2", later=["late0", "late1", "late2"]),
         said("b", "s0", "s1", "s2", later=["late0", "late1", "late2"]),
@@ -197,7 +251,7 @@ def test_critic_nll_scores_only_other_agents_round1_responses() -> None:
     scorer = TableScorer({"c0": 0.0, "c1": 100.0, "c2": 200.0}, responses)
     assert isinstance(scorer, Scorer)
 
-    value = critic_nll(outcomes, scorer, critics)
+    value = critic_nll(outcomes, scorer, critics, round_index=0)  # the definition measured before
 
     pairs = {(r.model, r.continuation) for r in scorer.requests}
     expected_pairs = {(c, f"{p}{k}") for p in "rs" for n, c in enumerate(critics) for k in range(3) if k != n}

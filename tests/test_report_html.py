@@ -67,8 +67,10 @@ def add_hand_made_rows(store: Store) -> None:
     for metric, values in (("consensus", {0: 0.62, 1: 0.71, 2: 0.83}),
                            ("embedding_dissimilarity", {0: 0.41, 1: 0.37, 2: 0.33})):
         for iteration, value in values.items():
+            detail = "1 - mean pairwise cosine of round-1 responses (all-MiniLM-L6-v2, first 256 tokens)" \
+                if metric == "embedding_dissimilarity" else None
             rows.append(DiversityRow(run_id=RUN, task="arithmetic:easy", society="base" if iteration == 0 else "maft",
-                                     iteration=iteration, metric=metric, value=value, n=10))
+                                     iteration=iteration, metric=metric, value=value, n=10, detail=detail))
     store.save_diversity(rows)
     ledger = [("evaluation", 0, "generator", 0.012, 0), ("debate", 1, "generator", 0.031, 0),
               ("debate", 1, "summarizer", 0.008, 0), ("training", 1, "critic", 0.42, 0),
@@ -159,6 +161,13 @@ def test_model_text_is_escaped(built):
     assert PAYLOAD not in page
     assert "&lt;script&gt;alert(&#34;pwned&#34;)&lt;/script&gt;" in page
     assert len(re.findall(r"<script\b", page)) == 1  # only the report's own print helper
+
+
+def test_the_diversity_plot_names_its_embedding_model_and_that_it_is_not_the_papers(built):
+    _, files = built
+    body = files.html.read_text().split('<section id="diversity">')[1].split("</section>")[0]
+    assert "all-MiniLM-L6-v2 (texts truncated at 256 tokens), not the paper&#39;s T5-3B" in body
+    assert "not comparable to the paper" in files.markdown.read_text()
 
 
 def test_plots_are_inline_and_the_markdown_links_png_files(built):
