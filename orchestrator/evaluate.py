@@ -1,7 +1,8 @@
 """Accuracy of a society on the held-out problems, read off one evaluation debate.
 
-One debate gives three methods at once: a single agent (agent 1's round-1 answer), the majority vote of the N
-independent round-1 answers, and the debate's final majority. Ground truth is looked at only here.
+One debate gives three methods at once: a single agent (every agent's round-1 answer, each an independent
+sample of the base society's model: averaged over all N of them), the majority vote of the N independent
+round-1 answers, and the debate's final majority. Ground truth is looked at only here.
 """
 
 from __future__ import annotations
@@ -43,6 +44,38 @@ def accuracy(correct: int, n: int) -> tuple[float, float]:
     return p, math.sqrt(p * (1 - p) / n)
 
 
+def mean_share(shares: Sequence[float]) -> tuple[float, float]:
+    """The mean of per-problem shares correct and its standard error over problems, sqrt(mean((s − p)²) / n).
+
+    The N answers to one problem are not independent of each other (they share its difficulty), so the problems
+    are the units: the standard error is that of a mean of n per-problem values, not of N·n coin flips, which
+    would understate it. With the population variance (divisor n, not n − 1) a single answer per problem gives
+    exactly `accuracy`'s sqrt(p(1 − p) / n), so the rows of a table are on one footing.
+    """
+    n = len(shares)
+    if n == 0:
+        return 0.0, 0.0
+    p = math.fsum(shares) / n
+    return p, math.sqrt(math.fsum((s - p) ** 2 for s in shares) / n / n)
+
+
+def _single(run_id: str, society: str, iteration: int, outcomes: Sequence[DebateOutcome],
+            task: Task) -> EvaluationRow:
+    """A single agent's accuracy, from all N round-1 answers: the same quantity as one agent's, with less noise."""
+    shares, correct, answers, unparseable, cut = [], 0, 0, 0, 0
+    for o in outcomes:
+        right = [task.is_correct(a.answers[0], o.problem) for a in o.agents]
+        shares.append(sum(right) / len(right))
+        correct += sum(right)
+        answers += len(right)
+        unparseable += sum(a.answers[0] is None for a in o.agents)
+        cut += sum(_cut(a, 0) for a in o.agents)
+    acc, se = mean_share(shares)
+    return EvaluationRow(run_id=run_id, task=task.name, society=society, iteration=iteration, method="single",
+                         n=len(outcomes), answers=answers, correct=correct, accuracy=acc, stderr=se,
+                         unparseable=unparseable, truncated=cut)
+
+
 def _row(run_id: str, society: str, iteration: int, method: str, answers: Sequence[str | None],
          cut: Sequence[bool], outcomes: Sequence[DebateOutcome], task: Task) -> EvaluationRow:
     correct = sum(task.is_correct(a, o.problem) for a, o in zip(answers, outcomes, strict=True))
@@ -65,9 +98,9 @@ def _row(run_id: str, society: str, iteration: int, method: str, answers: Sequen
 def evaluate(
     run_id: str, society: str, iteration: int, outcomes: Sequence[DebateOutcome], task: Task, seed: int
 ) -> list[EvaluationRow]:
-    """The three rows; each counts its unanswered problems and, of those, how many are unanswered because a
-    reply was cut at max_tokens (for a vote: at least one of its voters was cut)."""
-    single = [o.agents[0].answers[0] for o in outcomes]
+    """The three rows; each counts its unanswered problems (the single agent: its unanswered round-1 answers)
+    and, of those, how many are unanswered because a reply was cut at max_tokens (for a vote: at least one of
+    its voters was cut)."""
     majority = [
         majority_vote(
             [a.answers[0] for a in o.agents], task.equivalent, random.Random(f"{seed}:majority:{o.problem.id}")
@@ -76,7 +109,7 @@ def evaluate(
     ]
     final = [o.vote.final for o in outcomes]
     return [
-        _row(run_id, society, iteration, "single", single, [_cut(o.agents[0], 0) for o in outcomes], outcomes, task),
+        _single(run_id, society, iteration, outcomes, task),
         _row(run_id, society, iteration, "majority", majority,
              [any(_cut(a, 0) for a in o.agents) for o in outcomes], outcomes, task),
         _row(run_id, society, iteration, "debate", final, [any(_cut(a, -1) for a in o.agents) for o in outcomes],

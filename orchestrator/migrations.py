@@ -249,6 +249,12 @@ def m008_dataset_too_long(db: sqlite_utils.Database) -> None:
     db.table("datasets").add_column("n_too_long", int, not_null_default=0)
 
 
+def m009_single_agent_answers(db: sqlite_utils.Database) -> None:
+    """The single-agent row grades every agent's round-1 answer, not agent 1's only: it says how many answers it
+    graded. Earlier rows graded one per problem: null, read as n."""
+    db.table("evaluations").add_column("answers", int)
+
+
 MIGRATIONS: list[Migration] = [
     m001_initial,
     m002_costs_and_backend_state,
@@ -258,6 +264,7 @@ MIGRATIONS: list[Migration] = [
     m006_job_provider_status,
     m007_truncated_answers,
     m008_dataset_too_long,
+    m009_single_agent_answers,
 ]
 
 

@@ -162,15 +162,21 @@ def accuracy_table(evaluations: list[dict[str, Any]], title: str) -> Table:
     for e in evaluations:
         table.add_row(society_label(e["society"], e["iteration"]), METHOD_LABELS.get(e["method"], e["method"]),
                       f"{acc_text(e['accuracy'], e['stderr'])} %", str(e["n"]), no_answer_text(e))
+    notes = []
+    if any(e.get("answers") for e in evaluations):
+        notes.append("single agent: all N agents' round-1 answers (no answer: of them), s.e. over problems")
     if any(e.get("truncated") for e in evaluations):
-        table.caption = "no answer: unreadable or missing; (k cut): k of them because a reply stopped at max_tokens"
+        notes.append("(k cut): k of the no-answers because a reply stopped at max_tokens")
+    table.caption = "; ".join(notes) or None
     return table
 
 
 def no_answer_text(e: dict[str, Any]) -> str:
-    """How many got no answer, and how many of those because a reply was cut at max_tokens: "3 (2 cut)"."""
+    """How many got no answer, and how many of those because a reply was cut at max_tokens: "3 (2 cut)"; a row
+    that grades several answers per problem (the single agent) says of how many: "5/72 (2 cut)"."""
     cut = e.get("truncated") or 0
-    return f"{e['unparseable']} ({cut} cut)" if cut else str(e["unparseable"])
+    graded = f"{e['unparseable']}/{e['answers']}" if e.get("answers") else str(e["unparseable"])
+    return f"{graded} ({cut} cut)" if cut else graded
 
 
 def truncation_table(debates: list[dict[str, Any]]) -> Table:

@@ -229,6 +229,12 @@ class Cell:
     other_iteration: bool = False  # this task's cell comes from another iteration than the row's
     best: bool = False
     truncated: int = 0  # of the unanswered: a reply was cut at max_tokens
+    answers: int | None = None  # answers graded, where not one per problem (the single agent: N per problem)
+
+    @property
+    def graded(self) -> str:
+        """correct/graded: answers for the single agent (N per problem), else problems."""
+        return f"{self.correct}/{self.answers or self.n}"
 
     @property
     def text(self) -> str:
@@ -240,7 +246,7 @@ class Cell:
 
     @property
     def detail(self) -> str:
-        return f"{self.correct}/{self.n} correct · {self.unanswered}"
+        return f"{self.graded} correct · {self.unanswered}"
 
 
 @dataclass
@@ -301,7 +307,7 @@ def _cell(task: str, per_iteration: dict[int, EvaluationRow], target: int) -> Ce
     e = per_iteration.get(target) or per_iteration[max(per_iteration)]
     return Cell(task=task, accuracy=e.accuracy, stderr=e.stderr, n=e.n, correct=e.correct,
                 unparseable=e.unparseable, iteration=e.iteration, other_iteration=e.iteration != target,
-                truncated=e.truncated)
+                truncated=e.truncated, answers=e.answers)
 
 
 def _mark_groups(rows: list[ComparisonRow]) -> None:
@@ -324,7 +330,10 @@ def _mark_best(rows: Sequence[ComparisonRow], tasks: Iterable[str]) -> None:
 def _comparison_notes(rows: Sequence[ComparisonRow], shown: dict[str, int], iteration: int | None) -> list[str]:
     notes = ["Accuracy in % ± one standard error, √(p(1−p)/n); under each value: correct/n and unanswered "
              "(no readable answer; \"k cut\": k of them because a reply stopped at max_tokens, which counts as no "
-             "answer). Bold: the best value in its column."]
+             "answer). Single agent: every agent's round-1 answer is graded (correct/answers), the accuracy is the "
+             "mean over problems of the share right, and its standard error is over problems, "
+             "√(Σ(sᵢ − p)²/n)/√n, as the N answers to one problem are not independent. Bold: the best value in its "
+             "column."]
     finetuned = [s for s in sorted(shown, key=_society_rank) if s != "base"]
     if finetuned:
         which = "the chosen iteration where they have it" if iteration is not None else "their last iteration"
@@ -1087,7 +1096,7 @@ def _md_cell(cell: Cell | None) -> str:
         return "—"
     value = f"**{cell.text}**" if cell.best else cell.text
     note = f"it. {cell.iteration}* · " if cell.other_iteration else ""
-    return f"{value}<br><sub>{note}{cell.correct}/{cell.n} · {cell.unanswered}</sub>"
+    return f"{value}<br><sub>{note}{cell.graded} · {cell.unanswered}</sub>"
 
 
 def _md_comparison(c: Comparison) -> str:

@@ -200,6 +200,8 @@ class EvaluationRow(BaseModel):
     stderr: float
     unparseable: int
     truncated: int = 0  # of the unparseable: no answer because a reply was cut at max_tokens
+    answers: int | None = None  # answers graded (`correct` and `unparseable` count them): N per problem for a
+    # single agent (all N round-1 answers, accuracy the mean per-problem share), else None: one per problem
     created_at: float = Field(default_factory=_now)
 
 

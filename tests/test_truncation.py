@@ -101,13 +101,15 @@ def test_evaluation_counts_cut_replies_as_no_answer_and_says_so(tmp_path):
     everyone_cut_at_the_end = CuttingBackend(cut=lambda r: r.key == key(1, 0) or "/r2/" in r.key, say=say)
     _, outcomes = debate(tmp_path, everyone_cut_at_the_end, [PROBLEM])
     rows = {r.method: r for r in evaluate("r", "base", 0, outcomes, TASK, seed=0)}
-    assert (rows["single"].correct, rows["single"].unparseable, rows["single"].truncated) == (0, 1, 1)
+    single = rows["single"]  # all three round-1 answers: agent 1's was cut
+    assert (single.answers, single.correct, single.unparseable, single.truncated) == (3, 2, 1, 1)
     assert (rows["majority"].correct, rows["majority"].unparseable, rows["majority"].truncated) == (1, 0, 0)
     assert (rows["debate"].correct, rows["debate"].unparseable, rows["debate"].truncated) == (0, 1, 1)
     table = accuracy_table([r.model_dump() for r in rows.values()], "t")
     console = Console(width=200, record=True)
     console.print(table)
-    assert "1 (1 cut)" in console.export_text()
+    shown = console.export_text()
+    assert "1/3 (1 cut)" in shown and "1 (1 cut)" in shown
 
 
 def test_no_cut_reply_votes_or_trains_in_a_whole_run_and_status_counts_them(tmp_path):
