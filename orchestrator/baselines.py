@@ -8,8 +8,9 @@
 - single-agent FT: the full debate; every answer that agrees with the debate's majority (round-1 answers and
   critics' final answers alike) goes into one dataset for one model.
 
-majority FT and single-agent FT follow the run's strategy (continue from the previous iteration's model, or
-restart from the base model), as the multiagent society does; STaR always restarts.
+majority FT and single-agent FT follow the run's strategy (continue from the previous iteration's model, restart
+from the base model on the latest data, or accumulate: the base model on all its data so far), as the multiagent
+society does; STaR always restarts on its latest data.
 
 Each finetuned model is evaluated as a society of N copies, so single agent, majority vote and debate accuracy
 come out of one evaluation debate, as for the multiagent society. Where a baseline asks exactly what the main
@@ -27,7 +28,7 @@ from orchestrator.debate import DebateOutcome, Society, readable_answer
 from orchestrator.pipeline import Pipeline
 from orchestrator.store import DatasetRow
 from orchestrator.tasks import Problem
-from orchestrator.training_data import Example, agreeing_examples, fit, generator_example, write_jsonl
+from orchestrator.training_data import Example, agreeing_examples, fit, generator_example
 from orchestrator.voting import agrees
 
 ROLE = "single"
@@ -73,9 +74,12 @@ class SingleModelMethod:
         path = p.dataset_path(self.society, iteration, 0, ROLE)
         examples, too_long = fit(examples, p.max_length)
         row = DatasetRow(run_id=p.run_row.id, society=self.society, iteration=iteration, agent=0, role=ROLE,
-                         path=str(path), sha256=write_jsonl(path, examples), n_examples=len(examples),
+                         path=str(path), sha256="", n_examples=len(examples),
                          n_generation=len(examples), problem_ids=json.dumps([e.problem_id for e in examples]),
                          n_too_long=too_long)
+        # as the society: accumulated under strategy accumulate, except for a method that always restarts on its
+        # latest data (STaR)
+        row = p.write_dataset(examples, row, accumulate=None if self.restart is None else False)
         p.store.save_datasets([row])
         return row
 

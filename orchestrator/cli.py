@@ -106,9 +106,10 @@ def _enter(command: str, db: str | None, run_id: str | None = None, *, folder: P
 @click.option("--eval-size", type=int, help="Held-out problems for evaluation (disjoint from training). "
               "[default: 24]")
 @click.option("--seed", type=int, help="Seed for problem choice, sampling, tie-breaking and data mixing. [default: 0]")
-@click.option("--strategy", type=click.Choice(["continue", "restart"]),
-              help="continue: finetune each agent's previous model further; restart: finetune the base model "
-                   "on each iteration's data. [default: continue]")
+@click.option("--strategy", type=click.Choice(["continue", "restart", "accumulate"]),
+              help="continue: finetune each agent's previous model further on the iteration's data; restart: "
+                   "finetune the base model on the iteration's data; accumulate: finetune the base model on all of "
+                   "that agent's data from iterations 1..L. [default: continue]")
 @click.option("--summarize/--concatenate", default=None,
               help="Critics see a summary of the other agents' answers written by the base model (default), "
                    "or the answers concatenated (the paper's 'no summary' ablation).")

@@ -151,7 +151,9 @@ class RunConfig(BaseModel):
     train_size: int = Field(24, ge=1)
     eval_size: int = Field(24, ge=1)
     seed: int = 0
-    strategy: Literal["continue", "restart"] = "continue"
+    # continue: the previous model on this iteration's data; restart: the base model on it; accumulate: the base
+    # model on all of that agent's data from iterations 1..ℓ (METHOD.md §4)
+    strategy: Literal["continue", "restart", "accumulate"] = "continue"
     summarize: bool = True
     critic_mix: float = Field(0.5, ge=0.0, le=1.0, description="w: share of corrected examples in critic data")
     critic_train_all_turns: bool = False

@@ -116,6 +116,9 @@ def _train(outcomes: list[DebateOutcome], society: Society, iteration: int, conf
                 turns = 2 if role == "generator" else None  # generators learn round 1, critics all of it
                 text = (m.content for o in outcomes for m in o.agents[agent].messages[:turns])
                 tokens = info.training_epochs * sum(estimate_tokens(t) for t in text)
+            if config.strategy == "accumulate":  # all of this agent's data so far: the last line's plus this
+                tokens += sum(r.trained_tokens for r in lines
+                              if (r.iteration, r.agent, r.role) == (iteration - 1, agent, role))
             start = models[agent] if config.strategy == "continue" else "base"
             lines.append(UsageRow(run_id=run_id, stage="training", iteration=iteration, agent=agent, role=role,
                                   model=start, ref=f"{iteration}/{agent}/{role}", billing="training",

@@ -7,6 +7,7 @@ response is generated again and no finished job is started again.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 from collections.abc import Callable, Iterator, Sequence
@@ -37,7 +38,7 @@ from orchestrator.interrupts import StopRequested, never
 from orchestrator.progress import RetryColumn
 from orchestrator.store import AgentRow, DatasetRow, JobRow, ProblemRow, RunRow, Store
 from orchestrator.tasks import Problem, Task, get_task
-from orchestrator.training_data import build_agent_data, write_jsonl
+from orchestrator.training_data import Example, build_agent_data, write_jsonl
 
 ROLES = ("generator", "critic")
 
@@ -322,9 +323,9 @@ class Pipeline:
             for role, examples in roles if variant.train_critics else roles[:1]:
                 path = self.dataset_path(variant.society, iteration, agent, role)
                 critic = role == "critic"
-                rows.append(DatasetRow(
+                rows.append(self.write_dataset(examples, DatasetRow(
                     run_id=self.run_row.id, society=variant.society, iteration=iteration, agent=agent, role=role,
-                    path=str(path), sha256=write_jsonl(path, examples), n_examples=len(examples),
+                    path=str(path), sha256="", n_examples=len(examples),
                     n_generation=0 if critic else len(examples),
                     n_critic_neg=data.critic_neg_used if critic else 0,
                     n_critic_pos=data.critic_pos_used if critic else 0,
@@ -332,9 +333,36 @@ class Pipeline:
                     n_critic_pos_available=data.critic_pos_available if critic else 0,
                     problem_ids=json.dumps([e.problem_id for e in examples]),
                     n_too_long=data.critic_too_long if critic else data.generator_too_long,
-                ))
+                )))
         self.store.save_datasets(rows)
         return rows
+
+    def write_dataset(self, examples: Sequence[Example], row: DatasetRow, *,
+                      accumulate: bool | None = None) -> DatasetRow:
+        """Write `row`'s file from this iteration's `examples` and return the row with its sha256.
+
+        Under strategy `accumulate` (or with `accumulate=True`) the model restarts from the base each iteration
+        on all of this agent's and role's data so far: the file is the previous iteration's file (itself
+        cumulative), checked against its recorded sha256, followed by these examples, and the counts add up."""
+        accumulate = self.config.strategy == "accumulate" if accumulate is None else accumulate
+        previous = None
+        if accumulate and row.iteration > 1:
+            earlier = self.store.get_datasets(self.run_row.id, row.iteration - 1, row.society)
+            previous = next((d for d in earlier if (d.agent, d.role) == (row.agent, row.role)), None)
+        if previous is None:
+            return row.model_copy(update={"sha256": write_jsonl(Path(row.path), examples)})
+        prefix = _read_verified(Path(previous.path), previous.sha256)
+        return row.model_copy(update={
+            "sha256": write_jsonl(Path(row.path), examples, prefix=prefix),
+            "n_examples": previous.n_examples + row.n_examples,
+            "n_generation": previous.n_generation + row.n_generation,
+            "n_critic_neg": previous.n_critic_neg + row.n_critic_neg,
+            "n_critic_pos": previous.n_critic_pos + row.n_critic_pos,
+            "n_critic_neg_available": previous.n_critic_neg_available + row.n_critic_neg_available,
+            "n_critic_pos_available": previous.n_critic_pos_available + row.n_critic_pos_available,
+            "n_too_long": previous.n_too_long + row.n_too_long,
+            "problem_ids": json.dumps(json.loads(previous.problem_ids) + json.loads(row.problem_ids)),
+        })
 
     def finetune(self, society: str, iteration: int, datasets: list[DatasetRow],
                  starts: dict[tuple[int, str], str], *, key: Callable[[str, int, int, str], str],
@@ -342,9 +370,10 @@ class Pipeline:
         """Train a model on each dataset; returns (model id, job key) per (agent, role) that was trained.
 
         A set smaller than the provider accepts is not sent: that model stays as it was. `starts` gives the
-        model each one continues from (strategy continue); with restart every one starts from the base model.
+        model each one continues from (strategy continue); with restart and accumulate every one starts from the
+        base model (accumulate's files hold every iteration's data so far, see `write_dataset`).
         """
-        restart = self.config.strategy == "restart" if restart is None else restart
+        restart = self.config.strategy in ("restart", "accumulate") if restart is None else restart
         plans: list[FinetunePlan] = []
         for ds in datasets:
             job_key = key(self.run_row.id, iteration, ds.agent, ds.role)
@@ -393,3 +422,17 @@ class Pipeline:
             self._diversity = DiversityMeter(self.config.diversity, self.backend, self.run_row.id, self.console,
                                              ledger=self.ledger)
         return self._diversity
+
+
+def _read_verified(path: Path, sha256: str) -> bytes:
+    """An earlier iteration's training file, exactly as recorded: accumulating onto a changed file would train on
+    data the store does not describe."""
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise UserError(f"strategy accumulate needs the earlier training file {path}, which cannot be read ({exc}): "
+                        "restore it (or run with the same --workdir as before)") from None
+    if hashlib.sha256(data).hexdigest() != sha256:
+        raise UserError(f"strategy accumulate needs the earlier training file {path} as it was written, but it has "
+                        "changed since: restore it")
+    return data

@@ -167,9 +167,10 @@ def agreeing_examples(
     return examples
 
 
-def write_jsonl(path: Path, examples: Sequence[Example]) -> str:
-    """Write atomically (a crash never leaves half a file under the final name); return the sha256."""
-    data = "".join(e.to_json() + "\n" for e in examples).encode("utf-8")
+def write_jsonl(path: Path, examples: Sequence[Example], prefix: bytes = b"") -> str:
+    """Write atomically (a crash never leaves half a file under the final name), after `prefix` (lines of an
+    earlier file); return the sha256."""
+    data = prefix + "".join(e.to_json() + "\n" for e in examples).encode("utf-8")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".tmp")
     with open(tmp, "wb") as fh:
