@@ -20,6 +20,7 @@ def create_backend(config: RunConfig, workdir: Path, *, state: BackendState, sho
             model=config.model,
             workdir=workdir,
             device=config.local.device,
+            dtype=config.local.dtype,
             batch_size=config.local.batch_size,
             show_progress=show_progress,
             training_epochs=config.training.epochs,

@@ -54,18 +54,21 @@ class LocalBackend:
         *,
         workdir: Path,
         device: str = "auto",
+        dtype: str = "auto",
         batch_size: int = 32,
         show_progress: bool = True,
         training_epochs: int = 1,
     ) -> None:
-        """`training_epochs` only informs estimates (`describe`); each job's own spec says how it trains."""
-        resolve_device(device)  # a bad device string fails now, not after a long debate
+        """`training_epochs` only informs estimates (`describe`); each job's own spec says how it trains.
+        `dtype` is generation's (`resolve_device`): training runs in the dtype the weights load in."""
+        resolve_device(device, dtype)  # a bad device or dtype fails now, not after a long debate
         if batch_size < 1:
             raise UserError(f"batch size must be at least 1, got {batch_size}")
         self.model = model
         self.training_epochs = training_epochs
         self.workdir = Path(workdir)
         self.device = device
+        self.dtype = dtype
         self.batch_size = batch_size
         self.show_progress = show_progress
         self._pool: AdapterPool | None = None
@@ -73,7 +76,7 @@ class LocalBackend:
     # -- Backend protocol -----------------------------------------------------------------------------------
 
     def describe(self) -> BackendInfo:
-        device, _ = resolve_device(self.device)
+        device, _, _ = resolve_device(self.device, self.dtype)
         return BackendInfo(
             name=self.name,
             base_model=self.model,
@@ -138,7 +141,7 @@ class LocalBackend:
     @property
     def pool(self) -> AdapterPool:
         if self._pool is None:
-            loaded = load_model(self.model, self.device)
+            loaded = load_model(self.model, self.device, self.dtype)
             self._pool = AdapterPool(loaded, base_ids=(BASE_MODEL_ID, self.model))
         return self._pool
 

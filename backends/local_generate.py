@@ -1,31 +1,37 @@
-"""Batched generation where every row may use a different LoRA adapter of the same base model.
+"""Generation for the local backend: every row may use a different LoRA adapter of the same base model.
 
-All agents of a society are adapters on one base model, so a debate round (N agents x many problems) can be
-one batch: PEFT's mixed-adapter forward (`adapter_names=[...]`, one per row) runs the base weights once and
-each adapter only on its own rows. `generate()` would work too, but it keeps finished rows in the batch
-until the longest one ends; on CPU that wastes most of the compute (NOTES: 23 useful tok/s vs 188), so the
-decode loop here drops a row from the batch, its KV cache included, as soon as it finishes.
+All agents of a society are adapters on one base model, so a debate stage (N agents x many problems) is one
+queue of rows decoded by the refill engine (`local_engine`): the batch is topped up with waiting prompts as
+rows finish, adapters are applied without PEFT in the loop (`local_lora`), and on a CPU with fast bfloat16
+matmuls the base weights can run in bfloat16 (`local_precision`) while logits and sampling stay in float32.
+This module holds what ties them together: the pool of adapters, the rows made from requests, the results.
 """
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
-from transformers import DynamicCache
 
 from backends.base import BASE_MODEL_ID, ChatRequest, ChatResult, ResultCallback, Usage
+from backends.local_engine import Finish, Row, decode
+from backends.local_lora import Master, gathered_adapters, merged_adapter, unsupported_reason
 from backends.local_model import LoadedModel
+from backends.local_precision import GenerationWeights
+from backends.local_static import decode_static
+from backends.local_static import left_pad as _left_pad  # local_score pads its rows the same way
+from backends.local_step import HFStep, full_attention_only
 from orchestrator.errors import UserError
 
 PEFT_BASE_ROW = "__base__"  # PEFT's reserved name for "no adapter on this row"
 GREEDY_BELOW = 1e-5  # temperatures this small are greedy; dividing logits by them would overflow
-NUCLEUS_CANDIDATES = 256  # top-p looks at this many most likely tokens first (see _sample)
+
+__all__ = ["AdapterPool", "adapter_dir", "adapter_name_for", "generate_chats", "_left_pad"]
 
 
 def adapter_name_for(path: Path) -> str:
@@ -46,6 +52,22 @@ class AdapterPool:
         self._base_ids = frozenset(base_ids) | {BASE_MODEL_ID}
         self._peft: PeftModel | None = None
         self._paths: dict[str, Path] = {}
+        low = loaded.generation_dtype != loaded.dtype
+        self._weights = GenerationWeights(loaded.generation_dtype) if low else None
+
+    @property
+    def generation_dtype(self) -> torch.dtype:
+        return self.loaded.generation_dtype
+
+    @contextmanager
+    def generation_weights(self) -> Iterator[Master | None]:
+        """The base weights in the generation dtype for the block (a no-op when it is the loaded dtype)."""
+        if self._weights is None:
+            with nullcontext():
+                yield None
+            return
+        with self._weights.active(self.loaded.model) as master:
+            yield master
 
     @property
     def model(self) -> torch.nn.Module:
@@ -132,17 +154,8 @@ def adapter_dir(model_id: str) -> Path:
     return path
 
 
-@dataclass
-class _Row:
-    """One request's state while it is being decoded."""
-
-    index: int
-    request: ChatRequest
-    prompt: list[int]
-    adapter: str
-    max_tokens: int
-    generator: torch.Generator | None  # None = greedy
-    tokens: list[int] = field(default_factory=list)
+Engine = Literal["refill", "static"]
+AdapterMode = Literal["gathered", "merged"]
 
 
 def generate_chats(
@@ -151,15 +164,19 @@ def generate_chats(
     *,
     batch_size: int = 32,
     on_result: ResultCallback | None = None,
+    engine: Engine = "refill",
+    adapters: AdapterMode = "gathered",
 ) -> list[ChatResult]:
     """Answer every request; results come back in input order, `on_result` fires as each row finishes.
 
-    Requests are sorted by prompt length before chunking so a batch holds similar lengths and little padding.
+    `engine="static"` is the earlier static-chunk decode through PEFT (`local_static`), also the fallback for
+    models and adapters the refill engine does not cover. `adapters="merged"` decodes each adapter's rows on
+    merged weights instead of one mixed batch.
     """
     rows = [_make_row(pool, i, request) for i, request in enumerate(requests)]
     results: list[ChatResult | None] = [None] * len(rows)
 
-    def finish(row: _Row, reason: str) -> None:
+    def finish(row: Row, reason: str) -> None:
         result = _result(pool, row, reason)
         results[row.index] = result
         if on_result is not None:
@@ -168,15 +185,44 @@ def generate_chats(
     for row in rows:
         if row.max_tokens <= 0:
             finish(row, "length")
-    pending = sorted((r for r in rows if r.max_tokens > 0), key=lambda r: len(r.prompt))
+    pending = [r for r in rows if r.max_tokens > 0]
     pool.model.eval()
-    with torch.inference_mode():
-        for start in range(0, len(pending), max(1, batch_size)):
-            _decode_batch(pool, pending[start : start + batch_size], finish)
+    names = sorted({r.adapter for r in pending} - {PEFT_BASE_ROW})
+    if engine == "static" or _refill_unsupported(pool, names):
+        with torch.inference_mode():
+            decode_static(pool, pending, finish, batch_size=batch_size, stop_ids=_stop_ids(pool), pad_id=_pad_id(pool))
+    else:
+        _decode_refill(pool, pending, finish, names, batch_size, adapters)
     return [r for r in results if r is not None]
 
 
-def _make_row(pool: AdapterPool, index: int, request: ChatRequest) -> _Row:
+def _decode_refill(
+    pool: AdapterPool, rows: list[Row], finish: Finish, names: list[str], batch_size: int, adapters: AdapterMode
+) -> None:
+    """Rows in prompt-length order (identical prompts adjacent, so they are prefilled once), on the pool's
+    generation weights, with the adapters gathered into one mixed batch or merged one adapter at a time."""
+    model = pool.loaded.model
+    queue = sorted(rows, key=lambda r: (len(r.prompt), r.adapter, r.prompt))
+    stop_ids, pad_id = _stop_ids(pool), _pad_id(pool)
+    with pool.generation_weights() as master, torch.inference_mode():
+        if adapters == "gathered":
+            with gathered_adapters(model, names, pool.generation_dtype) as row_adapters:
+                step = HFStep(model, rows=row_adapters, master=master, base_row=PEFT_BASE_ROW)
+                decode(step, queue, finish, slots=batch_size, stop_ids=stop_ids, pad_id=pad_id)
+            return
+        for name in [PEFT_BASE_ROW, *names]:
+            group = [r for r in queue if r.adapter == name]
+            if group:
+                with merged_adapter(model, None if name == PEFT_BASE_ROW else name, master):
+                    step = HFStep(model, rows=None, master=master, base_row=PEFT_BASE_ROW)
+                    decode(step, group, finish, slots=batch_size, stop_ids=stop_ids, pad_id=pad_id)
+
+
+def _refill_unsupported(pool: AdapterPool, names: list[str]) -> bool:
+    return not full_attention_only(pool.loaded.model) or unsupported_reason(pool.loaded.model, names) is not None
+
+
+def _make_row(pool: AdapterPool, index: int, request: ChatRequest) -> Row:
     """Resolve the adapter here, outside inference_mode: tensors created inside it could never train later."""
     tokenizer = pool.loaded.tokenizer
     messages = [{"role": m.role, "content": m.content} for m in request.messages]
@@ -188,7 +234,7 @@ def _make_row(pool: AdapterPool, index: int, request: ChatRequest) -> _Row:
             f"request {request.key!r} has a {len(prompt)}-token prompt, beyond the model's {context}-token "
             "context: shorten the conversation (fewer rounds or a summary)"
         )
-    return _Row(
+    return Row(
         index=index,
         request=request,
         prompt=list(prompt),
@@ -208,97 +254,6 @@ def _generator(request: ChatRequest) -> torch.Generator | None:
     else:
         generator.manual_seed(request.seed)
     return generator
-
-
-def _decode_batch(pool: AdapterPool, rows: list[_Row], finish: Callable[[_Row, str], None]) -> None:
-    """Prefill the left-padded batch, then one token per step, shrinking the batch as rows finish."""
-    device = pool.loaded.device
-    stop_ids = _stop_ids(pool)
-    input_ids, mask = _left_pad([r.prompt for r in rows], _pad_id(pool), device)
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)  # left padding: real tokens count from 0
-    cache = DynamicCache(config=pool.loaded.model.config)
-    logits = _forward(pool, rows, input_ids, mask, positions, cache)
-    next_pos = positions[:, -1:] + 1
-    while rows:
-        keep: list[int] = []
-        for i, (row, token) in enumerate(zip(rows, _choose(rows, logits), strict=True)):
-            row.tokens.append(token)
-            if token in stop_ids:
-                finish(row, "stop")
-            elif len(row.tokens) >= row.max_tokens:
-                finish(row, "length")
-            else:
-                keep.append(i)
-        if not keep:
-            return
-        if len(keep) < len(rows):
-            index = torch.tensor(keep, device=device)
-            cache.batch_select_indices(index)
-            mask, next_pos = mask[index], next_pos[index]
-            rows = [rows[i] for i in keep]
-        step = torch.tensor([[r.tokens[-1]] for r in rows], device=device)
-        mask = torch.cat([mask, mask.new_ones(len(rows), 1)], dim=1)
-        logits = _forward(pool, rows, step, mask, next_pos, cache)
-        next_pos = next_pos + 1
-
-
-def _forward(
-    pool: AdapterPool,
-    rows: list[_Row],
-    input_ids: torch.Tensor,
-    mask: torch.Tensor,
-    positions: torch.Tensor,
-    cache: DynamicCache,
-) -> torch.Tensor:
-    """Logits of the last position only: full [batch, length, vocab] prefill logits are large and unused."""
-    output = pool.model(
-        input_ids=input_ids,
-        attention_mask=mask,
-        position_ids=positions,
-        cache=cache,
-        use_cache=True,
-        logits_to_keep=1,
-        **pool.forward_kwargs([r.adapter for r in rows]),
-    )
-    return output.logits[:, -1, :]
-
-
-def _choose(rows: list[_Row], logits: torch.Tensor) -> list[int]:
-    """Greedy rows take the argmax; sampled rows draw on the CPU with their own generator so the draw does not
-    depend on the device or on the batch."""
-    chosen: list[int] = logits.argmax(dim=-1).tolist()
-    if all(r.generator is None for r in rows):
-        return chosen
-    cpu_logits = logits.float().cpu()
-    for i, row in enumerate(rows):
-        if row.generator is not None:
-            chosen[i] = _sample(cpu_logits[i], row.request.temperature, row.request.top_p, row.generator)
-    return chosen
-
-
-def _sample(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator) -> int:
-    probs = torch.softmax(logits / temperature, dim=-1)
-    if top_p >= 1.0:
-        return int(torch.multinomial(probs, 1, generator=generator))
-    # Nucleus: the smallest prefix of the sorted distribution whose mass reaches top_p. It almost always lies
-    # in the top few hundred tokens, and sorting those instead of the whole vocabulary took a sort of ~50k
-    # floats per row per step off the decode loop (~15% of its time on CPU); fall back when it does not.
-    top_probs, top_ids = probs.topk(min(NUCLEUS_CANDIDATES, probs.numel()))
-    if float(top_probs.sum()) < top_p:
-        top_probs, top_ids = probs.sort(descending=True)
-    outside = top_probs.cumsum(-1) - top_probs >= top_p  # the first token always stays
-    top_probs = top_probs.masked_fill(outside, 0.0)
-    return int(top_ids[torch.multinomial(top_probs, 1, generator=generator)])
-
-
-def _left_pad(prompts: list[list[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(p) for p in prompts)
-    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(prompts), width), dtype=torch.long)
-    for i, prompt in enumerate(prompts):
-        ids[i, width - len(prompt) :] = torch.tensor(prompt, dtype=torch.long)
-        mask[i, width - len(prompt) :] = 1
-    return ids.to(device), mask.to(device)
 
 
 def _stop_ids(pool: AdapterPool) -> frozenset[int]:
@@ -326,7 +281,7 @@ def _context_length(pool: AdapterPool) -> int:
     return int(getattr(pool.loaded.model.config, "max_position_embeddings", None) or 1 << 30)
 
 
-def _result(pool: AdapterPool, row: _Row, reason: str) -> ChatResult:
+def _result(pool: AdapterPool, row: Row, reason: str) -> ChatResult:
     """Completion tokens include the stop token: it was computed, and hosted APIs bill it too."""
     body = row.tokens[:-1] if reason == "stop" else row.tokens
     text = str(pool.loaded.tokenizer.decode(body, skip_special_tokens=True))

@@ -31,6 +31,8 @@ BUNDLED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 CACHE_ENV = "MAFT_CACHE_DIR"
 
 Source = Literal["gguf", "cache", "directory", "huggingface"]
+DtypeSetting = Literal["auto", "float32", "bfloat16"]
+DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 @dataclass
@@ -40,23 +42,39 @@ class LoadedModel:
     model: PreTrainedModel
     tokenizer: PreTrainedTokenizerBase
     device: torch.device
-    dtype: torch.dtype
+    dtype: torch.dtype  # of the loaded weights, which training uses
+    generation_dtype: torch.dtype  # what generation runs in (bfloat16 copies on a CPU that has fast bf16)
     spec: str
     source: Source
     path: str
     load_seconds: float
 
 
-def resolve_device(device: str = "auto") -> tuple[torch.device, torch.dtype]:
-    """bfloat16 on CUDA (halves memory, tensor cores), float32 on CPU (bf16 matmuls there lose accuracy and
-    PEFT/Trainer paths are best tested in fp32)."""
+def resolve_device(device: str = "auto", dtype: str = "auto") -> tuple[torch.device, torch.dtype, torch.dtype]:
+    """The device, the dtype the weights load in (training's), and the dtype generation runs in.
+
+    CUDA: bfloat16 for both unless float32 is asked for (halves memory, tensor cores). CPU: the weights stay in
+    float32 (LoRA training is only tested in float32 there) and so does generation unless bfloat16 is asked
+    for. On a CPU with AVX-512 BF16 or AMX bfloat16 generation is faster, but its rounding makes a row's
+    answer depend on which rows share its batch (bench/RESULTS.md), so `auto` keeps float32: answers then do
+    not depend on the batch size, and a resumed run regenerates exactly what the interrupted one would have.
+    """
     if device not in ("auto", "cpu", "cuda"):
         raise UserError(f"unknown device {device!r}: use 'auto', 'cpu' or 'cuda'")
+    if dtype not in ("auto", *DTYPES):
+        raise UserError(f"unknown dtype {dtype!r}: use 'auto', 'float32' or 'bfloat16'")
     if device == "cuda" and not torch.cuda.is_available():
         raise UserError("device 'cuda' was asked for but torch sees no GPU: use --device cpu or auto")
     if device == "cuda" or (device == "auto" and torch.cuda.is_available()):
-        return torch.device("cuda"), torch.bfloat16
-    return torch.device("cpu"), torch.float32
+        chosen = DTYPES.get(dtype, torch.bfloat16)
+        return torch.device("cuda"), chosen, chosen
+    return torch.device("cpu"), torch.float32, DTYPES.get(dtype, torch.float32)
+
+
+def cpu_has_fast_bf16() -> bool:
+    """AVX-512 BF16 or AMX: without them torch emulates bfloat16 matmuls, slower than float32."""
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(bool(getattr(torch.cpu, name, lambda: False)()) for name in checks)
 
 
 def cache_root() -> Path:
@@ -83,12 +101,12 @@ def gguf_cache_dir(gguf: Path, root: Path | None = None) -> Path:
     return (root or cache_root()) / f"{stem}-{digest}"
 
 
-def load_model(spec: str = DEFAULT_MODEL, device: str = "auto") -> LoadedModel:
+def load_model(spec: str = DEFAULT_MODEL, device: str = "auto", dtype: str = "auto") -> LoadedModel:
     """Load the model a spec names: the bundled SmolLM2, a .gguf file, a local directory or a cached HF id."""
     started = time.perf_counter()
-    torch_device, dtype = resolve_device(device)
+    torch_device, weights_dtype, generation_dtype = resolve_device(device, dtype)
     hf_logging.disable_progress_bar()  # our own progress bars are the only ones on screen
-    model, tokenizer, source, path = _load_any(spec, dtype)
+    model, tokenizer, source, path = _load_any(spec, weights_dtype)
     cast(Any, model).to(torch_device)  # transformers' decorated `to` confuses mypy
     model.eval()
     _prepare_tokenizer(tokenizer)
@@ -96,7 +114,8 @@ def load_model(spec: str = DEFAULT_MODEL, device: str = "auto") -> LoadedModel:
         model=model,
         tokenizer=tokenizer,
         device=torch_device,
-        dtype=dtype,
+        dtype=weights_dtype,
+        generation_dtype=generation_dtype,
         spec=spec,
         source=source,
         path=path,
