@@ -354,11 +354,13 @@ def test_a_failed_job_stops_the_run_and_the_same_command_finishes_it(openai_refe
 
 def build_answering_model(path: Path) -> Path:
     """The tiny random model of `tests/tiny_model.py`, taught in a second to end every answer with
-    "The answer is N." (N mostly 7, else 3 or 12): agents then agree often enough for every set to have data,
-    so LoRA jobs really train, and disagree often enough for debates to matter."""
+    "The answer is N." (N mostly 7, else 3 or 12), as a generator and as a critic: agents then agree often enough
+    for every set to have data, so LoRA jobs really train, and disagree often enough for debates to matter. (A
+    reply cut at max_tokens is no answer, so critics must learn to finish too.)"""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    import prompts
     from tests.tiny_model import build_tiny_model
 
     build_tiny_model(path)
@@ -366,12 +368,17 @@ def build_answering_model(path: Path) -> Path:
     model = AutoModelForCausalLM.from_pretrained(path)
     rng = random.Random(0)
     texts = []
-    for _ in range(64):
+    for i in range(64):
         a, b = rng.randrange(21), rng.randrange(21)
         question = f"What is the result of {a}+{b}? Make sure to state your answer at the end of the response."
         answer = f"The answer is {rng.choice([7, 7, 7, 3, 12])}."
-        texts.append(tokenizer.apply_chat_template(
-            [{"role": "user", "content": question}, {"role": "assistant", "content": answer}], tokenize=False))
+        turns = [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
+        if i % 2:  # a critic's turn after a summary of gibberish, as the base model writes them
+            summary = "".join(rng.choice("abcdefghij 0123456789.") for _ in range(rng.randrange(4, 40)))
+            turns += [{"role": "user", "content": prompts.render("arithmetic/critic_summary.txt", summary=summary,
+                                                                 question=f"{a}+{b}")},
+                      {"role": "assistant", "content": f"The answer is {rng.choice([7, 7, 7, 3, 12])}."}]
+        texts.append(tokenizer.apply_chat_template(turns, tokenize=False))
     torch.manual_seed(0)
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
     model.train()
