@@ -229,8 +229,10 @@ def _left_pad(prompts: list[list[int]], pad_id: int, device: torch.device) -> tu
 
 
 class _Sampler:
-    """Greedy rows take the argmax; sampled rows draw with their own generator on the CPU, from their own
-    float32 distribution, so a draw depends neither on the device nor on the batch."""
+    """Greedy rows take the argmax. Sampled rows draw by inverse CDF from their own float32 nucleus, with one
+    uniform number per row per token from the row's own generator (on the CPU, so the draw does not depend on
+    the device); everything else is batched on the device, and each row's numbers are computed from its own
+    logits only, so a draw does not depend on the batch either."""
 
     def __init__(self, rows: Sequence[Row], logits: torch.Tensor) -> None:
         self._rows = rows
@@ -241,32 +243,31 @@ class _Sampler:
         sampled = [i for i, row in enumerate(self._rows) if row.generator is not None]
         if not sampled:
             return chosen
+        device = self._logits.device
+        rows = [self._rows[i] for i in sampled]
         logits = self._logits[sampled] if len(sampled) < len(self._rows) else self._logits
-        temperature = torch.tensor([self._rows[i].request.temperature for i in sampled], device=logits.device)
+        temperature = torch.tensor([r.request.temperature for r in rows], device=device)
+        top_p = torch.tensor([r.request.top_p for r in rows], device=device)
+        uniform = torch.tensor([float(torch.rand((), generator=r.generator)) for r in rows], device=device)
         probs = torch.softmax(logits / temperature[:, None], dim=-1)
         top_probs, top_ids = probs.topk(min(NUCLEUS_CANDIDATES, probs.shape[-1]))
-        top_probs, top_ids = top_probs.cpu(), top_ids.cpu()
-        for j, i in enumerate(sampled):
-            row = self._rows[i]
-            generator = row.generator
-            assert generator is not None
-            top_p = row.request.top_p
-            if top_p >= 1.0 or float(top_probs[j].sum()) < top_p:  # the nucleus reaches past the candidates
-                chosen[i] = _draw_full(probs[j].cpu(), top_p, generator)
-            else:
-                chosen[i] = _draw_nucleus(top_probs[j], top_ids[j], top_p, generator)
+        # the nucleus almost always lies in the top few hundred tokens; rows whose does not sort everything
+        full = (top_p >= 1.0) | (top_probs.sum(dim=-1) < top_p)
+        tokens = _draw(top_probs, top_ids, top_p, uniform)
+        if bool(full.any()):
+            wide = full.nonzero().squeeze(1)
+            sorted_probs, sorted_ids = probs[wide].sort(dim=-1, descending=True)
+            tokens[wide] = _draw(sorted_probs, sorted_ids, top_p[wide], uniform[wide])
+        for i, token in zip(sampled, tokens.tolist(), strict=True):
+            chosen[i] = int(token)
         return chosen
 
 
-def _draw_full(probs: torch.Tensor, top_p: float, generator: torch.Generator) -> int:
-    if top_p >= 1.0:
-        return int(torch.multinomial(probs, 1, generator=generator))
-    top_probs, top_ids = probs.sort(descending=True)
-    return _draw_nucleus(top_probs, top_ids, top_p, generator)
-
-
-def _draw_nucleus(top_probs: torch.Tensor, top_ids: torch.Tensor, top_p: float, generator: torch.Generator) -> int:
-    """The smallest prefix of the sorted distribution whose mass reaches top_p (the first token always stays)."""
-    outside = top_probs.cumsum(-1) - top_probs >= top_p
-    kept = top_probs.masked_fill(outside, 0.0)
-    return int(top_ids[torch.multinomial(kept, 1, generator=generator)])
+def _draw(probs: torch.Tensor, ids: torch.Tensor, top_p: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
+    """Rows of descending probabilities: keep the smallest prefix whose mass reaches top_p (the first token
+    always stays), then the token where the kept mass first exceeds uniform x that mass."""
+    outside = (probs.cumsum(dim=-1) - probs >= top_p[:, None]) & (top_p[:, None] < 1.0)
+    kept = probs.masked_fill(outside, 0.0).cumsum(dim=-1)
+    target = (uniform * kept[:, -1]).unsqueeze(1)
+    index = torch.searchsorted(kept, target, right=True).clamp(max=probs.shape[-1] - 1)
+    return ids.gather(1, index).squeeze(1)
