@@ -77,7 +77,7 @@ def test_the_whole_loop_on_the_bundled_model(tmp_path: Path) -> None:
     diversity = db.execute("select society, iteration, metric, value from diversity where run_id='e2e'").fetchall()
     metrics = {(d[0], d[1], d[2]) for d in diversity}
     for society, iteration in (("base", 0), ("maft", 1)):
-        for metric in ("consensus", "embedding_dissimilarity", "critic_nll"):
+        for metric in ("consensus", "embedding_dissimilarity", "critic_nll_final"):
             assert (society, iteration, metric) in metrics
     assert all(d[3] >= 0 for d in diversity)
 
