@@ -201,8 +201,11 @@ class LocalBackend:
             steps=outcome.steps,
             train_seconds=round(outcome.seconds, 3),
             seconds_per_step=round(outcome.seconds / max(1, outcome.steps), 4),
+            tokens_per_second=round(outcome.trained_tokens / max(outcome.seconds, 1e-9), 1),
             step_losses=outcome.step_losses,
         )
+        on_event(f"trained {outcome.trained_tokens} tokens in {outcome.seconds:.1f} s "
+                 f"({record['tokens_per_second']:.0f} tokens/s)")
         on_event("succeeded")
         shutil.rmtree(final, ignore_errors=True)  # only ever a leftover without a succeeded job.json
         os.replace(staging, final)

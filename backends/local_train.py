@@ -183,6 +183,52 @@ class RightPadCollator:
         }
 
 
+@dataclass(frozen=True)
+class PackingCollator:
+    """A step's examples packed end to end into as few rows as hold them (first fit, longest first, each row as
+    long as the longest example), so the padding a right-padded batch computes is mostly not computed.
+
+    Positions restart at 0 with every example; with no attention mask transformers reads those restarts as
+    separate sequences and keeps each example's attention inside itself (a block-diagonal causal mask), and a
+    row's tail padding is one more such sequence that nothing attends to. Each example's first label is
+    ignored, so no example learns from the one before it: the step's loss is the same mean over the same learned
+    tokens as the padded batch's, and a row is never longer than the padded batch's rows.
+    """
+
+    pad_id: int
+
+    def __call__(self, features: list[dict[str, list[int]]]) -> dict[str, Any]:
+        width = max(len(f["input_ids"]) for f in features)
+        rows: list[list[dict[str, list[int]]]] = []
+        for feature in sorted(features, key=lambda f: -len(f["input_ids"])):
+            free = [r for r in rows if sum(len(f["input_ids"]) for f in r) + len(feature["input_ids"]) <= width]
+            if free:
+                free[0].append(feature)
+            else:
+                rows.append([feature])
+        ids: list[list[int]] = []
+        labels: list[list[int]] = []
+        positions: list[list[int]] = []
+        for row in rows:
+            row_ids: list[int] = []
+            row_labels: list[int] = []
+            row_positions: list[int] = []
+            for f in row:
+                row_ids += f["input_ids"]
+                row_labels += [IGNORE_INDEX, *f["labels"][1:]]
+                row_positions += range(len(f["input_ids"]))
+            pad = width - len(row_ids)
+            ids.append(row_ids + [self.pad_id] * pad)
+            labels.append(row_labels + [IGNORE_INDEX] * pad)
+            positions.append(row_positions + list(range(pad)))
+        return {
+            "input_ids": torch.tensor(ids),
+            "labels": torch.tensor(labels),
+            "position_ids": torch.tensor(positions),
+            "use_cache": False,  # with a cache transformers would not look for packed sequences
+        }
+
+
 class LossProgress(TrainerCallback):
     """Records every step's loss, reports each epoch's mean as an event and drives a rich bar if asked."""
 
@@ -242,11 +288,13 @@ def train_lora(
     init_from: Path | None,
     on_event: EventSink,
     show_progress: bool = True,
+    packed: bool = True,
 ) -> TrainOutcome:
     """Train adapter `adapter_name` on `spec.training_file`, save it to `out_dir`; it stays loaded after.
 
     `init_from` is a previous adapter to keep training (strategy `continue`), otherwise LoRA starts fresh. The
     adapter is added to the pool's base model, so training never holds a second copy of the base weights.
+    `packed=False` right-pads each step's batch instead of packing it (the same steps, more tokens computed).
     """
     started = time.perf_counter()
     tokenizer = pool.loaded.tokenizer
@@ -275,7 +323,7 @@ def train_lora(
             model=model,
             args=_training_args(spec, out_dir / "trainer", pool.loaded.device),
             train_dataset=_Examples(examples),
-            data_collator=RightPadCollator(pad_id=_pad_id(tokenizer)),
+            data_collator=(PackingCollator if packed else RightPadCollator)(pad_id=_pad_id(tokenizer)),
             callbacks=[callback],
         )
         trainer.remove_callback(PrinterCallback)  # added because tqdm is off; it would print every log dict

@@ -34,3 +34,11 @@ def test_gpu_check_runs_on_the_cpu_with_a_tiny_model() -> None:
     for row in ("LocalBackend.chat (refill, gathered)", "refill, merged per adapter", "static chunks",
                 "generate per adapter", "naive generate loop", "trained tok/s"):
         assert row in out, row
+
+
+def test_local_training_bench_compares_padded_and_packed() -> None:
+    out = run("local_training.py", "--smoke")
+    lines = out.splitlines()
+    rows = [line.split()[0] for line in lines if line.startswith(("right-padded", "packed"))]
+    assert rows == ["right-padded", "packed"] * 2
+    assert "speed-up: packed / right-padded" in out
