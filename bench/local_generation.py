@@ -119,9 +119,9 @@ def make_adapters(model: str, folder: Path, count: int, rank: int, std: float, s
 
 
 def make_requests(
-    workload: Workload, adapters: list[Path], temperature: float, seed: int
+    workload: Workload, adapters: list[Path] | list[str], temperature: float, seed: int
 ) -> list[ChatRequest]:
-    """Each problem asked of every agent (adapter), with the task's round-1 prompt."""
+    """Each problem asked of every agent (adapter, or "base"), with the task's round-1 prompt."""
     task = get_task(workload.task)
     problems = task.eval_problems(workload.problems, seed)
     requests = []
@@ -182,6 +182,19 @@ def _sampling(request: ChatRequest) -> dict[str, object]:
     torch.manual_seed(request.seed or 0)
     return {"max_new_tokens": request.max_tokens, "do_sample": True, "temperature": request.temperature,
             "top_p": request.top_p}
+
+
+def accuracy(backend: LocalBackend, problems: int, temperature: float, seed: int, slots: int) -> tuple[int, int]:
+    """Answers right out of `problems` held-out arithmetic:easy problems, one base-model answer each."""
+    task = get_task("arithmetic:easy")
+    items = task.eval_problems(problems, seed)
+    requests = make_requests(Workload("acc", "arithmetic:easy", problems, 96), ["base"], temperature, seed)
+    results = generate_chats(backend.pool, requests, batch_size=slots)
+    right = 0
+    for problem, result in zip(items, results, strict=True):
+        answer = task.extract_answer(result.text) if result.finish_reason == "stop" else None
+        right += answer is not None and task.equivalent(answer, problem.answer)
+    return right, len(items)
 
 
 def spread(requests: list[ChatRequest], count: int | None) -> list[ChatRequest]:
@@ -253,6 +266,7 @@ def main() -> None:
     parser.add_argument("--no-bf16", action="store_true", help="skip the bfloat16 rows")
     parser.add_argument("--merged", action="store_true", help="also time merged-adapter decoding")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--accuracy-problems", type=int, default=96, help="per dtype, for the accuracy check")
     parser.add_argument("--smoke", action="store_true", help="a tiny random model and workload (seconds)")
     args = parser.parse_args()
     sys.stdout.reconfigure(line_buffering=True)  # type: ignore[union-attr]  # progress visible in a log file
@@ -263,6 +277,7 @@ def main() -> None:
     if args.smoke:
         long_, short = Workload("long", "gsm8k", 3, 24), Workload("short", "arithmetic:easy", 3, 12)
         naive_default = {"long": 3, "short": 9}
+        args.accuracy_problems = 6
     workloads = {"long": [long_], "short": [short], "both": [long_, short]}[args.workload]
     if args.prompts is not None:
         workloads = [Workload(w.name, w.task, args.prompts, w.max_tokens) for w in workloads]
@@ -315,6 +330,14 @@ def main() -> None:
                 alone = [generate_chats(b.pool, [r], batch_size=1)[0] for r in mates]
                 equal = sum(x.text == y.text for x, y in zip(together, alone, strict=True))
                 print(f"{label}: sampled texts alone and in one batch equal: {equal}/{len(mates)}")
+        for temperature in (0.0, args.temperature):
+            line = []
+            for label, b in (("float32", backend), ("bfloat16", low)):
+                if b is not None:
+                    right, total = accuracy(b, args.accuracy_problems, temperature, args.seed, args.batch_size)
+                    line.append(f"{label} {right}/{total} = {100 * right / total:.1f} %")
+            mode = "greedy" if temperature == 0 else f"temperature {temperature}"
+            print(f"accuracy, base model, arithmetic:easy, {mode}: " + ", ".join(line))
         print(f"load average at the end {load_average()}; matmul float32 {matmul_rate(torch.float32):.0f} GFLOP/s")
 
 
