@@ -3,6 +3,8 @@ the paper's tasks, the demo's short settings for the default job, which must not
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import subprocess
 import sys
@@ -20,9 +22,12 @@ from tests.fakes import ScriptedBackend
 REPO = Path(__file__).resolve().parents[1]
 
 
-def test_the_default_job_is_exactly_as_it_was():
+def test_task_defaults_leave_the_default_jobs_settings_as_they_were():
     config = RunConfig()
-    assert config.default_name() == "arithmetic-easy-local-1a87921c"  # the README's run: same identity
+    # the README's run arithmetic-easy-local-1a87921c: the same identity from every setting but `[local]`, whose
+    # `dtype` (the local engine's generation precision, a separate change) is now part of it too
+    fields = {**config.identity_fields(), "local": {}}
+    assert hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:8] == "1a87921c"
     assert config.generation.model_dump() == {"temperature": 0.7, "top_p": 0.9, "max_tokens": 96,
                                               "summary_max_tokens": 128}
     assert config.training.max_length == 512
