@@ -46,6 +46,7 @@ CONCURRENCY = 4
 MINI = "gpt-4.1-mini-2025-04-14"
 KILLED = -signal.SIGKILL  # what subprocess reports for a child killed by SIGKILL
 PROVIDER_IDS = re.compile(r"\b(?:ftjob|file|ftevent|batch)-[A-Za-z0-9]+")  # ids a server makes up: not results
+TIMINGS = re.compile(r"\bin [0-9.]+ s \([0-9]+ tokens/s\)")  # how fast a job trained varies run to run: not a result
 
 # -- the CLI in a subprocess --------------------------------------------------------------------------------------
 
@@ -133,7 +134,8 @@ class Snapshot:
                     "select key, status, attempt from jobs where run_id = ?", [RUN])},
                 ledger=collections.Counter((r[0], r[1]) for r in db.execute(
                     "select ref, billing from usage where run_id = ?", [RUN])),
-                events=collections.Counter((r[0], PROVIDER_IDS.sub("<id>", local(r[1]))) for r in db.execute(
+                events=collections.Counter((r[0], TIMINGS.sub("<timing>", PROVIDER_IDS.sub("<id>", local(r[1]))))
+                                          for r in db.execute(
                     "select job_key, message from job_events where level != 'status' and job_key in "
                     "(select key from jobs where run_id = ?)", [RUN])),
                 integrity=db.execute("pragma integrity_check").fetchone()[0],
