@@ -37,8 +37,8 @@ from backends.local_generate import AdapterPool, adapter_dir, adapter_name_for, 
 from backends.local_model import DEFAULT_MODEL, load_model, resolve_device
 from backends.local_score import score_requests
 from backends.local_train import train_lora
-from orchestrator.crashpoints import crashpoint
-from orchestrator.errors import UserError
+from foundation.crashpoints import crashpoint
+from foundation.errors import UserError
 
 JOB_FILE = "job.json"
 

@@ -26,7 +26,7 @@ from backends.local_precision import GenerationWeights
 from backends.local_static import decode_static
 from backends.local_static import left_pad as _left_pad  # local_score pads its rows the same way
 from backends.local_step import HFStep, full_attention_only
-from orchestrator.errors import UserError
+from foundation.errors import UserError
 
 PEFT_BASE_ROW = "__base__"  # PEFT's reserved name for "no adapter on this row"
 GREEDY_BELOW = 1e-5  # temperatures this small are greedy; dividing logits by them would overflow

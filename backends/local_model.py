@@ -22,7 +22,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.utils import logging as hf_logging
 
-from orchestrator.errors import UserError
+from foundation.errors import UserError
 
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"
 BUNDLED_ALIASES = frozenset({"smollm2-135m-instruct", "smollm2"})

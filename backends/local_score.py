@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from backends.base import ChatMessage, ScoreRequest
 from backends.local_generate import AdapterPool, _context_length, _left_pad, _pad_id
 from backends.local_train import IGNORE_INDEX, EncodedExample, encode_example
-from orchestrator.errors import UserError
+from foundation.errors import UserError
 
 # Logit elements one batch may hold (128 Mi: 512 MiB in fp32, plus as much again for the softmax). Long replies
 # therefore make smaller batches instead of running out of memory; at least one row always goes.

@@ -35,8 +35,8 @@ from transformers import (
 
 from backends.base import ChatMessage, FinetuneSpec, TrainingParams
 from backends.local_generate import AdapterPool
-from orchestrator.crashpoints import crashpoint
-from orchestrator.errors import UserError
+from foundation.crashpoints import crashpoint
+from foundation.errors import UserError
 
 IGNORE_INDEX = -100  # label value the causal-LM loss skips
 EventSink = Callable[[str], None]

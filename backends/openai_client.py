@@ -19,8 +19,8 @@ from pydantic import BaseModel, ConfigDict, SecretStr
 
 from backends.hosted.env import Scrubber, env_value
 from backends.hosted.errors import HostedRequestError, SdkErrors
+from foundation.errors import UserError
 from orchestrator.config import OpenAIConfig
-from orchestrator.errors import UserError
 
 OPENAI_ERRORS = SdkErrors.of(openai, "OpenAIError")
 OpenAIRequestError = HostedRequestError  # the name the openai modules and their callers know

@@ -15,12 +15,11 @@ import click
 from rich.console import Console
 
 from backends.base import BackendInfo, MemoryState
+from foundation.crashpoints import crashpoint
+from foundation.errors import RunStopped, UserError
 from orchestrator.config import BACKENDS, DEFAULT_MODEL, RunConfig, build_config, read_toml
 from orchestrator.costs import Ledger, Pricing, load_prices
-from orchestrator.crashpoints import crashpoint
-from orchestrator.errors import UserError
 from orchestrator.failures import CommandContext, debug_requested, finish
-from orchestrator.finetune import RunStopped
 from orchestrator.interrupts import GracefulStop, StopRequested
 from orchestrator.locks import RunLock
 from orchestrator.store import Store, StoreState

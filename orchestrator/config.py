@@ -16,7 +16,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from backends.base import TrainingParams
-from orchestrator.errors import UserError
+from foundation.errors import UserError
 from orchestrator.tasks import task_defaults
 
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"

@@ -19,8 +19,8 @@ from typing import Any
 from pydantic import BaseModel, Field, ValidationError
 
 from backends.base import BASE_MODEL_ID, ChatRequest, ChatResult, EmbeddingResult
-from orchestrator.errors import UserError
-from orchestrator.finetune import RunStopped, attempt_key
+from foundation.errors import RunStopped, UserError
+from orchestrator.finetune import attempt_key
 from orchestrator.store import JobRow, ResponseRow, Store, UsageRow
 
 CHARS_PER_TOKEN = 4  # estimates only; bills use the provider's own counts

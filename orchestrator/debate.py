@@ -19,9 +19,9 @@ from rich.progress import Progress
 
 import prompts
 from backends.base import BASE_MODEL_ID, Backend, ChatMessage, ChatRequest, ChatResult
+from foundation.crashpoints import crashpoint
 from orchestrator.config import GenerationConfig
 from orchestrator.costs import Ledger
-from orchestrator.crashpoints import crashpoint
 from orchestrator.interrupts import never
 from orchestrator.store import DebateRow, ResponseRow, Store
 from orchestrator.tasks import Problem, Task

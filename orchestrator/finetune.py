@@ -17,16 +17,13 @@ from typing import TYPE_CHECKING
 from pydantic import BaseModel
 
 from backends.base import TERMINAL_STATUSES, Backend, FinetuneSpec, JobEvent, JobRef, JobState
-from orchestrator.crashpoints import crashpoint
+from foundation.crashpoints import crashpoint
+from foundation.errors import RunStopped
 from orchestrator.interrupts import never
 from orchestrator.store import JobEventRow, JobRow, Store
 
 if TYPE_CHECKING:
     from orchestrator.costs import Ledger
-
-
-class RunStopped(Exception):
-    """The run cannot go on (a finetuning job failed, the budget is spent); everything done so far is stored."""
 
 
 class FinetunePlan(BaseModel):

@@ -16,7 +16,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import IO
 
-from orchestrator.errors import UserError
+from foundation.errors import UserError
 
 
 def lock_path(db: Path, run_id: str) -> Path:

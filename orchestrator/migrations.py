@@ -11,7 +11,7 @@ from collections.abc import Callable
 
 import sqlite_utils
 
-from orchestrator.errors import UserError
+from foundation.errors import UserError
 
 Migration = Callable[[sqlite_utils.Database], None]
 

@@ -27,11 +27,11 @@ from rich.progress import (
 )
 
 from backends.base import BASE_MODEL_ID, Backend, FinetuneSpec, ReportsRetries
+from foundation.crashpoints import crashpoint
+from foundation.errors import UserError
 from orchestrator.config import RunConfig
 from orchestrator.costs import Ledger
-from orchestrator.crashpoints import crashpoint
 from orchestrator.debate import DebateOutcome, DebateRunner, DebateSettings, Society
-from orchestrator.errors import UserError
 from orchestrator.evaluate import DiversityMeter, evaluate
 from orchestrator.finetune import FinetunePlan, run_jobs
 from orchestrator.interrupts import StopRequested, never

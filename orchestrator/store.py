@@ -18,8 +18,8 @@ from typing import Any, TypeVar
 import sqlite_utils
 from pydantic import BaseModel, Field
 
-from orchestrator.crashpoints import crashpoint
-from orchestrator.errors import UserError
+from foundation.crashpoints import crashpoint
+from foundation.errors import UserError
 from orchestrator.migrations import migrate
 
 RowT = TypeVar("RowT", bound=BaseModel)

@@ -11,12 +11,11 @@ from rich.console import Console
 from backends.base import BackendInfo, MemoryState
 from backends.openai import OpenAIBackend
 from backends.together import TogetherBackend
+from foundation.errors import RunStopped, UserError
 from orchestrator.cli import _pricing
 from orchestrator.config import OpenAIConfig, RunConfig, TogetherConfig
 from orchestrator.costs import Ledger, Pricing, cost_summary, load_prices, model_size_b, split_model_id
-from orchestrator.errors import UserError
 from orchestrator.estimate import estimate_run
-from orchestrator.finetune import RunStopped
 from orchestrator.pipeline import Pipeline, open_run
 from orchestrator.report import cost_tables
 from orchestrator.store import Store

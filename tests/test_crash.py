@@ -1,7 +1,7 @@
 """kill -9 anywhere: a run killed by SIGKILL at any point and resumed ends exactly like an uninterrupted run.
 
 The real CLI runs in a subprocess (`python -m orchestrator run --config run.toml --name crash --db ...`) with
-`MAFT_CRASH_AT=POINT[#K]`, which makes `orchestrator.crashpoints.crashpoint(POINT)` kill the process with SIGKILL at
+`MAFT_CRASH_AT=POINT[#K]`, which makes `foundation.crashpoints.crashpoint(POINT)` kill the process with SIGKILL at
 its K-th hit: no exception, no cleanup, nothing flushed, exactly a power cut. The same command run again (without
 the variable) must resume and finish, and the store must then hold what an uninterrupted run of the same seed
 holds: the same evaluations, the same datasets (by sha256), the same responses word for word, the same models,
@@ -36,7 +36,7 @@ from typing import Any
 
 import pytest
 
-from orchestrator import crashpoints
+from foundation import crashpoints
 from tests.fake_openai import API_KEY, FakeOpenAI
 
 REPO = Path(__file__).resolve().parents[1]
@@ -450,7 +450,7 @@ def test_a_local_run_killed_anywhere_resumes_to_the_same_end(point: str, tiny_mo
 
 
 def test_a_crashpoint_kills_at_its_kth_hit_and_costs_nothing_unarmed() -> None:
-    code = ("from orchestrator.crashpoints import crashpoint\n"
+    code = ("from foundation.crashpoints import crashpoint\n"
             "for i in range(5):\n    print(i, flush=True)\n    crashpoint('here')\n    crashpoint('elsewhere')\n")
     env = {**os.environ, "PYTHONPATH": str(REPO), crashpoints.ENV_VAR: "here#3"}
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)

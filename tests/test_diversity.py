@@ -30,6 +30,7 @@ from backends.base import (
     TrainingParams,
 )
 from backends.local import LocalBackend
+from foundation.errors import RunStopped, UserError
 from orchestrator.config import DiversityConfig, RunConfig
 from orchestrator.costs import Ledger, Pricing, load_prices
 from orchestrator.debate import AgentTranscript, DebateOutcome, Society
@@ -42,9 +43,7 @@ from orchestrator.diversity import (
     critic_nll,
     embedding_dissimilarity,
 )
-from orchestrator.errors import UserError
 from orchestrator.evaluate import DiversityMeter
-from orchestrator.finetune import RunStopped
 from orchestrator.pipeline import open_run
 from orchestrator.store import Store
 from orchestrator.tasks import Problem, get_task

@@ -28,7 +28,7 @@ from typing import Any
 
 import pytest
 
-from orchestrator import crashpoints
+from foundation import crashpoints
 from tests.fake_openai import API_KEY, FakeOpenAI
 from tests.test_crash import REPO, RUN, Snapshot, openai_settings, output, write_config
 

@@ -31,7 +31,7 @@ from backends.base import (
 from backends.local import LocalBackend
 from backends.local_model import load_model
 from backends.local_train import IGNORE_INDEX, encode_example
-from orchestrator.errors import UserError
+from foundation.errors import UserError
 from tests.tiny_model import build_random_adapter, build_tiny_model
 
 TARGET = "The answer is 42."

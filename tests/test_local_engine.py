@@ -28,8 +28,8 @@ from backends.local_generate import AdapterPool, generate_chats
 from backends.local_lora import gathered_adapters, merged_adapter
 from backends.local_model import resolve_device
 from backends.local_step import HFStep
+from foundation.errors import UserError
 from orchestrator.config import RunConfig
-from orchestrator.errors import UserError
 from tests.tiny_model import build_random_adapter, build_tiny_model
 
 QUESTION = "What is 17+25?"

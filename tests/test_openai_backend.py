@@ -26,8 +26,8 @@ from backends.openai import OpenAIBackend
 from backends.openai_batch import batch_input
 from backends.openai_client import NO_KEY_PLACEHOLDER, OpenAIRequestError, is_retryable, resolve_credentials
 from backends.openai_finetune import job_status, maft_key, sanitize_suffix, validate_training_file
+from foundation.errors import UserError
 from orchestrator.config import OpenAIConfig
-from orchestrator.errors import UserError
 from tests.fake_openai import FakeOpenAI
 
 MODEL = "gpt-4.1-mini-2025-04-14"
@@ -738,7 +738,8 @@ def test_a_stored_job_the_provider_no_longer_knows_is_started_again(fake_openai:
 
 
 def test_a_job_lost_twice_in_one_run_stops_it(fake_openai: FakeOpenAI, tmp_path: Path) -> None:
-    from orchestrator.finetune import RunStopped, run_jobs
+    from foundation.errors import RunStopped
+    from orchestrator.finetune import run_jobs
     from tests.fake_openai import not_found
 
     def always_gone(call: Any) -> Any:

@@ -16,9 +16,9 @@ import pytest
 from rich.console import Console
 
 from backends.openai import OpenAIBackend
+from foundation.errors import RunStopped
 from orchestrator.config import OpenAIConfig, RunConfig
 from orchestrator.costs import Ledger, Pricing, load_prices
-from orchestrator.finetune import RunStopped
 from orchestrator.pipeline import Pipeline, open_run
 from orchestrator.store import Store, StoreState
 from tests.fake_openai import FakeOpenAI

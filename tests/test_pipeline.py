@@ -8,9 +8,8 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
+from foundation.errors import RunStopped, UserError
 from orchestrator.config import RunConfig
-from orchestrator.errors import UserError
-from orchestrator.finetune import RunStopped
 from orchestrator.pipeline import Pipeline, open_run
 from orchestrator.store import Store
 from tests.fakes import Crash, ScriptedBackend

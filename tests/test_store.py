@@ -2,7 +2,7 @@ import sqlite3
 
 import pytest
 
-from orchestrator.errors import UserError
+from foundation.errors import UserError
 from orchestrator.migrations import MIGRATIONS
 from orchestrator.store import JobEventRow, JobRow, ResponseRow, RunRow, Store, UsageRow
 

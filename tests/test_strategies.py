@@ -9,8 +9,8 @@ import pytest
 from rich.console import Console
 
 from backends.base import BASE_MODEL_ID, BackendInfo
+from foundation.errors import UserError
 from orchestrator.config import RunConfig
-from orchestrator.errors import UserError
 from orchestrator.estimate import estimate_run
 from orchestrator.pipeline import Pipeline, open_run
 from orchestrator.store import Store

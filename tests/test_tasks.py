@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.errors import UserError
+from foundation.errors import UserError
 from orchestrator.tasks import TASK_SPECS_HELP, Problem, Task, get_task
 from orchestrator.tasks.answers import extract_boxed, parse_number
 from orchestrator.tasks.arithmetic import ArithmeticTask

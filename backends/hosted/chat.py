@@ -25,7 +25,7 @@ from backends.hosted.env import Scrubber
 from backends.hosted.errors import SdkErrors, error_message
 from backends.hosted.rate_limit import RateLimiter, estimate_request_tokens
 from backends.hosted.retry import RetryPolicy
-from orchestrator.errors import UserError
+from foundation.errors import UserError
 
 
 class BodyMessage(BaseModel):

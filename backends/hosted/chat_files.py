@@ -17,7 +17,7 @@ from typing import Any, Protocol
 
 from pydantic import BaseModel
 
-from orchestrator.errors import UserError
+from foundation.errors import UserError
 
 # -- token counting ---------------------------------------------------------------------------------------------
 

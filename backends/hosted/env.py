@@ -9,7 +9,7 @@ import re
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
-from orchestrator.errors import UserError
+from foundation.errors import UserError
 
 _KEY_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 # Things that look like credentials even when they are not the key we hold (a proxy echoing a header, say).

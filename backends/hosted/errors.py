@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from types import ModuleType
 
 from backends.hosted.env import Scrubber
-from orchestrator.errors import UserError
+from foundation.errors import UserError
 
 
 class HostedRequestError(RuntimeError):

@@ -15,7 +15,7 @@ from typing import Literal
 from pydantic import BaseModel
 
 from backends.base import BackendState
-from orchestrator.crashpoints import crashpoint
+from foundation.crashpoints import crashpoint
 
 
 def upload_once(

@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from orchestrator.errors import UserError
+from foundation.errors import UserError
 from orchestrator.tasks.arithmetic import DEFAULTS as ARITHMETIC_DEFAULTS
 from orchestrator.tasks.arithmetic import VARIANTS, ArithmeticTask
 from orchestrator.tasks.base import Problem, Task, TaskDefaults

@@ -13,7 +13,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
 
-from orchestrator.errors import UserError
+from foundation.errors import UserError
 from orchestrator.tasks.answers import extract_numeric_answer, numeric_equivalent
 from orchestrator.tasks.base import DEMO_DEFAULTS, Problem, Task, TaskDefaults, paper_defaults
 from orchestrator.tasks.sampling import check_count, draw, is_eval

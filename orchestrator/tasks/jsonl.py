@@ -13,7 +13,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from orchestrator.errors import UserError
+from foundation.errors import UserError
 from orchestrator.tasks.answers import extract_boxed
 from orchestrator.tasks.base import Problem, Task
 from orchestrator.tasks.math import DEFAULTS as MATH_DEFAULTS

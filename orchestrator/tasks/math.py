@@ -20,7 +20,7 @@ from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
-from orchestrator.errors import UserError
+from foundation.errors import UserError
 from orchestrator.tasks.answers import extract_boxed, normalize_text, parse_number
 from orchestrator.tasks.base import Problem, Task, paper_defaults
 from orchestrator.tasks.sampling import draw

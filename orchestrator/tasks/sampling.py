@@ -11,7 +11,7 @@ import hashlib
 import random
 from collections.abc import Sequence
 
-from orchestrator.errors import UserError
+from foundation.errors import UserError
 from orchestrator.tasks.base import Problem
 
 EVAL_PERCENT = 20  # share of a generated or user-supplied pool that is held out for evaluation
