@@ -208,7 +208,7 @@ def _pricing(config: RunConfig, info: BackendInfo, prices: Path | None, *, max_c
 def _dry_run(config: RunConfig, prices: Path | None, baselines: tuple[str, ...] = ()) -> None:
     from backends import create_backend
     from orchestrator.estimate import estimate_run
-    from orchestrator.report import estimate_table
+    from orchestrator.report.terminal import estimate_table
 
     task = get_task(config.task)
     backend = create_backend(config, Path("maft-runs") / "dry-run", state=MemoryState(), show_progress=False)
@@ -240,7 +240,8 @@ def _run_locked(store: Store, config: RunConfig, run_id: str, *, must_exist: boo
     from backends import create_backend
     from backends.base import ChecksServer, NeedsCredentials
     from orchestrator.pipeline import Pipeline, open_run
-    from orchestrator.report import accuracy_table, comparison_table, datasets_table, report_data
+    from orchestrator.report.data import report_data
+    from orchestrator.report.terminal import accuracy_table, comparison_table, datasets_table
 
     work = workdir or store.path.resolve().parent / "maft-runs" / run_id
     backend_obj = create_backend(config, work, state=StoreState(store, config.backend), show_progress=not quiet)
@@ -330,7 +331,8 @@ def status(run_id: str | None, db: str | None, as_json: bool, watch: bool, inter
     from rich.live import Live
 
     from orchestrator.locks import is_held
-    from orchestrator.report import runs_data, runs_table, status_data, status_view
+    from orchestrator.report.data import runs_data, status_data
+    from orchestrator.report.terminal import runs_table, status_view
 
     _enter("status", db, run_id)
     store = _open_store(db, must_exist=True)
@@ -378,8 +380,9 @@ def report(run_id: str, db: str | None, as_json: bool, out_dir: Path | None, ite
     per agent and role, the comparison table (the layout of the paper's Table 1), plots of accuracy, diversity
     and cost per iteration, and sample debates; print the dataset sizes, the accuracy tables and a short
     summary."""
-    from orchestrator.report import accuracy_table, comparison_table, datasets_table, report_data
-    from orchestrator.report_html import write_report
+    from orchestrator.report.data import report_data
+    from orchestrator.report.terminal import accuracy_table, comparison_table, datasets_table
+    from orchestrator.report.write import write_report
 
     _enter("report", db, run_id)
     store = _open_store(db, must_exist=True)
@@ -438,7 +441,7 @@ def cost(run_id: str, db: str | None, as_json: bool) -> None:
     until the provider reports its trained tokens.
     """
     from orchestrator.costs import cost_summary
-    from orchestrator.report import cost_tables
+    from orchestrator.report.terminal import cost_tables
 
     _enter("cost", db, run_id)
     store = _open_store(db, must_exist=True)
@@ -470,7 +473,8 @@ def jobs() -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON instead of a table.")
 def jobs_list(run_id: str, db: str | None, as_json: bool) -> None:
     """Every job of RUN with its provider id, state, elapsed time, trained tokens and last event."""
-    from orchestrator.report import jobs_table, status_data
+    from orchestrator.report.data import status_data
+    from orchestrator.report.terminal import jobs_table
 
     _enter("jobs-list", db, run_id)
     store = _open_store(db, must_exist=True)

@@ -413,6 +413,12 @@ class Store:
     def get_debates(self, run_id: str, debate: str) -> list[DebateRow]:
         return self._select("debates", DebateRow, "run_id = ? and debate = ?", [run_id, debate])
 
+    def debate_names(self, run_id: str) -> list[str]:
+        """The names of a run's debates that have stored outcomes, in name order."""
+        rows = self.db.execute("select distinct debate from debates where run_id = ? order by debate",
+                               [run_id]).fetchall()
+        return [str(r[0]) for r in rows]
+
     # datasets --------------------------------------------------------------------------------------------
 
     def save_datasets(self, rows: list[DatasetRow]) -> None:

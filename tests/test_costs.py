@@ -17,7 +17,7 @@ from orchestrator.config import OpenAIConfig, RunConfig, TogetherConfig
 from orchestrator.costs import Ledger, Pricing, cost_summary, load_prices, model_size_b, split_model_id
 from orchestrator.estimate import estimate_run
 from orchestrator.pipeline import Pipeline, open_run
-from orchestrator.report import cost_tables
+from orchestrator.report.terminal import cost_tables
 from orchestrator.store import Store
 from orchestrator.tasks import get_task
 from tests.fakes import ScriptedBackend

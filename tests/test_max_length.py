@@ -16,7 +16,8 @@ from backends.base import ChatMessage, FinetuneSpec, TrainingParams
 from orchestrator.config import RunConfig
 from orchestrator.debate import AgentTranscript, DebateOutcome
 from orchestrator.pipeline import Pipeline, open_run
-from orchestrator.report import datasets_table, report_data
+from orchestrator.report.data import report_data
+from orchestrator.report.terminal import datasets_table
 from orchestrator.store import Store
 from orchestrator.tasks import Problem
 from orchestrator.training_data import build_agent_data

@@ -20,14 +20,10 @@ from rich.console import Console
 from backends.base import ChatResult
 from orchestrator.config import RunConfig
 from orchestrator.pipeline import Pipeline, open_run
-from orchestrator.report_html import (
-    ReportFiles,
-    acc_text,
-    build_comparison,
-    md_code,
-    md_inline,
-    write_report,
-)
+from orchestrator.report.comparison import build_comparison
+from orchestrator.report.labels import acc_text
+from orchestrator.report.markdown import md_code, md_inline
+from orchestrator.report.write import ReportFiles, write_report
 from orchestrator.store import DiversityRow, EvaluationRow, RunRow, Store, UsageRow
 from tests.fakes import ScriptedBackend
 

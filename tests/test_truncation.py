@@ -15,7 +15,8 @@ from orchestrator.config import GenerationConfig, RunConfig
 from orchestrator.debate import DebateRunner, DebateSettings, Society
 from orchestrator.evaluate import evaluate
 from orchestrator.pipeline import Pipeline, open_run
-from orchestrator.report import accuracy_table, report_data, status_data, status_view
+from orchestrator.report.data import report_data, status_data
+from orchestrator.report.terminal import accuracy_table, status_view
 from orchestrator.store import RunRow, Store
 from orchestrator.tasks import Problem, get_task
 from orchestrator.training_data import build_agent_data

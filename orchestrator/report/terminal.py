@@ -1,145 +1,27 @@
-"""What `status` and `report` show: plain dicts for `--json`, rich tables for people. Read-only on the store."""
+"""The terminal's tables, drawn with rich from the plain dicts of `orchestrator.report.data` (so a table and
+`--json` cannot disagree): runs, a run's status, its jobs, accuracy and the paper's Table 1, finetuning data,
+the dry run's estimate and the cost ledger."""
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 from rich.console import Group
 from rich.table import Table
 from rich.text import Text
 
-from orchestrator.config import RunConfig
-from orchestrator.store import EvaluationRow, JobRow, RunRow, Store
-
-METHOD_LABELS = {"single": "single agent", "majority": "majority vote", "debate": "debate"}
-
-
-def pct(x: float) -> str:
-    return f"{100 * x:.1f}"
-
-
-def acc_text(accuracy: float, stderr: float) -> str:
-    """The one spelling of "accuracy ± s.e." in percent, shared by the terminal, HTML and Markdown."""
-    return f"{pct(accuracy)} ± {pct(stderr)}"
-
-
-def method_order(method: str) -> int:
-    return list(METHOD_LABELS).index(method) if method in METHOD_LABELS else len(METHOD_LABELS)
-
-
-def _evaluation_order(e: EvaluationRow) -> tuple[str, int, bool, str, int]:
-    return e.task, e.iteration, e.society != "base", e.society, method_order(e.method)
-
-
-SOCIETY_LABELS = {
-    "base": "base",
-    "maft": "multiagent FT",
-    "star": "STaR",
-    "majority-ft": "majority FT",
-    "single-ft": "single-agent FT",
-    "no-summary": "multiagent FT, no summary",
-    "no-critic": "multiagent FT, no critic",
-}
-
-
-def society_label(society: str, iteration: int) -> str:
-    name = SOCIETY_LABELS.get(society, society)
-    return name if society == "base" else f"{name}, iteration {iteration}"
-
-
-def expected_responses(config: RunConfig) -> int:
-    """How many responses a finished run stores: answers plus (in summary mode) one summary per critic turn."""
-    per_problem = config.agents * config.rounds
-    if config.summarize:
-        per_problem += config.agents * (config.rounds - 1)
-    evals = (config.iterations + 1) * config.eval_size
-    trains = config.iterations * config.train_size
-    return per_problem * (evals + trains)
-
-
-def _when(ts: float | None) -> str | None:
-    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts)) if ts else None
-
-
-# data ------------------------------------------------------------------------------------------------------
-
-
-def runs_data(store: Store) -> list[dict[str, Any]]:
-    out = []
-    for run in store.list_runs():
-        config = RunConfig.model_validate_json(run.config)
-        out.append({
-            "id": run.id, "status": run.status, "backend": run.backend, "model": run.model, "task": run.task,
-            "iterations_done": run.iterations_done, "iterations": config.iterations,
-            "created_at": _when(run.created_at), "updated_at": _when(run.updated_at),
-        })
-    return out
-
-
-EVENTS_SHOWN = 3  # newest events per job in the terminal
-EVENTS_KEPT = 50  # newest events per job in `--json`
-
-
-def job_elapsed(job: JobRow, now: float) -> float:
-    """Seconds a job has taken: to its end once it has ended, up to `now` while it may still be going."""
-    if job.finished_at is not None:
-        return job.finished_at - job.created_at
-    if job.status in ("pending", "queued", "running"):
-        return max(0.0, now - job.created_at)
-    return job.updated_at - job.created_at  # skipped, or ended before finished_at was recorded
-
-
-def _job_data(store: Store, job: JobRow, now: float) -> dict[str, Any]:
-    events = store.get_job_events(job.key)
-    return {
-        **job.model_dump(exclude={"run_id", "created_at", "updated_at", "finished_at"}),
-        "elapsed_s": round(job_elapsed(job, now), 1),
-        "last_event": events[-1].message if events else None,
-        "events": [{"at": _when(e.created_at), "level": e.level, "message": e.message}
-                   for e in events[-EVENTS_KEPT:]],
-        "events_total": len(events),
-    }
-
-
-def status_data(store: Store, run: RunRow, now: float | None = None) -> dict[str, Any]:
-    config = RunConfig.model_validate_json(run.config)
-    jobs = store.get_jobs(run.id)
-    now = time.time() if now is None else now
-    return {
-        "run": {
-            "id": run.id, "status": run.status, "error": run.error, "iterations_done": run.iterations_done,
-            "created_at": _when(run.created_at), "updated_at": _when(run.updated_at),
-        },
-        "config": config.model_dump(mode="json"),
-        "progress": {
-            "responses_stored": store.count_responses(run.id),
-            "responses_expected": expected_responses(config),
-        },
-        "agents": [a.model_dump(exclude={"run_id", "created_at"}) for a in store.get_agents(run.id)],
-        "jobs": [_job_data(store, j, now) for j in jobs],
-        "debates": [t.model_dump() for t in store.truncation(run.id)],
-    }
-
-
-def report_data(store: Store, run: RunRow) -> dict[str, Any]:
-    config = RunConfig.model_validate_json(run.config)
-    return {
-        "run": {"id": run.id, "status": run.status, "iterations_done": run.iterations_done},
-        "config": config.model_dump(mode="json"),
-        "evaluations": [
-            e.model_dump(exclude={"run_id", "created_at"})
-            for e in sorted(store.get_evaluations(run.id), key=_evaluation_order)
-        ],
-        "datasets": [
-            d.model_dump(exclude={"run_id", "created_at", "problem_ids"}) for d in store.get_datasets(run.id)
-        ],
-        "diversity": [d.model_dump(exclude={"run_id", "created_at"}) for d in store.get_diversity(run.id)],
-        "debates": [t.model_dump() for t in store.truncation(run.id)],
-    }
-
-
-# tables ----------------------------------------------------------------------------------------------------
+from orchestrator.report.data import EVENTS_SHOWN
+from orchestrator.report.labels import (
+    BASE,
+    MAFT,
+    METHOD_LABELS,
+    acc_text,
+    method_name,
+    society_label,
+    society_name,
+    table_rank,
+    usd,
+)
 
 
 def runs_table(rows: list[dict[str, Any]]) -> Table:
@@ -160,7 +42,7 @@ def accuracy_table(evaluations: list[dict[str, Any]], title: str) -> Table:
     table.add_column("n", justify="right")
     table.add_column("no answer", justify="right")
     for e in evaluations:
-        table.add_row(society_label(e["society"], e["iteration"]), METHOD_LABELS.get(e["method"], e["method"]),
+        table.add_row(society_label(e["society"], e["iteration"]), method_name(e["method"]),
                       f"{acc_text(e['accuracy'], e['stderr'])} %", str(e["n"]), no_answer_text(e))
     notes = []
     if any(e.get("answers") for e in evaluations):
@@ -192,7 +74,7 @@ def truncation_table(debates: list[dict[str, Any]]) -> Table:
 
 def datasets_table(datasets: list[dict[str, Any]]) -> Table:
     table = Table(title="finetuning data per agent and role")
-    societies = any(d.get("society", "maft") != "maft" for d in datasets)  # baselines too: say whose data
+    societies = any(d.get("society", MAFT) != MAFT for d in datasets)  # baselines too: say whose data
     too_long = any(d.get("n_too_long") for d in datasets)  # a column only when something was dropped
     table.caption = ("critic sets mix D^C− (wrong, then corrected) and D^C+ (right throughout): used/available; "
                      + ("too long: dropped as longer than max_length, never trained on cut" if too_long else
@@ -204,7 +86,7 @@ def datasets_table(datasets: list[dict[str, Any]]) -> Table:
     for d in datasets:
         critic = d["role"] == "critic"
         table.add_row(
-            *[SOCIETY_LABELS.get(d["society"], d["society"])] * societies,
+            *[society_name(d["society"])] * societies,
             str(d["iteration"]), str(d["agent"] + 1), d["role"], str(d["n_examples"]),
             f"{d['n_critic_neg']}/{d['n_critic_neg_available']}" if critic else "",
             f"{d['n_critic_pos']}/{d['n_critic_pos_available']}" if critic else "",
@@ -265,10 +147,6 @@ def _tokens(n: int) -> str:
     return f"{n / 1e3:.0f}k" if n >= 10_000 else f"{n:,}"
 
 
-def usd(x: float) -> str:
-    return f"${x:,.2f}" if x >= 1 else f"${x:.4f}"
-
-
 def cost_tables(summary: dict[str, Any], run_id: str) -> list[Table]:
     """`orchestrator cost`: one table per grouping, each adding up to the run's total."""
     tables = []
@@ -316,17 +194,17 @@ def comparison_rows(evaluations: list[dict[str, Any]]) -> tuple[list[str], list[
     tasks = list(dict.fromkeys(e["task"] for e in evaluations))
     rows: list[tuple[str, dict[str, dict]]] = []
     for method in METHOD_LABELS:
-        cells = {e["task"]: e for e in evaluations if e["society"] == "base" and e["method"] == method}
+        cells = {e["task"]: e for e in evaluations if e["society"] == BASE and e["method"] == method}
         if cells:
             rows.append((f"base · {METHOD_LABELS[method]}", cells))
-    finetuned = [s for s in dict.fromkeys(e["society"] for e in evaluations) if s != "base"]
-    for society in sorted(finetuned, key=lambda s: list(SOCIETY_LABELS).index(s) if s in SOCIETY_LABELS else 99):
+    finetuned = [s for s in dict.fromkeys(e["society"] for e in evaluations) if s != BASE]
+    for society in sorted(finetuned, key=table_rank):
         cells = {}
         for task in tasks:
             mine = [e for e in evaluations if e["society"] == society and e["task"] == task and e["method"] == "debate"]
             if mine:
                 cells[task] = max(mine, key=lambda e: e["iteration"])
-        label = SOCIETY_LABELS.get(society, society)
+        label = society_name(society)
         last = max(c["iteration"] for c in cells.values())
         rows.append((f"{label} · debate, iteration {last}", cells))
     return tasks, rows

@@ -1,0 +1,131 @@
+"""How the report names and spells things: societies, methods, metrics and backends as people read them, the
+order tables list them in, the styles plots draw them with, what an evaluation debate's name says, and the one
+spelling of a number each of the report's outputs shares.
+
+Every place the report knows a society, a method or a backend by its stored name is here, so the report can
+switch to a registry of them in one file.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from typing import Any
+
+BASE = "base"  # the untrained model: iteration 0 of every society
+MAFT = "maft"  # multiagent finetuning, the method itself (and the society of rows written before societies)
+
+METHOD_LABELS = {"single": "single agent", "majority": "majority vote", "debate": "debate"}
+SOCIETY_LABELS = {
+    BASE: "base",
+    MAFT: "multiagent FT",
+    "star": "STaR",
+    "majority-ft": "majority FT",
+    "single-ft": "single-agent FT",
+    "no-summary": "multiagent FT, no summary",
+    "no-critic": "multiagent FT, no critic",
+}
+# Paper's Table 1 order: baselines first, then ours and its ablations; unknown societies follow by name.
+SOCIETY_ORDER = (BASE, "star", "majority-ft", "single-ft", MAFT, "no-summary", "no-critic")
+METRIC_LABELS = {
+    "consensus": "consensus (share of agents agreeing with the majority)",
+    "embedding_dissimilarity": "embedding dissimilarity (1 − mean pairwise cosine)",
+    "critic_nll_final": "critic NLL of the other critics' final answers",
+    "critic_nll": "critic NLL of the other agents' round-1 answers (earlier definition)",
+    "final_consensus": "final-round consensus (debates table)",
+}
+# The settings sections of RunConfig that belong to one backend: the report shows only the run's own.
+BACKEND_SECTIONS = {"local", "openai", "together"}
+
+# How plots draw each method and society.
+METHOD_COLORS = {"single": "#1f77b4", "majority": "#ff7f0e", "debate": "#2ca02c"}
+SOCIETY_COLORS = {BASE: "#7f7f7f", MAFT: "#1f77b4", "star": "#d62728", "majority-ft": "#9467bd",
+                  "single-ft": "#8c564b", "no-summary": "#e377c2", "no-critic": "#17becf"}
+SOCIETY_LINES: dict[str, Any] = {MAFT: "-", "star": "--", "majority-ft": ":", "single-ft": "-.",
+                                 "no-summary": (0, (5, 1)), "no-critic": (0, (3, 1, 1, 1))}
+SOCIETY_MARKERS = {BASE: "o", MAFT: "o", "star": "s", "majority-ft": "^", "single-ft": "v", "no-summary": "D",
+                   "no-critic": "P"}
+
+
+def society_name(society: str) -> str:
+    return SOCIETY_LABELS.get(society, society)
+
+
+def society_label(society: str, iteration: int) -> str:
+    name = society_name(society)
+    return name if society == BASE else f"{name}, iteration {iteration}"
+
+
+def method_name(method: str) -> str:
+    return METHOD_LABELS.get(method, method)
+
+
+def method_order(method: str) -> int:
+    return list(METHOD_LABELS).index(method) if method in METHOD_LABELS else len(METHOD_LABELS)
+
+
+def method_rank(method: str) -> tuple[int, str]:
+    return method_order(method), method
+
+
+def society_rank(society: str) -> tuple[int, str]:
+    return (SOCIETY_ORDER.index(society) if society in SOCIETY_ORDER else len(SOCIETY_ORDER), society)
+
+
+def table_rank(society: str) -> int:
+    """The terminal comparison's order: by SOCIETY_LABELS, unknown societies last."""
+    return list(SOCIETY_LABELS).index(society) if society in SOCIETY_LABELS else 99
+
+
+# evaluation debates ----------------------------------------------------------------------------------------
+
+EVAL_DEBATE = re.compile(r"(?:(?P<society>[^/]+)/)?eval-(?P<iteration>\d+)")
+
+
+def parse_eval_debate(name: str) -> tuple[str, int] | None:
+    """(society, iteration) of an evaluation debate: `eval-0` is the base society, `eval-k` multiagent FT after
+    k iterations, `SOCIETY/eval-k` another finetuned society (an ablation or a baseline)."""
+    match = EVAL_DEBATE.fullmatch(name)
+    if match is None:
+        return None
+    iteration = int(match["iteration"])
+    return match["society"] or (BASE if iteration == 0 else MAFT), iteration
+
+
+def debate_society(name: str) -> str:
+    parsed = parse_eval_debate(name)
+    if parsed is None:
+        return name
+    society, iteration = parsed
+    return "base society" if society == BASE else f"{society_name(society)}, iteration {iteration}"
+
+
+# numbers and times -----------------------------------------------------------------------------------------
+
+
+def pct(x: float) -> str:
+    return f"{100 * x:.1f}"
+
+
+def acc_text(accuracy: float, stderr: float) -> str:
+    """The one spelling of "accuracy ± s.e." in percent, shared by the terminal, HTML and Markdown."""
+    return f"{pct(accuracy)} ± {pct(stderr)}"
+
+
+def usd(x: float) -> str:
+    return f"${x:,.2f}" if x >= 1 else f"${x:.4f}"
+
+
+def mark(correct: bool | None) -> str:
+    """✓ or ✗ beside an answer graded against the ground truth; nothing where it could not be graded."""
+    return {True: "✓", False: "✗"}.get(correct, "") if correct is not None else ""
+
+
+def when_seconds(ts: float | None) -> str | None:
+    """A stored timestamp in local time, to the second (the terminal and `--json`); None stays None."""
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts)) if ts else None
+
+
+def when_minutes(ts: float | None) -> str:
+    """A stored timestamp in local time, to the minute (the report files); "—" when there is none."""
+    return time.strftime("%Y-%m-%d %H:%M", time.localtime(ts)) if ts else "—"
