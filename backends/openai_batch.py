@@ -26,9 +26,9 @@ from backends.hosted.errors import error_message
 from backends.hosted.names import scan
 from backends.hosted.retry import RetryPolicy
 from backends.openai_client import OPENAI_ERRORS, ClientFactory, OpenAIRequestError
+from backends.openai_settings import OpenAIConfig
 from foundation.crashpoints import crashpoint
 from foundation.errors import UserError
-from orchestrator.config import OpenAIConfig
 
 ENDPOINT: Final = "/v1/chat/completions"
 TERMINAL = frozenset({"completed", "failed", "expired", "cancelled"})

@@ -19,8 +19,8 @@ from pydantic import BaseModel, ConfigDict, SecretStr
 
 from backends.hosted.env import Scrubber, env_value
 from backends.hosted.errors import HostedRequestError, SdkErrors
+from backends.openai_settings import OpenAIConfig
 from foundation.errors import UserError
-from orchestrator.config import OpenAIConfig
 
 OPENAI_ERRORS = SdkErrors.of(openai, "OpenAIError")
 OpenAIRequestError = HostedRequestError  # the name the openai modules and their callers know

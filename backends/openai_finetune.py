@@ -28,8 +28,8 @@ from backends.hosted.names import sanitize_suffix as shared_sanitize_suffix
 from backends.hosted.records import EventCursor, PreparedJob, start_once, upload_once
 from backends.hosted.retry import RetryPolicy
 from backends.openai_client import OPENAI_ERRORS, ClientFactory, OpenAIRequestError
+from backends.openai_settings import OpenAIConfig
 from foundation.errors import UserError
-from orchestrator.config import OpenAIConfig
 
 DEFAULT_MAX_EXAMPLE_TOKENS = 65_536
 MIN_EXAMPLES = 10

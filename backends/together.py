@@ -32,8 +32,8 @@ from backends.hosted.chat import ChatRunner
 from backends.hosted.errors import HostedRequestError, error_message
 from backends.together_client import TOGETHER_ERRORS, TogetherClients, resolve_clients
 from backends.together_finetune import MIN_EXAMPLES, TogetherJobs
+from backends.together_settings import TogetherConfig
 from foundation.errors import UserError
-from orchestrator.config import TogetherConfig
 
 MODELS_PAGE = "https://api.together.ai/models"
 # Together's words when a model has no serverless deployment ("Unable to access non-serverless model X. Please

@@ -13,8 +13,8 @@ from together import AsyncTogether, Together
 
 from backends.hosted.env import Scrubber, env_value
 from backends.hosted.errors import SdkErrors
+from backends.together_settings import TogetherConfig
 from foundation.errors import UserError
-from orchestrator.config import TogetherConfig
 
 # The SDK's upload helper sends the file's bytes with the raw httpx client, so a dropped connection there is httpx's
 TOGETHER_ERRORS = SdkErrors.of(together, "TogetherError", raw_connection=(httpx.TransportError,))

@@ -37,8 +37,8 @@ from backends.hosted.names import key_digest, sanitize_suffix, scan, train_loss_
 from backends.hosted.records import EventCursor, PreparedJob, start_once, upload_once
 from backends.hosted.retry import RetryPolicy
 from backends.together_client import TogetherClients
+from backends.together_settings import TogetherConfig
 from foundation.errors import UserError
-from orchestrator.config import TogetherConfig
 
 MIN_EXAMPLES = 1  # the SDK's MIN_SAMPLES
 MAX_SUFFIX_CHARS = 40  # "up to 40 character suffix" (SDK docstring of fine_tuning.create)

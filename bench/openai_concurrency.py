@@ -24,7 +24,7 @@ from types import ModuleType
 
 from backends.base import ChatMessage, ChatRequest, ChatResult, MemoryState
 from backends.openai import OpenAIBackend
-from orchestrator.config import OpenAIConfig
+from backends.openai_settings import OpenAIConfig
 
 MODEL = "gpt-4.1-mini-2025-04-14"
 QUESTION = ("What is the result of {a}+{b}*{c}+{d}-{e}*{f}? Make sure to state your answer at the end of the "

@@ -14,10 +14,12 @@ from typing import Any
 import click
 from rich.console import Console
 
+from backends import DEFAULT_BACKEND, backend_names, backends_help
 from backends.base import BackendInfo, MemoryState
+from backends.local_settings import DEFAULT_MODEL
 from foundation.crashpoints import crashpoint
 from foundation.errors import RunStopped, UserError
-from orchestrator.config import BACKENDS, DEFAULT_MODEL, RunConfig, build_config, read_toml
+from orchestrator.config import RunConfig, build_config, read_toml
 from orchestrator.costs import Ledger, Pricing, load_prices
 from orchestrator.failures import CommandContext, debug_requested, finish
 from orchestrator.interrupts import GracefulStop, StopRequested
@@ -89,10 +91,8 @@ def _enter(command: str, db: str | None, run_id: str | None = None, *, folder: P
 @click.option("--config", "config_file", type=click.Path(path_type=Path),
               help="TOML file with run settings (top-level keys as the flags below, plus [generation], "
                    "[training] and [local] tables). Flags override it.")
-@click.option("--backend", type=click.Choice(list(BACKENDS)), help="Who runs the models. local: transformers + "
-              "PEFT LoRA on this machine (GPU in bf16 when present, else CPU); openai: OpenAI, Azure OpenAI or "
-              "an OpenAI-compatible server (key from OPENAI_API_KEY or .env); together: Together AI's LoRA "
-              "finetuning and serverless inference (key from TOGETHER_API_KEY or .env). [default: local]")
+@click.option("--backend", type=click.Choice(list(backend_names())),
+              help=f"Who runs the models. {backends_help()}. [default: {DEFAULT_BACKEND}]")
 @click.option("--model", help=f"Base model: the bundled {DEFAULT_MODEL} (default), a local folder or .gguf "
               "file, or a Hugging Face id already in the local cache (nothing is downloaded).")
 @click.option("--task", help=f"Problems to train and evaluate on. {TASK_SPECS_HELP} [default: arithmetic:easy]")
@@ -211,7 +211,9 @@ def _dry_run(config: RunConfig, prices: Path | None, baselines: tuple[str, ...] 
     from orchestrator.report.terminal import estimate_table
 
     task = get_task(config.task)
-    backend = create_backend(config, Path("maft-runs") / "dry-run", state=MemoryState(), show_progress=False)
+    backend = create_backend(config.backend, config.model, config.backend_settings(),
+                             workdir=Path("maft-runs") / "dry-run", state=MemoryState(), show_progress=False,
+                             training=config.training)
     info = backend.describe()  # describing never loads a model or calls the network
     lines = estimate_run(config, task, _pricing(config, info, prices), info, baselines)
     Console().print(estimate_table(lines, f"dry run · {config.backend} · {config.model} · {config.task} · "
@@ -244,7 +246,9 @@ def _run_locked(store: Store, config: RunConfig, run_id: str, *, must_exist: boo
     from orchestrator.report.terminal import accuracy_table, comparison_table, datasets_table
 
     work = workdir or store.path.resolve().parent / "maft-runs" / run_id
-    backend_obj = create_backend(config, work, state=StoreState(store, config.backend), show_progress=not quiet)
+    backend_obj = create_backend(config.backend, config.model, config.backend_settings(), workdir=work,
+                                 state=StoreState(store, config.backend), show_progress=not quiet,
+                                 training=config.training)
     try:
         # Bad input (an unpriced model under --max-cost, a missing API key) is refused before the run is
         # recorded: nothing is left behind but the message.
@@ -508,7 +512,9 @@ def jobs_cancel(run_id: str, db: str | None) -> None:
             click.echo(f"run {run_id} has no job to cancel")
             return
         work = store.path.resolve().parent / "maft-runs" / run_id
-        backend = create_backend(config, work, state=StoreState(store, config.backend), show_progress=False)
+        backend = create_backend(config.backend, config.model, config.backend_settings(), workdir=work,
+                                 state=StoreState(store, config.backend), show_progress=False,
+                                 training=config.training)
         try:
             ledger = Ledger(store, run_id, _pricing(config, backend.describe(), None))
             for job in open_jobs:

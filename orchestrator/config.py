@@ -1,8 +1,10 @@
 """Run configuration: one pydantic model, filled from a TOML file and CLI flags, validated before any work.
 
 Only what changes the *result* of a run lives here; where things are written (`--db`, the work folder) and the
-run's name are invocation settings. The run identity hash leaves out `iterations`, so the same command with a
-larger `--iterations` extends a finished run instead of starting a new one.
+run's name are invocation settings. Each backend owns its settings section (`[local]`, `[openai]`, ...; the
+registry in `backends` lists them). The run identity hash leaves out every field marked operational
+(`backends.settings.operational`): `iterations`, so the same command with a larger `--iterations` extends a
+finished run instead of starting a new one, and the settings that change how, not what, a run computes.
 """
 
 from __future__ import annotations
@@ -11,15 +13,16 @@ import hashlib
 import json
 import tomllib
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, TypeAlias, cast
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, model_validator
 
+from backends import DEFAULT_BACKEND, backend_entries, backend_entry, backend_names
 from backends.base import TrainingParams
+from backends.local_settings import DEFAULT_MODEL
+from backends.settings import BackendSettings, operational, operational_fields
 from foundation.errors import UserError
 from orchestrator.tasks import task_defaults
-
-DEFAULT_MODEL = "SmolLM2-135M-Instruct"
 
 
 class GenerationConfig(BaseModel):
@@ -45,109 +48,29 @@ class DiversityConfig(BaseModel):
     critic_nll: bool = True  # where the backend can score text (local): the held-out critics' NLL
 
 
-class LocalConfig(BaseModel):
-    """Settings only the local backend reads."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    # Generation's dtype (auto: bfloat16 on CUDA, float32 on CPU). Part of the run's identity: it changes the
-    # answers, and in bfloat16 an answer also depends on its batch mates.
-    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
-    batch_size: int = Field(48, ge=1, le=4096)
-
-
-class OpenAIConfig(BaseModel):
-    """Settings only the openai backend reads (OpenAI, Azure OpenAI, or any OpenAI-compatible server).
-
-    Secrets never live here: the API key comes from OPENAI_API_KEY / AZURE_OPENAI_API_KEY in the environment
-    or `.env`. Finetuning hyper-parameters default to the paper's (2 epochs, batch 1, multiplier 1).
-    """
-
-    model_config = ConfigDict(extra="forbid")
-
-    api: Literal["openai", "azure"] = "openai"
-    base_url: str | None = None  # else OPENAI_BASE_URL, else the provider's default
-    azure_endpoint: str | None = None  # else AZURE_OPENAI_ENDPOINT
-    api_version: str | None = None  # Azure only; else OPENAI_API_VERSION
-    concurrency: int = Field(16, ge=1, le=1024)
-    requests_per_minute: int | None = Field(None, ge=1)
-    tokens_per_minute: int | None = Field(None, ge=1)
-    max_retries: int = Field(6, ge=0, le=50)  # quick retries of a transient fault, before it is put back
-    give_up_after: float = Field(900.0, gt=0)  # seconds the provider may answer nothing before a stage stops
-    backoff_initial: float = Field(1.0, gt=0)  # seconds before the first retry (doubling to backoff_max)
-    backoff_max: float = Field(60.0, gt=0)  # and between the tries of a request put back
-    timeout: float = Field(120.0, gt=0)
-    batch: bool = False  # debate rounds through the Batch API (half price, slower)
-    n_epochs: int | Literal["auto"] = 2
-    batch_size: int | Literal["auto"] = 1
-    learning_rate_multiplier: float | Literal["auto"] = 1.0
-    poll_interval: float = Field(30.0, gt=0)
-    max_concurrent_jobs: int = Field(6, ge=1, le=256)
-    billed: bool | Literal["auto"] = Field(
-        "auto", description="Whether calls cost money per token, so --max-cost and --dry-run price them. auto: "
-        "yes for api.openai.com and Azure; for any other base URL (a proxy, vLLM, Ollama) exactly when the price "
-        "table (or --prices) has the model. true / false force it.")
-
-
-class TogetherConfig(BaseModel):
-    """Settings only the together backend reads. The key comes from TOGETHER_API_KEY (environment or `.env`)."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    base_url: str | None = None  # else TOGETHER_BASE_URL, else the SDK's default
-    concurrency: int = Field(16, ge=1, le=1024)
-    requests_per_minute: int | None = Field(None, ge=1)
-    tokens_per_minute: int | None = Field(None, ge=1)
-    max_retries: int = Field(6, ge=0, le=50)  # as in [openai]
-    give_up_after: float = Field(900.0, gt=0)
-    backoff_initial: float = Field(1.0, gt=0)
-    backoff_max: float = Field(60.0, gt=0)
-    timeout: float = Field(120.0, gt=0)
-    lora: bool = True  # False: full finetuning (dearer; its models need a dedicated endpoint to answer)
-    # True: you will deploy finetuned models on dedicated endpoints when the run stops to ask (needed for full
-    # finetuning, whose models Together never serves serverless)
-    dedicated_endpoints: bool = False
-    n_epochs: int = Field(2, ge=1, le=100)
-    learning_rate: float = Field(1e-4, gt=0, le=1.0)
-    batch_size: int | Literal["max"] = "max"
-    lora_r: int = Field(8, ge=1, le=1024)
-    lora_alpha: int = Field(16, ge=1, le=4096)
-    poll_interval: float = Field(30.0, gt=0)
-    max_concurrent_jobs: int = Field(6, ge=1, le=256)
-
-
-# Fields that change how a run is carried out but not what it computes: they may differ on resume.
-_OPERATIONAL: dict[str, Any] = {
-    "iterations": True,
-    "diversity": True,  # measured after the fact: it changes no answer and no model
-    "local": {"device", "batch_size"},
-    "openai": {"concurrency", "requests_per_minute", "tokens_per_minute", "max_retries", "give_up_after",
-               "backoff_initial", "backoff_max", "timeout", "batch", "poll_interval", "max_concurrent_jobs",
-               "base_url", "azure_endpoint", "api_version", "billed"},
-    "together": {"concurrency", "requests_per_minute", "tokens_per_minute", "max_retries", "give_up_after",
-                 "backoff_initial", "backoff_max", "timeout", "poll_interval", "max_concurrent_jobs", "base_url",
-                 "dedicated_endpoints"},
-}
-BACKENDS = ("local", "openai", "together")
-
-
 def _default_training(max_length: int = 512) -> TrainingParams:
     # Small sets of short answers: a few more epochs and a higher rate than the paper's 7B settings.
     return TrainingParams(epochs=3, batch_size=8, learning_rate=3e-4, max_length=max_length)
 
 
-class RunConfig(BaseModel):
-    """Everything that decides what a run computes. Defaults are the small CPU job of `orchestrator run`."""
+# The backend a run uses: one of the registered names (mypy sees a plain str; pydantic checks the Literal).
+if TYPE_CHECKING:
+    BackendName: TypeAlias = str
+else:
+    BackendName = Literal[backend_names()]
+
+
+class _RunChoices(BaseModel):
+    """The run's own choices, which come before the backends' sections in a config (see `RunConfig`)."""
 
     model_config = ConfigDict(extra="forbid")
 
-    backend: Literal["local", "openai", "together"] = "local"
+    backend: BackendName = DEFAULT_BACKEND
     model: str = DEFAULT_MODEL
     task: str = "arithmetic:easy"
     agents: int = Field(3, ge=1, le=64)
     rounds: int = Field(2, ge=1, le=16)
-    iterations: int = Field(1, ge=1, le=100)
+    iterations: int = operational(1, ge=1, le=100)  # a finished run may be extended
     train_size: int = Field(24, ge=1)
     eval_size: int = Field(24, ge=1)
     seed: int = 0
@@ -159,10 +82,36 @@ class RunConfig(BaseModel):
     critic_train_all_turns: bool = False
     generation: GenerationConfig = Field(default_factory=GenerationConfig)
     training: TrainingParams = Field(default_factory=_default_training)
-    local: LocalConfig = Field(default_factory=LocalConfig)
-    openai: OpenAIConfig = Field(default_factory=OpenAIConfig)
-    together: TogetherConfig = Field(default_factory=TogetherConfig)
-    diversity: DiversityConfig = Field(default_factory=DiversityConfig)
+
+
+def _backend_sections() -> dict[str, Any]:
+    """One field per registered backend, named after it and typed by its settings model: `[local]` in TOML,
+    `config.local` in code, validated (and its errors located) as any nested model."""
+    taken = set(_RunChoices.model_fields) | {"diversity"}
+    clash = [e.name for e in backend_entries() if e.name in taken]
+    if clash:
+        raise RuntimeError(f"backend names {clash} are run config fields: a backend needs a name of its own")
+    return {e.name: (e.settings, Field(default_factory=e.settings)) for e in backend_entries()}
+
+
+if TYPE_CHECKING:
+    class _WithBackendSections(_RunChoices):
+        """The sections are real fields made from the registry, which mypy cannot see: an attribute it does not
+        know may be one. `RunConfig.backend_settings()` is the typed way to the section a run uses."""
+
+        def __getattr__(self, name: str) -> Any: ...
+else:
+    _WithBackendSections = create_model("_WithBackendSections", __base__=_RunChoices, __module__=__name__,
+                                        **_backend_sections())
+
+
+class RunConfig(_WithBackendSections):
+    """Everything that decides what a run computes. Defaults are the small CPU job of `orchestrator run`.
+
+    Three layers only to keep the order of the keys a stored config has always had (the report lists them so):
+    the run's choices, then one section per registered backend, then `diversity`."""
+
+    diversity: DiversityConfig = operational(default_factory=DiversityConfig)  # measured after the fact
 
     @model_validator(mode="before")
     @classmethod
@@ -188,20 +137,24 @@ class RunConfig(BaseModel):
     def _consistent(self) -> RunConfig:
         if self.rounds > 1 and self.agents < 2:
             raise ValueError("a debate with rounds > 1 needs at least 2 agents (set agents >= 2 or rounds = 1)")
-        if self.backend != "local" and self.model == DEFAULT_MODEL:
+        if not backend_entry(self.backend).runs_bundled_model and self.model == DEFAULT_MODEL:
             raise ValueError(f"the {self.backend} backend needs a model it serves: pass --model, e.g. "
                              "gpt-4.1-mini-2025-04-14 (the bundled SmolLM2 runs only on the local backend)")
-        if self.backend == "together" and not self.together.lora and not self.together.dedicated_endpoints:
-            # Known before anything is paid: every model it trains would stop the next debate until deployed.
-            raise ValueError("full finetuning on Together ([together] lora = false) makes models that answer only "
-                             "on a dedicated endpoint, which this tool does not create: keep lora = true, or set "
-                             "[together] dedicated_endpoints = true and deploy each model when the run stops for it")
+        problem = self.backend_settings().problem()
+        if problem is not None:
+            raise ValueError(problem)
         return self
 
+    def backend_settings(self) -> BackendSettings:
+        """The settings section of the backend this run uses."""
+        return cast(BackendSettings, getattr(self, self.backend))
+
     def identity_fields(self) -> dict[str, Any]:
-        """What decides the results: everything but `iterations` (a run may be extended) and how it is run."""
-        others = {name: True for name in BACKENDS if name != self.backend}  # unused backends' settings
-        return self.model_dump(mode="json", exclude=_OPERATIONAL | others)
+        """What decides the results: every field but those marked operational (at any depth: `iterations`, so a
+        run may be extended, and how it is run) and the sections of the backends it does not use."""
+        exclude = operational_fields(type(self))
+        exclude.update({name: True for name in backend_names() if name != self.backend})
+        return self.model_dump(mode="json", exclude=exclude)
 
     def identity(self) -> str:
         return hashlib.sha256(json.dumps(self.identity_fields(), sort_keys=True).encode()).hexdigest()[:8]

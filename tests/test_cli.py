@@ -252,7 +252,7 @@ OPENAI_MODEL = "gpt-4.1-mini-2025-04-14"
 def openai_run_stopped_after_one_job(tmp_path, fake):
     """An openai run on the fake, stopped (as by Ctrl-C) right after it started its first finetuning job."""
     from backends.openai import OpenAIBackend
-    from orchestrator.config import OpenAIConfig
+    from backends.openai_settings import OpenAIConfig
     from orchestrator.costs import Ledger, Pricing, load_prices
     from orchestrator.interrupts import StopRequested
     from orchestrator.store import StoreState

@@ -10,10 +10,12 @@ from rich.console import Console
 
 from backends.base import BackendInfo, MemoryState
 from backends.openai import OpenAIBackend
+from backends.openai_settings import OpenAIConfig
 from backends.together import TogetherBackend
+from backends.together_settings import TogetherConfig
 from foundation.errors import RunStopped, UserError
 from orchestrator.cli import _pricing
-from orchestrator.config import OpenAIConfig, RunConfig, TogetherConfig
+from orchestrator.config import RunConfig
 from orchestrator.costs import Ledger, Pricing, cost_summary, load_prices, model_size_b, split_model_id
 from orchestrator.estimate import estimate_run
 from orchestrator.pipeline import Pipeline, open_run
@@ -254,3 +256,27 @@ def test_a_finetune_keeps_its_estimate_beside_its_bill(tmp_path):
     tables = cost_tables(cost_summary(store.get_usage("r")), "r")
     assert "estimated before each job vs billed" in str(tables[-1].title)
     store.close()
+
+
+def test_the_evaluations_of_baselines_ablations_and_transfer_are_filed_under_evaluation(tmp_path):
+    config = RunConfig(train_size=6, eval_size=4, iterations=1)
+    store = Store(tmp_path / "m.db")
+    run = open_run(store, config, "r", must_exist=False)
+    ledger = Ledger(store, "r", Pricing(load_prices(), MINI))
+    pipeline = Pipeline(config=config, run=run, store=store, backend=BilledBackend(), workdir=tmp_path / "w",
+                        console=Console(quiet=True), show_progress=False, poll_interval=0, ledger=ledger)
+    try:
+        pipeline.run(baselines=["star", "no-critic"])
+        pipeline.run_more(transfer=["arithmetic:easy"])
+        usage = store.get_usage("r")
+        store_names = store.debate_names("r")
+    finally:
+        store.close()
+    chat = [u for u in usage if u.debate]
+    debates = {u.debate for u in chat}
+    print(sorted(debates), store_names)
+    evaluations = {u.debate for u in chat if u.stage == "evaluation"}
+    assert evaluations == {d for d in debates if d.rsplit("/", 1)[-1].startswith("eval-")}
+    by_stage = {g["stage"]: g["cost_usd"] for g in cost_summary(usage)["by_stage"]}
+    assert by_stage["evaluation"] == pytest.approx(sum(u.cost_usd for u in chat if u.debate in evaluations))
+    assert by_stage["debate"] == pytest.approx(sum(u.cost_usd for u in chat if u.debate not in evaluations))

@@ -206,7 +206,8 @@ def test_the_progress_bar_shows_the_retry_pressure(tmp_path: Path, fake_openai: 
     from rich.console import Console
 
     from backends.openai import OpenAIBackend
-    from orchestrator.config import OpenAIConfig, RunConfig
+    from backends.openai_settings import OpenAIConfig
+    from orchestrator.config import RunConfig
     from orchestrator.debate import Society
     from orchestrator.pipeline import Pipeline, open_run
     from orchestrator.store import Store, StoreState

@@ -26,8 +26,8 @@ from backends.openai import OpenAIBackend
 from backends.openai_batch import batch_input
 from backends.openai_client import NO_KEY_PLACEHOLDER, OpenAIRequestError, is_retryable, resolve_credentials
 from backends.openai_finetune import job_status, maft_key, sanitize_suffix, validate_training_file
+from backends.openai_settings import OpenAIConfig
 from foundation.errors import UserError
-from orchestrator.config import OpenAIConfig
 from tests.fake_openai import FakeOpenAI
 
 MODEL = "gpt-4.1-mini-2025-04-14"

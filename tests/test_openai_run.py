@@ -16,8 +16,9 @@ import pytest
 from rich.console import Console
 
 from backends.openai import OpenAIBackend
+from backends.openai_settings import OpenAIConfig
 from foundation.errors import RunStopped
-from orchestrator.config import OpenAIConfig, RunConfig
+from orchestrator.config import RunConfig
 from orchestrator.costs import Ledger, Pricing, load_prices
 from orchestrator.pipeline import Pipeline, open_run
 from orchestrator.store import Store, StoreState

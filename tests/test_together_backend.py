@@ -39,8 +39,8 @@ from backends.together_finetune import (
     key_marker,
     upload_copy,
 )
+from backends.together_settings import TogetherConfig
 from foundation.errors import UserError
-from orchestrator.config import TogetherConfig
 from tests.fake_together import LLAMA_8B, LLAMA_70B, FakeTogether
 
 NO_DOTENV = Path("/nonexistent/.env")

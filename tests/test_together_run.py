@@ -11,7 +11,8 @@ import pytest
 from rich.console import Console
 
 from backends.together import TogetherBackend
-from orchestrator.config import RunConfig, TogetherConfig
+from backends.together_settings import TogetherConfig
+from orchestrator.config import RunConfig
 from orchestrator.costs import Ledger, Pricing, load_prices
 from orchestrator.pipeline import Pipeline, open_run
 from orchestrator.store import Store, StoreState
