@@ -33,8 +33,9 @@ from backends.base import (
     ResultCallback,
     ScoreRequest,
 )
-from backends.local_generate import AdapterPool, adapter_dir, adapter_name_for, generate_chats
+from backends.local_generate import generate_chats
 from backends.local_model import load_model, resolve_device
+from backends.local_pool import AdapterPool, adapter_dir, adapter_name_for
 from backends.local_score import score_requests
 from backends.local_settings import DEFAULT_MODEL, LocalConfig
 from backends.local_train import train_lora

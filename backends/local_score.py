@@ -21,7 +21,9 @@ import torch
 import torch.nn.functional as F
 
 from backends.base import ChatMessage, ScoreRequest
-from backends.local_generate import AdapterPool, _context_length, _left_pad, _pad_id
+from backends.local_generate import _context_length, _pad_id
+from backends.local_pool import AdapterPool
+from backends.local_static import left_pad as _left_pad
 from backends.local_train import IGNORE_INDEX, EncodedExample, encode_example
 from foundation.errors import UserError
 

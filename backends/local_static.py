@@ -17,7 +17,7 @@ from transformers import DynamicCache
 from backends.local_engine import NUCLEUS_CANDIDATES, Row
 
 if TYPE_CHECKING:
-    from backends.local_generate import AdapterPool
+    from backends.local_pool import AdapterPool
 
 
 def decode_static(

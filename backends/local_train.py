@@ -34,7 +34,7 @@ from transformers import (
 )
 
 from backends.base import ChatMessage, FinetuneSpec, TrainingParams
-from backends.local_generate import AdapterPool
+from backends.local_pool import AdapterPool
 from foundation.crashpoints import crashpoint
 from foundation.errors import UserError
 

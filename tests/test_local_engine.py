@@ -24,9 +24,10 @@ from transformers import AutoModelForCausalLM
 from backends.base import ChatMessage, ChatRequest, ChatResult, FinetuneSpec, TrainingParams
 from backends.local import LocalBackend
 from backends.local_engine import Row
-from backends.local_generate import AdapterPool, generate_chats
+from backends.local_generate import generate_chats
 from backends.local_lora import gathered_adapters, merged_adapter
 from backends.local_model import resolve_device
+from backends.local_pool import AdapterPool
 from backends.local_step import HFStep
 from foundation.errors import UserError
 from orchestrator.config import RunConfig
