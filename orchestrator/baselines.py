@@ -25,6 +25,7 @@ from collections.abc import Callable
 import prompts
 from backends.base import BASE_MODEL_ID, ChatMessage
 from orchestrator.debate import DebateOutcome, Society, readable_answer
+from orchestrator.names import DebateName, DebateStage, JobKey
 from orchestrator.pipeline import Pipeline
 from orchestrator.store import DatasetRow
 from orchestrator.tasks import Problem
@@ -63,11 +64,15 @@ class SingleModelMethod:
                     else None
                 p.save_society(self.society, iteration, society, Society.uniform(n, model), jobs)
             model = society.generators[0]
-            outcomes = p.debate(f"{self.society}/eval-{iteration}", held_out, society, iteration)
+            outcomes = p.debate(self._debate("eval", iteration), held_out, society, iteration)
             p.evaluate(self.society, iteration, outcomes, society)
 
     def _key(self, run_id: str, iteration: int, agent: int, role: str) -> str:
-        return f"{run_id}/{self.society}/iteration-{iteration}/{role}"
+        """One model per iteration: its key names no agent."""
+        return str(JobKey(run_id=run_id, society=self.society, iteration=iteration, role=role))
+
+    def _debate(self, stage: DebateStage, iteration: int) -> str:
+        return str(DebateName(stage=stage, iteration=iteration, society=self.society))
 
     def _dataset(self, iteration: int, examples: list[Example]) -> DatasetRow:
         p = self.p
@@ -89,7 +94,7 @@ class MajorityFT(SingleModelMethod):
 
     def examples(self, iteration: int, model: str, train: list[Problem]) -> list[Example]:
         p = self.p
-        outcomes = p.debate(f"{self.society}/train-{iteration}", train, Society.uniform(p.config.agents, model),
+        outcomes = p.debate(self._debate("train", iteration), train, Society.uniform(p.config.agents, model),
                             iteration, p.settings(rounds=1))
         return [
             generator_example(o, k)
@@ -103,7 +108,7 @@ class SingleAgentFT(SingleModelMethod):
 
     def examples(self, iteration: int, model: str, train: list[Problem]) -> list[Example]:
         p = self.p
-        outcomes: list[DebateOutcome] = p.debate(f"{self.society}/train-{iteration}", train,
+        outcomes: list[DebateOutcome] = p.debate(self._debate("train", iteration), train,
                                                  Society.uniform(p.config.agents, model), iteration)
         return agreeing_examples(outcomes, p.task.equivalent, all_turns=p.config.critic_train_all_turns)
 
@@ -114,14 +119,14 @@ class Star(SingleModelMethod):
 
     def examples(self, iteration: int, model: str, train: list[Problem]) -> list[Example]:
         p = self.p
-        first = p.debate(f"{self.society}/train-{iteration}", train, Society.uniform(1, model), iteration,
+        first = p.debate(self._debate("train", iteration), train, Society.uniform(1, model), iteration,
                          p.settings(rounds=1))
         kept = [generator_example(o, 0) for o in first if p.task.is_correct(o.agents[0].answers[0], o.problem)]
         wrong = [o for o in first if not p.task.is_correct(o.agents[0].answers[0], o.problem)]
         family = p.task.family
         asks = [(o.problem, model, [ChatMessage(role="user", content=prompts.render(
             f"{family}/rationalize.txt", question=o.problem.question, answer=o.problem.answer))]) for o in wrong]
-        runner = p.runner(f"{self.society}/rationale-{iteration}", iteration)
+        runner = p.runner(self._debate("rationale", iteration), iteration)
         rationales = runner.ask(asks, "rationale", "rationalizations") if asks else []
         for outcome, row in zip(wrong, rationales, strict=True):
             if p.task.is_correct(readable_answer(row), outcome.problem):  # a cut rationale is no answer

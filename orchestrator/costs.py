@@ -20,7 +20,7 @@ from pydantic import BaseModel, Field, ValidationError
 
 from backends.base import BASE_MODEL_ID, ChatRequest, ChatResult, EmbeddingResult
 from foundation.errors import RunStopped, UserError
-from orchestrator.finetune import attempt_key
+from orchestrator.names import DebateName, attempt_key
 from orchestrator.store import JobRow, ResponseRow, Store, UsageRow
 
 CHARS_PER_TOKEN = 4  # estimates only; bills use the provider's own counts
@@ -327,7 +327,10 @@ class Ledger:
 
 
 def _stage(debate: str) -> str:
-    return "evaluation" if debate.startswith("eval") else "debate"
+    """A response's ledger stage: "evaluation" for every society's held-out debates (the base society's, each
+    finetuned society's, and zero-shot transfer), "debate" for the ones that make training data."""
+    name = DebateName.parse(debate)
+    return "evaluation" if name is not None and name.is_evaluation else "debate"
 
 
 def cost_summary(rows: Sequence[UsageRow]) -> dict[str, Any]:

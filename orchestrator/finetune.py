@@ -20,6 +20,7 @@ from backends.base import TERMINAL_STATUSES, Backend, FinetuneSpec, JobEvent, Jo
 from foundation.crashpoints import crashpoint
 from foundation.errors import RunStopped
 from orchestrator.interrupts import never
+from orchestrator.names import attempt_key
 from orchestrator.store import JobEventRow, JobRow, Store
 
 if TYPE_CHECKING:
@@ -30,11 +31,6 @@ class FinetunePlan(BaseModel):
     job: JobRow
     spec: FinetuneSpec
     epochs_estimate: int = 1  # for the budget's upper bound before the provider reports trained tokens
-
-
-def attempt_key(key: str, attempt: int) -> str:
-    """The idempotency key of an attempt: the first keeps the job key, retries get their own."""
-    return key if attempt == 1 else f"{key}#attempt-{attempt}"
 
 
 def _status_change(job: JobRow, state: JobState) -> str | None:

@@ -35,6 +35,7 @@ from orchestrator.debate import DebateOutcome, DebateRunner, DebateSettings, Soc
 from orchestrator.evaluate import DiversityMeter, evaluate
 from orchestrator.finetune import FinetunePlan, run_jobs
 from orchestrator.interrupts import StopRequested, never
+from orchestrator.names import DebateName, DebateStage, JobKey
 from orchestrator.progress import RetryColumn
 from orchestrator.store import AgentRow, DatasetRow, JobRow, ProblemRow, RunRow, Store
 from orchestrator.tasks import Problem, Task, get_task
@@ -80,12 +81,11 @@ class Variant(BaseModel):
     summarize: bool = True
     train_critics: bool = True
 
-    def debate(self, name: str) -> str:
-        return name if self.society == "maft" else f"{self.society}/{name}"
+    def debate(self, stage: DebateStage, iteration: int) -> str:
+        return str(DebateName(stage=stage, iteration=iteration, society=self.society))
 
     def job_key(self, run_id: str, iteration: int, agent: int, role: str) -> str:
-        where = "" if self.society == "maft" else f"{self.society}/"
-        return f"{run_id}/{where}iteration-{iteration}/agent-{agent + 1}/{role}"
+        return str(JobKey(run_id=run_id, society=self.society, iteration=iteration, agent=agent, role=role))
 
 
 ABLATIONS = ("no-summary", "no-critic")
@@ -147,7 +147,7 @@ class Pipeline:
             train, held_out = self.problems()
             society = self.stored_society("maft", 0) or self.save_society("maft", 0, Society.base(self.config.agents))
             self.console.rule("[bold]the base society on the held-out problems")
-            self.evaluate("base", 0, self.debate("eval-0", held_out, society, 0), society)
+            self.evaluate("base", 0, self.debate(self.maft.debate("eval", 0), held_out, society, 0), society)
             for iteration in range(1, self.config.iterations + 1):
                 society = self._iteration(self.maft, iteration, society, train, held_out)
                 self.run_row.iterations_done = max(self.run_row.iterations_done, iteration)
@@ -170,7 +170,7 @@ class Pipeline:
             if society is None:
                 continue
             evaluated = "base" if iteration == 0 else name
-            debate = f"transfer/{task.name}/{'' if name == 'maft' else name + '/'}eval-{iteration}"
+            debate = str(DebateName(stage="eval", iteration=iteration, society=name, transfer=task.name))
             self.console.rule(f"[bold]zero-shot on {task.name}: {evaluated}, iteration {iteration}")
             outcomes = self.debate(debate, held_out, society, iteration, self.society_settings(name), task=task)
             self.evaluate(evaluated, iteration, outcomes, society, task)
@@ -208,7 +208,7 @@ class Pipeline:
         finished = self.stored_society(variant.society, iteration)
         if finished is None:
             self.console.rule(f"[bold]{label}iteration {iteration}/{total}: debate on {len(train)} training problems")
-            outcomes = self.debate(variant.debate(f"train-{iteration}"), train, previous, iteration, settings)
+            outcomes = self.debate(variant.debate("train", iteration), train, previous, iteration, settings)
             datasets = self._datasets(variant, iteration, outcomes)
             crashpoint("pipeline.datasets_written")  # files and rows written, no job started
             self.console.rule(f"[bold]{label}iteration {iteration}/{total}: finetuning {len(datasets)} models")
@@ -217,7 +217,7 @@ class Pipeline:
             society = previous.replaced(models)
             finished = self.save_society(variant.society, iteration, society, previous, models)
         self.console.rule(f"[bold]{label}iteration {iteration}/{total}: the finetuned society on held-out problems")
-        outcomes = self.debate(variant.debate(f"eval-{iteration}"), held_out, finished, iteration, settings)
+        outcomes = self.debate(variant.debate("eval", iteration), held_out, finished, iteration, settings)
         self.evaluate(variant.society, iteration, outcomes, finished)
         return finished
 

@@ -267,14 +267,14 @@ def test_the_evaluations_of_baselines_ablations_and_transfer_are_filed_under_eva
                         console=Console(quiet=True), show_progress=False, poll_interval=0, ledger=ledger)
     try:
         pipeline.run(baselines=["star", "no-critic"])
-        pipeline.run_more(transfer=["arithmetic:easy"])
+        pipeline.run_more(transfer=["arithmetic:medium"])
         usage = store.get_usage("r")
-        store_names = store.debate_names("r")
     finally:
         store.close()
     chat = [u for u in usage if u.debate]
     debates = {u.debate for u in chat}
-    print(sorted(debates), store_names)
+    assert {"eval-1", "star/eval-1", "no-critic/eval-1", "transfer/arithmetic:medium/eval-0",
+            "transfer/arithmetic:medium/star/eval-1", "train-1", "star/rationale-1"} <= debates
     evaluations = {u.debate for u in chat if u.stage == "evaluation"}
     assert evaluations == {d for d in debates if d.rsplit("/", 1)[-1].startswith("eval-")}
     by_stage = {g["stage"]: g["cost_usd"] for g in cost_summary(usage)["by_stage"]}

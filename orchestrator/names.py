@@ -1,0 +1,84 @@
+"""The names the store keys things by (debates, finetuning jobs and their attempts), built and read in one place.
+
+These strings are primary keys of rows already on disk: a run resumes by finding its debates and jobs under the
+names it gave them, so the spelling here must never change. Everything that composes or takes apart such a name
+goes through these types, so no module guesses at the format with its own prefix test or regex.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+MAFT = "maft"  # the multiagent society: its debates and jobs carry no society prefix
+
+DebateStage = Literal["train", "eval", "rationale"]
+
+# [transfer/TASK/][SOCIETY/]STAGE-ITERATION; a society name never holds a "/", so when a task name does (a JSONL
+# task named by its path) the split between task and society is read as the shortest task name
+_DEBATE = re.compile(
+    r"(?:transfer/(?P<transfer>.+?)/)?(?:(?P<society>[^/]+)/)?(?P<stage>train|eval|rationale)-(?P<iteration>\d+)"
+)
+
+
+class DebateName(BaseModel):
+    """One debate of a run: which society debated, at what stage and iteration, and on which other task.
+
+    `eval-0` is the base society's evaluation, `train-k` / `eval-k` the multiagent society's iteration k,
+    `SOCIETY/…` an ablation's or baseline's (`star/rationale-k`: STaR's hinted retries), and
+    `transfer/TASK/[SOCIETY/]eval-k` a society evaluated zero-shot on another task.
+    """
+
+    model_config = ConfigDict(frozen=True)
+
+    stage: DebateStage
+    iteration: int = Field(ge=0)
+    society: str = MAFT
+    transfer: str | None = None  # the other task's name, for a zero-shot transfer evaluation
+
+    @property
+    def is_evaluation(self) -> bool:
+        """Held-out problems, answered to be graded (the cost ledger's stage "evaluation"); the rest make data."""
+        return self.stage == "eval"
+
+    @classmethod
+    def parse(cls, name: str) -> DebateName | None:
+        """The name's parts; None for a name no part of the pipeline composes."""
+        match = _DEBATE.fullmatch(name)
+        if match is None:
+            return None
+        return cls.model_validate({"stage": match["stage"], "iteration": int(match["iteration"]),
+                                   "society": match["society"] or MAFT, "transfer": match["transfer"]})
+
+    def __str__(self) -> str:
+        where = f"transfer/{self.transfer}/" if self.transfer is not None else ""
+        who = "" if self.society == MAFT else f"{self.society}/"
+        return f"{where}{who}{self.stage}-{self.iteration}"
+
+
+class JobKey(BaseModel):
+    """A finetuning job's key, unique in the store and sent to the provider as the job's idempotency key.
+
+    `RUN/[SOCIETY/]iteration-k/agent-a/ROLE` for a society's agents (agent counted from 1), and
+    `RUN/SOCIETY/iteration-k/ROLE` for a single-model baseline's one model (`agent` None).
+    """
+
+    model_config = ConfigDict(frozen=True)
+
+    run_id: str
+    iteration: int = Field(ge=0)
+    role: str
+    society: str = MAFT
+    agent: int | None = Field(None, ge=0)  # counted from 0 here, from 1 in the key
+
+    def __str__(self) -> str:
+        who = "" if self.society == MAFT else f"{self.society}/"
+        agent = "" if self.agent is None else f"agent-{self.agent + 1}/"
+        return f"{self.run_id}/{who}iteration-{self.iteration}/{agent}{self.role}"
+
+
+def attempt_key(key: str, attempt: int) -> str:
+    """The idempotency key of an attempt: the first keeps the job key, retries get their own."""
+    return key if attempt == 1 else f"{key}#attempt-{attempt}"

@@ -1,0 +1,42 @@
+"""The store's names of debates and jobs: spelled exactly as runs already on disk spell them, and read back."""
+
+from __future__ import annotations
+
+import pytest
+
+from orchestrator.names import DebateName, JobKey, attempt_key
+
+
+@pytest.mark.parametrize(("name", "parts"), [
+    ("eval-0", {"stage": "eval", "iteration": 0}),
+    ("train-2", {"stage": "train", "iteration": 2}),
+    ("star/eval-1", {"stage": "eval", "iteration": 1, "society": "star"}),
+    ("star/rationale-3", {"stage": "rationale", "iteration": 3, "society": "star"}),
+    ("no-critic/train-1", {"stage": "train", "iteration": 1, "society": "no-critic"}),
+    ("transfer/gsm8k/eval-1", {"stage": "eval", "iteration": 1, "transfer": "gsm8k"}),
+    ("transfer/arithmetic:medium/majority-ft/eval-2",
+     {"stage": "eval", "iteration": 2, "society": "majority-ft", "transfer": "arithmetic:medium"}),
+])
+def test_debate_names_are_composed_and_parsed_back_byte_for_byte(name, parts):
+    composed = DebateName(**parts)
+    assert str(composed) == name
+    assert DebateName.parse(name) == composed
+
+
+@pytest.mark.parametrize("name", ["rationale", "star/eval", "eval-x", "transfer/eval-1/", "a/b/eval-1", ""])
+def test_names_no_part_of_the_pipeline_composes_parse_to_none(name):
+    assert DebateName.parse(name) is None
+
+
+def test_only_held_out_debates_are_evaluations():
+    assert [DebateName.parse(n).is_evaluation for n in ("eval-0", "transfer/gsm8k/star/eval-1", "star/train-1",
+                                                         "star/rationale-1")] == [True, True, False, False]
+
+
+def test_job_keys_keep_the_stored_spelling():
+    assert str(JobKey(run_id="r", iteration=1, agent=0, role="generator")) == "r/iteration-1/agent-1/generator"
+    assert str(JobKey(run_id="r", society="no-critic", iteration=2, agent=2, role="critic")) == \
+        "r/no-critic/iteration-2/agent-3/critic"
+    assert str(JobKey(run_id="r", society="star", iteration=1, role="single")) == "r/star/iteration-1/single"
+    assert attempt_key("r/iteration-1/agent-1/critic", 1) == "r/iteration-1/agent-1/critic"
+    assert attempt_key("r/iteration-1/agent-1/critic", 3) == "r/iteration-1/agent-1/critic#attempt-3"
