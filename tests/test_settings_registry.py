@@ -276,3 +276,24 @@ def test_one_registry_line_adds_a_backend_to_the_config_the_cli_and_create_backe
         assert store.require_run("d").iterations_done == 2
     finally:
         store.close()
+
+
+REPORT_SETTINGS = """
+from orchestrator.config import RunConfig
+from orchestrator.report.model import config_items
+
+for config in (RunConfig(), RunConfig(backend="dummy", model="m")):
+    print("KEYS " + " ".join(sorted({key.split(".")[0] for key, _ in config_items(config.model_dump(mode="json"))})))
+"""
+
+
+def test_the_report_shows_only_the_sections_of_the_backend_a_run_used_registered_ones_included():
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, "-c", A_NEW_BACKEND + REPORT_SETTINGS], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    keys = [line[5:].split() for line in proc.stdout.splitlines() if line.startswith("KEYS ")]
+    assert len(keys) == 2
+    local, dummy = (set(k) for k in keys)
+    assert "local" in local and not {"openai", "together", "dummy"} & local
+    assert "dummy" in dummy and not {"local", "openai", "together"} & dummy

@@ -12,6 +12,8 @@ import re
 import time
 from typing import Any
 
+from backends import backend_names
+
 BASE = "base"  # the untrained model: iteration 0 of every society
 MAFT = "maft"  # multiagent finetuning, the method itself (and the society of rows written before societies)
 
@@ -34,8 +36,8 @@ METRIC_LABELS = {
     "critic_nll": "critic NLL of the other agents' round-1 answers (earlier definition)",
     "final_consensus": "final-round consensus (debates table)",
 }
-# The settings sections of RunConfig that belong to one backend: the report shows only the run's own.
-BACKEND_SECTIONS = {"local", "openai", "together"}
+# The settings sections of RunConfig that belong to one backend (the registry's): the report shows only the run's own.
+BACKEND_SECTIONS = frozenset(backend_names())
 
 # How plots draw each method and society.
 METHOD_COLORS = {"single": "#1f77b4", "majority": "#ff7f0e", "debate": "#2ca02c"}
