@@ -20,19 +20,61 @@ run already asked (the base model's first samples), the store answers for free.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Protocol
+
+from rich.console import Console
 
 import prompts
 from backends.base import BASE_MODEL_ID, ChatMessage
-from orchestrator.debate import DebateOutcome, Society, readable_answer
+from orchestrator.config import RunConfig
+from orchestrator.debate import DebateOutcome, DebateRunner, DebateSettings, Society, readable_answer
 from orchestrator.names import DebateName, DebateStage, JobKey
-from orchestrator.pipeline import Pipeline
-from orchestrator.store import DatasetRow
-from orchestrator.tasks import Problem
+from orchestrator.store import DatasetRow, RunRow, Store
+from orchestrator.tasks import Problem, Task
 from orchestrator.training_data import Example, agreeing_examples, fit, generator_example
 from orchestrator.voting import agrees
 
 ROLE = "single"
+
+
+class PipelineSteps(Protocol):
+    """What a baseline needs of the run's pipeline (orchestrator.pipeline.Pipeline): its settings and store, and
+    the steps it shares with the multiagent society, so that a baseline debates, finetunes, records and
+    evaluates exactly as the society does. The pipeline drives the baselines; they never import it."""
+
+    config: RunConfig
+    console: Console
+    store: Store
+    run_row: RunRow
+    task: Task
+
+    @property
+    def max_length(self) -> int | None: ...
+
+    def settings(self, *, rounds: int | None = None) -> DebateSettings: ...
+
+    def runner(self, name: str, iteration: int) -> DebateRunner: ...
+
+    def debate(self, name: str, problems: list[Problem], society: Society, iteration: int,
+               settings: DebateSettings | None = None) -> list[DebateOutcome]: ...
+
+    def dataset_path(self, society: str, iteration: int, agent: int, role: str) -> Path: ...
+
+    def write_dataset(self, examples: Sequence[Example], row: DatasetRow, *,
+                      accumulate: bool | None = None) -> DatasetRow: ...
+
+    def finetune(self, society: str, iteration: int, datasets: list[DatasetRow],
+                 starts: dict[tuple[int, str], str], *, key: Callable[[str, int, int, str], str],
+                 restart: bool | None = None) -> dict[tuple[int, str], tuple[str, str]]: ...
+
+    def stored_society(self, society: str, iteration: int) -> Society | None: ...
+
+    def save_society(self, name: str, iteration: int, society: Society, parent: Society | None = None,
+                     models: dict[tuple[int, str], tuple[str, str]] | None = None) -> Society: ...
+
+    def evaluate(self, society: str, iteration: int, outcomes: list[DebateOutcome], models: Society) -> None: ...
 
 
 class SingleModelMethod:
@@ -42,7 +84,7 @@ class SingleModelMethod:
     # True: every iteration trains the base model afresh; None: as the run's strategy says, like the society
     restart: bool | None = None
 
-    def __init__(self, pipeline: Pipeline) -> None:
+    def __init__(self, pipeline: PipelineSteps) -> None:
         self.p = pipeline
 
     def examples(self, iteration: int, model: str, train: list[Problem]) -> list[Example]:
@@ -138,7 +180,7 @@ class Star(SingleModelMethod):
         return sorted(kept, key=lambda e: order[e.problem_id])
 
 
-SINGLE_MODEL_METHODS: dict[str, Callable[[Pipeline], SingleModelMethod]] = {
+SINGLE_MODEL_METHODS: dict[str, Callable[[PipelineSteps], SingleModelMethod]] = {
     "star": Star,
     "majority-ft": MajorityFT,
     "single-ft": SingleAgentFT,

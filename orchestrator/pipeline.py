@@ -29,6 +29,7 @@ from rich.progress import (
 from backends.base import BASE_MODEL_ID, Backend, FinetuneSpec, ReportsRetries
 from foundation.crashpoints import crashpoint
 from foundation.errors import UserError
+from orchestrator.baselines import SINGLE_MODEL_METHODS
 from orchestrator.config import RunConfig
 from orchestrator.costs import Ledger
 from orchestrator.debate import DebateOutcome, DebateRunner, DebateSettings, Society
@@ -176,8 +177,6 @@ class Pipeline:
             self.evaluate(evaluated, iteration, outcomes, society, task)
 
     def run_baselines(self, names: Sequence[str], train: list[Problem], held_out: list[Problem]) -> None:
-        from orchestrator.baselines import SINGLE_MODEL_METHODS
-
         for name in names:
             if name in ABLATIONS:
                 variant = Variant(society=name, summarize=self.society_settings(name).summarize,
