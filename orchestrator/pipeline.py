@@ -38,7 +38,7 @@ from orchestrator.finetune import FinetunePlan, run_jobs
 from orchestrator.interrupts import StopRequested, never
 from orchestrator.names import DebateName, DebateStage, JobKey
 from orchestrator.progress import RetryColumn
-from orchestrator.store import AgentRow, DatasetRow, JobRow, ProblemRow, RunRow, Store
+from orchestrator.store import AgentRow, DatasetRow, JobRow, ProblemRow, RunRow, RunStatus, Store
 from orchestrator.tasks import Problem, Task, get_task
 from orchestrator.training_data import Example, build_agent_data, write_jsonl
 
@@ -222,7 +222,7 @@ class Pipeline:
 
     # steps -----------------------------------------------------------------------------------------------
 
-    def _set_status(self, status: str, error: str | None = None) -> None:
+    def _set_status(self, status: RunStatus, error: str | None = None) -> None:
         self.run_row.status = status
         self.run_row.error = error
         self.store.save_run(self.run_row)

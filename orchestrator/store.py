@@ -13,7 +13,7 @@ import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 import sqlite_utils
 from pydantic import BaseModel, Field
@@ -30,10 +30,15 @@ def _now() -> float:
     return time.time()
 
 
+# every status a run is given: created (recorded, nothing run yet), running (a process was working on it; see
+# locks.is_held for whether one still is), interrupted (Ctrl-C or a signal), failed (an error, in `error`), finished
+RunStatus = Literal["created", "running", "interrupted", "failed", "finished"]
+
+
 class RunRow(BaseModel):
     id: str
     config: str  # the RunConfig as JSON
-    status: str = "created"  # created | running | finished | failed
+    status: RunStatus = "created"
     backend: str
     model: str
     task: str
