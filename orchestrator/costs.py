@@ -23,7 +23,7 @@ from foundation.errors import RunStopped, UserError
 from orchestrator.names import DebateName, attempt_key
 from orchestrator.store import JobRow, ResponseRow, Store, UsageRow
 
-CHARS_PER_TOKEN = 4  # estimates only; bills use the provider's own counts
+ESTIMATE_CHARS_PER_TOKEN = 4  # for estimates and the budget's upper bounds only; bills use the provider's counts
 MESSAGE_OVERHEAD_TOKENS = 4  # role and separators per chat message
 
 
@@ -133,7 +133,7 @@ def split_model_id(model_id: str) -> tuple[str, bool]:
 
 
 def estimate_tokens(text: str) -> int:
-    return math.ceil(len(text) / CHARS_PER_TOKEN)
+    return math.ceil(len(text) / ESTIMATE_CHARS_PER_TOKEN)
 
 
 def request_prompt_tokens(request: ChatRequest) -> int:

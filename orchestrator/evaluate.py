@@ -33,8 +33,6 @@ from orchestrator.store import DiversityRow, EvaluationRow
 from orchestrator.tasks import Task
 from orchestrator.voting import majority_vote
 
-METHODS = ("single", "majority", "debate")
-
 
 def accuracy(correct: int, n: int) -> tuple[float, float]:
     """Accuracy and its standard error sqrt(p(1 − p) / n)."""
