@@ -1,4 +1,4 @@
-"""The paper's single-model baselines (METHOD.md §6), each iterated like the method and evaluated the same way.
+"""The paper's single-model baselines, each iterated like the method and evaluated the same way.
 
 - STaR: one model answers; answers the ground truth marks right are kept, wrong ones are retried with the answer
   as a hint (rationalization) and kept when right; each iteration finetunes the base model afresh on what the

@@ -24,12 +24,12 @@ from orchestrator.costs import Ledger, Pricing, load_prices
 from orchestrator.failures import CommandContext, debug_requested, finish
 from orchestrator.interrupts import GracefulStop, StopRequested
 from orchestrator.locks import RunLock
+from orchestrator.names import BASELINES
 from orchestrator.store import Store, StoreState
 from orchestrator.tasks import TASK_SPECS_HELP, get_task
 
 DB_HELP = "SQLite file that tracks every run (default: ./maft.db, or $MAFT_DB)."
 
-BASELINES = ("star", "majority-ft", "single-ft", "no-summary", "no-critic")
 BASELINES_HELP = ("star: STaR (ground-truth filtered answers, rationalized when wrong); majority-ft: one model on "
                   "answers that agree with a majority of N samples; single-ft: one model on every debate answer "
                   "that agrees with the majority; no-summary / no-critic: multiagent FT with concatenated answers / "

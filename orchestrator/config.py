@@ -75,7 +75,7 @@ class _RunChoices(BaseModel):
     eval_size: int = Field(24, ge=1)
     seed: int = 0
     # continue: the previous model on this iteration's data; restart: the base model on it; accumulate: the base
-    # model on all of that agent's data from iterations 1..ℓ (METHOD.md §4)
+    # model on all of that agent's data from iterations 1..ℓ, as the paper's iterated finetuning describes
     strategy: Literal["continue", "restart", "accumulate"] = "continue"
     summarize: bool = True
     critic_mix: float = Field(0.5, ge=0.0, le=1.0, description="w: share of corrected examples in critic data")
@@ -202,7 +202,3 @@ def build_config(file_values: dict[str, Any], flag_values: dict[str, Any], sourc
         return RunConfig.model_validate(_merge(file_values, flags))
     except ValidationError as exc:
         raise UserError(_describe_error(exc, source)) from None
-
-
-def config_from_json(text: str) -> RunConfig:
-    return RunConfig.model_validate_json(text)

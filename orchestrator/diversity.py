@@ -1,4 +1,4 @@
-"""How different a society's agents are from each other (METHOD.md §6): the paper's three diversity measures.
+"""How different a society's agents are from each other: the paper's three diversity measures.
 
 Multiagent finetuning works because each agent is trained only on its own answers, so the society stays
 diverse where single-agent finetuning collapses onto one way of answering. These functions measure that on

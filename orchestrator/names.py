@@ -13,13 +13,17 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 MAFT = "maft"  # the multiagent society: its debates and jobs carry no society prefix
+# the other societies a run may train and evaluate beside it (`--baselines`): the paper's baselines, then its
+# ablations; each one's debates and jobs carry its name as a prefix
+BASELINES = ("star", "majority-ft", "single-ft", "no-summary", "no-critic")
 
 DebateStage = Literal["train", "eval", "rationale"]
 
-# [transfer/TASK/][SOCIETY/]STAGE-ITERATION; a society name never holds a "/", so when a task name does (a JSONL
-# task named by its path) the split between task and society is read as the shortest task name
+# [transfer/TASK/][SOCIETY/]STAGE-ITERATION; the society is one of BASELINES, so a task named by a path with "/"
+# in it (a JSONL file) is read whole rather than split into a task and a society
 _DEBATE = re.compile(
-    r"(?:transfer/(?P<transfer>.+?)/)?(?:(?P<society>[^/]+)/)?(?P<stage>train|eval|rationale)-(?P<iteration>\d+)"
+    r"(?:transfer/(?P<transfer>.+?)/)?(?:(?P<society>" + "|".join(map(re.escape, BASELINES)) + r")/)?"
+    r"(?P<stage>train|eval|rationale)-(?P<iteration>\d+)"
 )
 
 

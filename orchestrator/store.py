@@ -152,7 +152,7 @@ class JobEventRow(BaseModel):
 
 
 class DiversityRow(BaseModel):
-    """How different a society's agents are from each other at one iteration (METHOD.md §6)."""
+    """How different a society's agents are from each other at one iteration."""
 
     run_id: str
     task: str

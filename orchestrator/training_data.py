@@ -1,4 +1,4 @@
-"""Per-agent finetuning sets from one iteration's debates (METHOD.md §3). Ground truth is never looked at.
+"""Per-agent finetuning sets from one iteration's debates. Ground truth is never looked at.
 
 - D^G_n: agent n's round-1 conversation when its round-1 answer agrees with the debate's majority ŷ.
 - D^C−_n: its whole conversation when round 1 disagreed (or was unreadable) and round M agrees (corrected).

@@ -16,6 +16,11 @@ from orchestrator.names import DebateName, JobKey, attempt_key
     ("transfer/gsm8k/eval-1", {"stage": "eval", "iteration": 1, "transfer": "gsm8k"}),
     ("transfer/arithmetic:medium/majority-ft/eval-2",
      {"stage": "eval", "iteration": 2, "society": "majority-ft", "transfer": "arithmetic:medium"}),
+
+    # a JSONL task is named by its path: the "/" in it is the task's, not a society's
+    ("transfer/data/x.jsonl/eval-1", {"stage": "eval", "iteration": 1, "transfer": "data/x.jsonl"}),
+    ("transfer/data/x.jsonl/star/eval-1", {"stage": "eval", "iteration": 1, "society": "star",
+                                          "transfer": "data/x.jsonl"}),
 ])
 def test_debate_names_are_composed_and_parsed_back_byte_for_byte(name, parts):
     composed = DebateName(**parts)

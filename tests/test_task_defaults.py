@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
-from orchestrator.config import RunConfig, build_config, config_from_json
+from orchestrator.config import RunConfig, build_config
 from orchestrator.pipeline import Pipeline, open_run
 from orchestrator.store import Store
 from orchestrator.tasks import task_defaults
@@ -42,7 +42,7 @@ def test_a_paper_task_without_generation_settings_samples_as_the_paper(spec, max
     assert config.generation.model_dump() == {"temperature": 1.0, "top_p": 0.9, "max_tokens": max_tokens,
                                               "summary_max_tokens": max_tokens}
     assert config.training.max_length == max_length
-    assert config_from_json(config.model_dump_json()) == config  # a stored config resumes as it was
+    assert RunConfig.model_validate_json(config.model_dump_json()) == config  # a stored config resumes as it was
 
 
 def test_what_the_config_gives_wins_and_the_task_fills_the_rest():
