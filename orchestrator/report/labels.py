@@ -8,14 +8,13 @@ switch to a registry of them in one file.
 
 from __future__ import annotations
 
-import re
 import time
 from typing import Any
 
 from backends import backend_names
+from orchestrator.names import MAFT, DebateName
 
 BASE = "base"  # the untrained model: iteration 0 of every society
-MAFT = "maft"  # multiagent finetuning, the method itself (and the society of rows written before societies)
 
 METHOD_LABELS = {"single": "single agent", "majority": "majority vote", "debate": "debate"}
 SOCIETY_LABELS = {
@@ -81,17 +80,14 @@ def table_rank(society: str) -> int:
 
 # evaluation debates ----------------------------------------------------------------------------------------
 
-EVAL_DEBATE = re.compile(r"(?:(?P<society>[^/]+)/)?eval-(?P<iteration>\d+)")
-
-
 def parse_eval_debate(name: str) -> tuple[str, int] | None:
-    """(society, iteration) of an evaluation debate: `eval-0` is the base society, `eval-k` multiagent FT after
-    k iterations, `SOCIETY/eval-k` another finetuned society (an ablation or a baseline)."""
-    match = EVAL_DEBATE.fullmatch(name)
-    if match is None:
+    """(society, iteration) of an evaluation debate on the run's own task: `eval-0` is the base society, `eval-k`
+    multiagent FT after k iterations, `SOCIETY/eval-k` another finetuned society (an ablation or a baseline);
+    None for training and transfer debates."""
+    parsed = DebateName.parse(name)
+    if parsed is None or not parsed.is_evaluation or parsed.transfer is not None:
         return None
-    iteration = int(match["iteration"])
-    return match["society"] or (BASE if iteration == 0 else MAFT), iteration
+    return (BASE if parsed.iteration == 0 and parsed.society == MAFT else parsed.society), parsed.iteration
 
 
 def debate_society(name: str) -> str:
