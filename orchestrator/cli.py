@@ -15,12 +15,12 @@ import click
 from rich.console import Console
 
 from backends import DEFAULT_BACKEND, backend_names, backends_help
-from backends.base import BackendInfo, MemoryState
+from backends.base import MemoryState
 from backends.local_settings import DEFAULT_MODEL
 from foundation.crashpoints import crashpoint
 from foundation.errors import RunStopped, UserError
 from orchestrator.config import RunConfig, build_config, read_toml
-from orchestrator.costs import Ledger, Pricing, load_prices
+from orchestrator.costs import Ledger, run_pricing
 from orchestrator.failures import CommandContext, debug_requested, finish
 from orchestrator.interrupts import GracefulStop, StopRequested
 from orchestrator.locks import RunLock
@@ -185,26 +185,6 @@ def run(config_file: Path | None, backend: str | None, model: str | None, task: 
         store.close()
 
 
-def _pricing(config: RunConfig, info: BackendInfo, prices: Path | None, *, max_cost: float | None = None,
-             console: Console | None = None) -> Pricing:
-    """The run's prices. A billed model without a price is refused under --max-cost (its budget could never
-    stop anything), else it costs 0 with one warning line."""
-    table = load_prices(prices) if info.billed is not False else None
-    pricing = Pricing(table, info.base_model, full_finetune=info.full_finetune, family=info.price_family)
-    missing = pricing.missing_price()
-    if missing is not None and info.billed is None:
-        # a server of unknown billing (vLLM, a proxy) serving a model with no price: not billed
-        return Pricing(None, info.base_model, full_finetune=info.full_finetune, family=info.price_family)
-    if missing is not None:
-        entry = f'[models."{info.base_model}"] input=… output=… training=… source=…'
-        if max_cost is not None:
-            raise UserError(f"--max-cost cannot hold: {missing}; pass --prices FILE with an entry {entry}")
-        (console or Console(stderr=True)).print(
-            f"warning: {missing}, so its cost is unknown and counted as $0; to price it, pass --prices FILE with an "
-            f"entry {entry}", style="yellow", soft_wrap=True, markup=False, highlight=False)
-    return pricing
-
-
 def _dry_run(config: RunConfig, prices: Path | None, baselines: tuple[str, ...] = ()) -> None:
     from backends import create_backend
     from orchestrator.estimate import estimate_run
@@ -215,7 +195,7 @@ def _dry_run(config: RunConfig, prices: Path | None, baselines: tuple[str, ...] 
                              workdir=Path("maft-runs") / "dry-run", state=MemoryState(), show_progress=False,
                              training=config.training)
     info = backend.describe()  # describing never loads a model or calls the network
-    lines = estimate_run(config, task, _pricing(config, info, prices), info, baselines)
+    lines = estimate_run(config, task, run_pricing(info, prices), info, baselines)
     Console().print(estimate_table(lines, f"dry run · {config.backend} · {config.model} · {config.task} · "
                                           f"{config.agents} agents × {config.rounds} rounds × "
                                           f"{config.iterations} iteration(s)"))
@@ -253,7 +233,7 @@ def _run_locked(store: Store, config: RunConfig, run_id: str, *, must_exist: boo
         # Bad input (an unpriced model under --max-cost, a missing API key) is refused before the run is
         # recorded: nothing is left behind but the message.
         info = backend_obj.describe()
-        pricing = _pricing(config, info, prices, max_cost=max_cost, console=console)
+        pricing = run_pricing(info, prices, max_cost=max_cost, console=console)
         if isinstance(backend_obj, NeedsCredentials):
             backend_obj.check_credentials()
         if isinstance(backend_obj, ChecksServer):  # a chat-only server, an unknown model: said before any spend
@@ -516,7 +496,7 @@ def jobs_cancel(run_id: str, db: str | None) -> None:
                                  state=StoreState(store, config.backend), show_progress=False,
                                  training=config.training)
         try:
-            ledger = Ledger(store, run_id, _pricing(config, backend.describe(), None))
+            ledger = Ledger(store, run_id, run_pricing(backend.describe(), None))
             for job in open_jobs:
                 backend.cancel(job_ref(job))  # a job that had already ended is left as it is
                 state = refresh_job(job, backend, store, ledger)  # what did happen, stored as a run stores it

@@ -17,8 +17,9 @@ from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, Field, ValidationError
+from rich.console import Console
 
-from backends.base import BASE_MODEL_ID, ChatRequest, ChatResult, EmbeddingResult
+from backends.base import BASE_MODEL_ID, BackendInfo, ChatRequest, ChatResult, EmbeddingResult
 from foundation.errors import RunStopped, UserError
 from orchestrator.names import DebateName, attempt_key
 from orchestrator.store import JobRow, ResponseRow, Store, UsageRow
@@ -370,3 +371,23 @@ def cost_summary(rows: Sequence[UsageRow]) -> dict[str, Any]:
         "by_role": group("role"),
         "sources": sorted({r.price_source for r in rows if r.price_source}),
     }
+
+
+def run_pricing(info: BackendInfo, prices: Path | None, *, max_cost: float | None = None,
+                console: Console | None = None) -> Pricing:
+    """The run's prices. A billed model without a price is refused under --max-cost (its budget could never
+    stop anything), else it costs 0 with one warning line."""
+    table = load_prices(prices) if info.billed is not False else None
+    pricing = Pricing(table, info.base_model, full_finetune=info.full_finetune, family=info.price_family)
+    missing = pricing.missing_price()
+    if missing is not None and info.billed is None:
+        # a server of unknown billing (vLLM, a proxy) serving a model with no price: not billed
+        return Pricing(None, info.base_model, full_finetune=info.full_finetune, family=info.price_family)
+    if missing is not None:
+        entry = f'[models."{info.base_model}"] input=… output=… training=… source=…'
+        if max_cost is not None:
+            raise UserError(f"--max-cost cannot hold: {missing}; pass --prices FILE with an entry {entry}")
+        (console or Console(stderr=True)).print(
+            f"warning: {missing}, so its cost is unknown and counted as $0; to price it, pass --prices FILE with an "
+            f"entry {entry}", style="yellow", soft_wrap=True, markup=False, highlight=False)
+    return pricing

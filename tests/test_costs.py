@@ -14,9 +14,16 @@ from backends.openai_settings import OpenAIConfig
 from backends.together import TogetherBackend
 from backends.together_settings import TogetherConfig
 from foundation.errors import RunStopped, UserError
-from orchestrator.cli import _pricing
 from orchestrator.config import RunConfig
-from orchestrator.costs import Ledger, Pricing, cost_summary, load_prices, model_size_b, split_model_id
+from orchestrator.costs import (
+    Ledger,
+    Pricing,
+    cost_summary,
+    load_prices,
+    model_size_b,
+    run_pricing,
+    split_model_id,
+)
 from orchestrator.estimate import estimate_run
 from orchestrator.pipeline import Pipeline, open_run
 from orchestrator.report.terminal import cost_tables
@@ -197,18 +204,18 @@ def test_a_together_name_without_a_size_stays_unpriced_and_listed_names_win():
 def test_an_unpriced_billed_model_warns_without_a_budget_and_is_refused_with_one(tmp_path):
     info = BackendInfo(name="together", base_model="acme/mystery-model", billed=True, price_family="together")
     out = io.StringIO()
-    pricing = _pricing(RunConfig(), info, None, console=Console(file=out, width=60))
+    pricing = run_pricing(info, None, console=Console(file=out, width=60))
     assert pricing.chat("base", 10**6, 0, 10**6) == 0.0
     warning = out.getvalue().strip()
     assert len(warning.splitlines()) == 1 and warning.startswith("warning: no price for model acme/mystery-model")
     assert "counted as $0" in warning and "--prices FILE" in warning
     with pytest.raises(UserError, match=r'--max-cost .*acme/mystery-model.*table 2025-08-01.*--prices FILE.*'
                                         r'\[models."acme/mystery-model"\] input=… output=… training=… source=…'):
-        _pricing(RunConfig(), info, None, max_cost=5.0, console=Console(file=io.StringIO()))
+        run_pricing(info, None, max_cost=5.0, console=Console(file=io.StringIO()))
     mine = tmp_path / "p.toml"
     mine.write_text('[models."acme/mystery-model"]\ninput = 1\noutput = 2\ntraining = 3\nsource = "my quote"\n')
     out = io.StringIO()
-    priced = _pricing(RunConfig(), info, mine, max_cost=5.0, console=Console(file=out))
+    priced = run_pricing(info, mine, max_cost=5.0, console=Console(file=out))
     assert out.getvalue() == "" and priced.chat("base", 10**6, 10**6, 10**6) == pytest.approx(3.0)  # cached = input
 
 
@@ -222,20 +229,20 @@ def test_billed_auto_bills_a_proxy_serving_a_priced_model_but_not_a_self_hosted_
     assert _openai_info(MINI).billed is True
     assert _openai_info(MINI, api="azure").billed is True
     out = io.StringIO()
-    behind_proxy = _pricing(RunConfig(), _openai_info("gpt-4.1-mini", base_url=proxy), None,
+    behind_proxy = run_pricing(_openai_info("gpt-4.1-mini", base_url=proxy), None,
                             console=Console(file=out))
     assert behind_proxy.chat("base", 10**6, 0, 0) == pytest.approx(0.40)
-    with_budget = _pricing(RunConfig(), _openai_info("gpt-4.1-mini", base_url=proxy), None, max_cost=1.0)
+    with_budget = run_pricing(_openai_info("gpt-4.1-mini", base_url=proxy), None, max_cost=1.0)
     assert with_budget.table is not None
-    vllm = _pricing(RunConfig(), _openai_info("Qwen/Qwen2.5-7B-Instruct", base_url=proxy), None, max_cost=1.0,
+    vllm = run_pricing(_openai_info("Qwen/Qwen2.5-7B-Instruct", base_url=proxy), None, max_cost=1.0,
                     console=Console(file=out))
     assert vllm.table is None and vllm.chat("base", 10**6, 0, 10**6) == 0.0
     assert out.getvalue() == ""  # nothing billed, so no "unknown price" warning
     # forced either way
-    assert _pricing(RunConfig(), _openai_info(MINI, billed=False), None, max_cost=1.0).table is None
+    assert run_pricing(_openai_info(MINI, billed=False), None, max_cost=1.0).table is None
     forced = _openai_info("my-finetune-server-model", base_url=proxy, billed=True)
     with pytest.raises(UserError, match="my-finetune-server-model"):
-        _pricing(RunConfig(), forced, None, max_cost=1.0)
+        run_pricing(forced, None, max_cost=1.0)
 
 
 def test_a_finetune_keeps_its_estimate_beside_its_bill(tmp_path):
