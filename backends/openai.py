@@ -2,8 +2,9 @@
 
 This module only wires the parts together; each lives in its own module:
 `openai_client` (keys and clients), `openai_batch` (chat through the Batch API), `openai_finetune` (file rules,
-uploads, jobs); what every hosted provider shares lives in `hosted` (.env, secrets, retries, idempotent uploads
-and jobs), `hosted_chat` (concurrent chat), `chat_files` (training file checks) and `rate_limit`.
+uploads, jobs); what every hosted provider shares lives in `backends.hosted` (.env and secrets, retries,
+idempotent uploads and jobs, concurrent chat, training file checks, the rate limiter, and `HostedBackend`,
+which owns the glue: this module supplies only what is OpenAI's own).
 `BASE_MODEL_ID` stands for the provider's base model given as `model`; every other model id (an `ft:` id, an
 Azure deployment name) goes to the server as it is.
 """
@@ -20,17 +21,13 @@ from backends.base import (
     ChatRequest,
     ChatResult,
     EmbeddingResult,
-    FinetuneSpec,
-    JobRef,
-    JobState,
     ResultCallback,
 )
 from backends.hosted.backend import HostedBackend
-from backends.hosted.chat import ChatRunner
 from backends.hosted.errors import error_message
-from backends.openai_batch import BatchRunner
-from backends.openai_client import OPENAI_ERRORS, ClientFactory, is_hosted, resolve_credentials
-from backends.openai_finetune import DEFAULT_MAX_EXAMPLE_TOKENS, MIN_EXAMPLES, FinetuneJobs
+from backends.openai_batch import OpenAIBatches
+from backends.openai_client import OPENAI_ERRORS, OpenAIClients, is_billed, resolve_clients
+from backends.openai_finetune import DEFAULT_MAX_EXAMPLE_TOKENS, MIN_EXAMPLES, OpenAIJobs
 from backends.openai_settings import OpenAIConfig
 from foundation.errors import UserError
 
@@ -39,12 +36,8 @@ DEFAULT_EMBEDDING_MODEL = "text-embedding-3-small"
 EMBEDDING_CHUNK = 512  # inputs per request, well under the API's limit
 
 
-class OpenAIBackend(HostedBackend[OpenAIConfig]):
-    """Chat, batch chat and finetuning through the official SDK.
-
-    Building one and `describe()` need no key and make no request (so `run --dry-run` works without a key); the
-    key is read at the first call that needs it, which in a run is the first debate round, before any work.
-    """
+class OpenAIBackend(HostedBackend[OpenAIConfig, OpenAI, OpenAIJobs]):
+    """Chat, batch chat and finetuning through the official SDK. `describe()` needs no key and makes no request."""
 
     name = "openai"
 
@@ -52,52 +45,23 @@ class OpenAIBackend(HostedBackend[OpenAIConfig]):
     max_example_tokens = DEFAULT_MAX_EXAMPLE_TOKENS
 
     def _setup(self) -> None:
-        self._clients: ClientFactory | None = None
-        self._client: OpenAI | None = None
-        self._chat: ChatRunner | None = None
-        self._jobs: FinetuneJobs | None = None
-        self._batches: BatchRunner | None = None
+        super()._setup()
+        self._batches: OpenAIBatches | None = None
+
+    def _make_clients(self) -> OpenAIClients:
+        return resolve_clients(self.settings, self._environment())
+
+    def _make_jobs(self) -> OpenAIJobs:
+        return OpenAIJobs(self.client, self.clients, self.state, self.settings, retry=self.retry,
+                          resolve_model=self.resolve_model, max_example_tokens=self.max_example_tokens)
 
     @property
-    def clients(self) -> ClientFactory:
-        """Credentials and client makers; a missing key is a one-line UserError here."""
-        with self._lock:
-            if self._clients is None:
-                credentials = resolve_credentials(self.settings, self._environment())
-                self._clients = ClientFactory(credentials, timeout=self.settings.timeout)
-            return self._clients
-
-    @property
-    def client(self) -> OpenAI:
-        """The sync client (files, jobs, batches), made on first use and shared by threads (httpx is safe so)."""
-        with self._lock:
-            if self._client is None:
-                self._client = self.clients.sync()
-            return self._client
-
-    @property
-    def chats(self) -> ChatRunner:
-        with self._lock:
-            if self._chat is None:
-                self._chat = ChatRunner(self.clients, self.limiter, retry=self.retry, resolve_model=self.resolve_model)
-            return self._chat
-
-    @property
-    def jobs(self) -> FinetuneJobs:
-        with self._lock:
-            if self._jobs is None:
-                self._jobs = FinetuneJobs(self.client, self.clients, self.state, self.settings, retry=self.retry,
-                                          resolve_model=self.resolve_model,
-                                          max_example_tokens=self.max_example_tokens)
-            return self._jobs
-
-    @property
-    def batches(self) -> BatchRunner:
+    def batches(self) -> OpenAIBatches:
         with self._lock:
             if self._batches is None:
-                self._batches = BatchRunner(self.client, self.clients, self.state, self.settings, retry=self.retry,
-                                            resolve_model=self.resolve_model, sleep=self.sleep,
-                                            poll_initial=self.batch_poll_initial, log=self._log)
+                self._batches = OpenAIBatches(self.client, self.clients, self.state, self.settings, retry=self.retry,
+                                              resolve_model=self.resolve_model, sleep=self.sleep,
+                                              poll_initial=self.batch_poll_initial, log=self._log)
             return self._batches
 
     # -- Backend protocol -----------------------------------------------------------------------------------
@@ -107,7 +71,7 @@ class OpenAIBackend(HostedBackend[OpenAIConfig]):
         when asked, and the first call says clearly when it has not."""
         # OpenAI and Azure bill; another server bills when the price table knows its model (None: a proxy does,
         # vLLM serving an unlisted model does not); `[openai] billed` forces either
-        hosted = is_hosted(self.settings, self._environment())
+        billed = is_billed(self.settings, self._environment())
         epochs = self.settings.n_epochs
         return BackendInfo(
             name=self.name if self.settings.api == "openai" else "azure-openai",
@@ -115,9 +79,9 @@ class OpenAIBackend(HostedBackend[OpenAIConfig]):
             device=None,
             supports_finetuning=True,
             supports_batch=True,
-            pricing_source=None if hosted is False else "orchestrator/prices.toml (OpenAI list prices)",
+            pricing_source=None if billed is False else "orchestrator/prices.toml (OpenAI list prices)",
             max_concurrent_jobs=self.settings.max_concurrent_jobs,
-            billed=hosted,
+            billed=billed,
             price_family="openai",  # OpenAI's list prices, also for Azure and for a proxy in front of either
             training_epochs=epochs if isinstance(epochs, int) else AUTO_EPOCHS_ESTIMATE,
             min_training_examples=MIN_EXAMPLES,
@@ -161,20 +125,9 @@ class OpenAIBackend(HostedBackend[OpenAIConfig]):
                             f"{self.clients.where}; check the model name or --base-url)")
 
     def chat(self, requests: Sequence[ChatRequest], on_result: ResultCallback | None = None) -> list[ChatResult]:
-        if not requests:
-            return []
-        if self.settings.batch:
+        if requests and self.settings.batch:
             return self.batches.run(requests, on_result)
-        return self.chats.run(requests, on_result)
-
-    def start_finetune(self, spec: FinetuneSpec) -> JobRef:
-        return self.jobs.start(spec)
-
-    def poll(self, job: JobRef) -> JobState:
-        return self.jobs.poll(job)
-
-    def cancel(self, job: JobRef) -> None:
-        self.jobs.cancel(job)
+        return super().chat(requests, on_result)
 
     def embed(self, texts: Sequence[str], model: str | None = None) -> EmbeddingResult:
         """The provider's embedding endpoint (`[diversity] embeddings = "provider"`), in chunks it accepts; the
@@ -195,7 +148,5 @@ class OpenAIBackend(HostedBackend[OpenAIConfig]):
 
     def close(self) -> None:
         with self._lock:
-            if self._client is not None:
-                self._client.close()
-            self._client = self._jobs = self._batches = None
-            self._chat = None
+            super().close()
+            self._batches = None

@@ -22,10 +22,11 @@ from pydantic import BaseModel, ValidationError
 
 from backends.base import BackendState, ChatRequest, ChatResult, ResultCallback
 from backends.hosted.chat import ChatBody, CompletionPayload, chat_body
-from backends.hosted.errors import error_message
+from backends.hosted.clients import HostedClients
+from backends.hosted.errors import HostedRequestError, error_message
 from backends.hosted.names import scan
 from backends.hosted.retry import RetryPolicy
-from backends.openai_client import OPENAI_ERRORS, ClientFactory, OpenAIRequestError
+from backends.openai_client import OPENAI_ERRORS
 from backends.openai_settings import OpenAIConfig
 from foundation.crashpoints import crashpoint
 from foundation.errors import UserError
@@ -75,13 +76,13 @@ def batch_input(lines: Sequence[BatchLine]) -> tuple[bytes, str]:
     return data, hashlib.sha256(data).hexdigest()
 
 
-class BatchRunner:
+class OpenAIBatches:
     """Sends ChatRequests as Batch API jobs and waits for them; results in input order, billing="batch"."""
 
     def __init__(
         self,
         client: OpenAI,
-        clients: ClientFactory,
+        clients: HostedClients[OpenAI, Any],  # an OpenAIClients
         state: BackendState,
         settings: OpenAIConfig,
         *,
@@ -105,19 +106,17 @@ class BatchRunner:
         self.max_requests_per_batch = max_requests_per_batch
         self.log = log or (lambda message: None)
 
-    def _call(self, what: str, fn: Callable[[], Any]) -> Any:
-        try:
-            return self.retry.call(fn, what)
-        except openai.APIStatusError as exc:
-            raise self._refused(exc, what) from None
+    def _call(self, what: str, fn: Callable[[], Any], *, missing_ok: bool = False) -> Any:
+        """`fn` under the retry policy; a refusal is `_refused`'s error; with `missing_ok` a 404 is None."""
+        return self.retry.call_or_refuse(fn, what, self._refused, missing_ok=missing_ok)
 
     def _refused(self, exc: Exception, what: str) -> Exception:
-        creds, scrub = self.clients.credentials, self.clients.scrubber
+        where, scrub = self.clients.where, self.clients.scrubber
         refused = self.clients.key_error(exc)
         if refused is not None:
             return refused
         if isinstance(exc, openai.NotFoundError):
-            return UserError(f"this server ({creds.where}) has no Batch API ({what}: 404): set openai.batch = false")
+            return UserError(f"this server ({where}) has no Batch API ({what}: 404): set openai.batch = false")
         if isinstance(exc, openai.BadRequestError):
             return UserError(f"the server refused {what}: {scrub.scrub(error_message(exc))}")
         return OPENAI_ERRORS.failure(exc, what, scrub)
@@ -156,7 +155,7 @@ class BatchRunner:
         submissions = 0
         while missing := [r for r in requests if r.key not in results]:
             if submissions > self.max_resubmissions:
-                raise OpenAIRequestError(
+                raise HostedRequestError(
                     f"batch chat ({len(missing)} of {len(requests)} requests, first {missing[0].key!r})",
                     "unanswered", f"still missing after {submissions} batches; run again to resubmit them",
                     submissions)
@@ -231,21 +230,12 @@ class BatchRunner:
         return batch_id
 
     def _retrieve(self, batch_id: str) -> Any | None:
-        try:
-            return self.retry.call(lambda: self.client.batches.retrieve(batch_id), f"looking up {batch_id}")
-        except openai.NotFoundError:
-            return None
-        except openai.APIStatusError as exc:
-            raise self._refused(exc, f"looking up {batch_id}") from None
+        return self._call(f"looking up {batch_id}", lambda: self.client.batches.retrieve(batch_id), missing_ok=True)
 
     def _file_exists(self, file_id: str) -> bool:
-        try:
-            self.retry.call(lambda: self.client.files.retrieve(file_id), "checking a batch input file")
-            return True
-        except openai.NotFoundError:  # deleted: upload again
-            return False
-        except openai.APIStatusError as exc:
-            raise self._refused(exc, "checking a batch input file") from None
+        """False when the server no longer has it (deleted: upload again)."""
+        return self._call("checking a batch input file", lambda: self.client.files.retrieve(file_id),
+                          missing_ok=True) is not None
 
     def _create(self, input_file_id: str, sha: str, used: set[str]) -> str:
         """Create the batch; after a retryable failure look for it before trying again (it may exist)."""
@@ -327,9 +317,9 @@ class BatchRunner:
         if status == 404:
             return UserError(f"the model of batch request {key!r} is not available on this server: {message}")
         if status == 401:
-            return UserError(f"the server rejected the API key (401): check {self.clients.credentials.key_variable} "
+            return UserError(f"the server rejected the API key (401): check {self.clients.key_variable} "
                              "in the environment or ./.env")
-        return OpenAIRequestError(f"batch request {key!r} ({len(refused)} refused)", str(status), message)
+        return HostedRequestError(f"batch request {key!r} ({len(refused)} refused)", str(status), message)
 
 
 def _line_error(body: Any, error: dict[str, Any] | None) -> str:

@@ -4,12 +4,13 @@ The key is read once, held as a pydantic `SecretStr` (its repr is masked) and ha
 error text that leaves this package goes through `Scrubber.scrub` first, because providers echo parts of keys
 (and proxies echo headers) in their error bodies. Every client is built with `max_retries=0`: our own retry
 layer (`backends.hosted.retry.RetryPolicy`) is the only one, so a retry budget means what it says. What is not
-OpenAI's own (.env, scrubbing, backoff, retries) lives in `backends.hosted`.
+OpenAI's own (.env, scrubbing, backoff, retries, the `HostedClients` base) lives in `backends.hosted`; the twin of
+this module is `together_client`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any, Literal
 from urllib.parse import urlparse
 
@@ -17,14 +18,13 @@ import openai
 from openai import AsyncAzureOpenAI, AsyncOpenAI, AzureOpenAI, OpenAI
 from pydantic import BaseModel, ConfigDict, SecretStr
 
-from backends.hosted.env import Scrubber, env_value
-from backends.hosted.errors import HostedRequestError, SdkErrors
+from backends.hosted.clients import HostedClients
+from backends.hosted.env import env_value
+from backends.hosted.errors import SdkErrors
 from backends.openai_settings import OpenAIConfig
 from foundation.errors import UserError
 
 OPENAI_ERRORS = SdkErrors.of(openai, "OpenAIError")
-OpenAIRequestError = HostedRequestError  # the name the openai modules and their callers know
-is_retryable: Callable[[BaseException], bool] = OPENAI_ERRORS.is_retryable
 
 OPENAI_HOSTS = frozenset({"api.openai.com"})
 NO_KEY_PLACEHOLDER = "no-key-needed"  # sent to self-hosted servers (vLLM, llama.cpp, Ollama) that want none
@@ -59,7 +59,7 @@ def is_openai_url(base_url: str | None) -> bool:
     return base_url is None or urlparse(base_url).hostname in OPENAI_HOSTS
 
 
-def is_hosted(settings: OpenAIConfig, env: Mapping[str, str]) -> bool | None:
+def is_billed(settings: OpenAIConfig, env: Mapping[str, str]) -> bool | None:
     """Whether calls are billed per token (`[openai] billed`; needs no key). auto: True for OpenAI and Azure;
     None for any other base URL, which may be a proxy in front of OpenAI (billed) or a self-hosted server such
     as vLLM (free): billed exactly when the price table has the model, which the caller decides."""
@@ -103,18 +103,19 @@ def resolve_credentials(settings: OpenAIConfig, env: Mapping[str, str]) -> Crede
     return Credentials.model_validate({**creds_base, "api_key": SecretStr(key)})
 
 
-class ClientFactory:
-    """Makes SDK clients for one set of credentials: a sync one (files, jobs, batches) and async ones (chat).
+def resolve_clients(settings: OpenAIConfig, env: Mapping[str, str]) -> OpenAIClients:
+    """The clients for these settings (`resolve_credentials`); a missing key is a one-line UserError."""
+    return OpenAIClients(resolve_credentials(settings, env), timeout=settings.timeout)
 
-    An async client belongs to the event loop it was made in, so `chat()` makes one per `asyncio.run`.
-    """
+
+class OpenAIClients(HostedClients[OpenAI, AsyncOpenAI]):
+    """Makes OpenAI or Azure OpenAI SDK clients for one set of credentials."""
 
     errors = OPENAI_ERRORS
 
     def __init__(self, credentials: Credentials, *, timeout: float) -> None:
+        super().__init__(credentials.api_key.get_secret_value(), timeout=timeout)
         self.credentials = credentials
-        self.timeout = timeout
-        self.scrubber = Scrubber([credentials.api_key.get_secret_value()])
 
     @property
     def where(self) -> str:
@@ -123,10 +124,6 @@ class ClientFactory:
     @property
     def key_variable(self) -> str:
         return self.credentials.key_variable
-
-    def key_error(self, exc: BaseException) -> UserError | None:
-        """A UserError for a refused key (401) or missing access (403), else None."""
-        return self.errors.key_error(exc, where=self.where, key_variable=self.key_variable, scrubber=self.scrubber)
 
     def _arguments(self) -> dict[str, Any]:
         """What every client gets, sync or async, OpenAI or Azure. max_retries=0: our retry layer is the only one."""

@@ -22,12 +22,14 @@ from pydantic import BaseModel, ConfigDict
 
 from backends.base import BackendState, FinetuneSpec, JobEvent, JobRef, JobState, JobStatus
 from backends.hosted.chat_files import ChatFileRules, FileCheck, TokenCounter, load_token_counter, validate_chat_file
-from backends.hosted.errors import error_code, error_message
-from backends.hosted.names import key_digest, scan, train_loss_in
+from backends.hosted.clients import HostedClients
+from backends.hosted.errors import HostedRequestError, error_code, error_message
+from backends.hosted.jobs import HostedJobs
+from backends.hosted.names import key_digest, scan
 from backends.hosted.names import sanitize_suffix as shared_sanitize_suffix
-from backends.hosted.records import EventCursor, PreparedJob, start_once, upload_once
+from backends.hosted.records import PreparedJob, upload_once
 from backends.hosted.retry import RetryPolicy
-from backends.openai_client import OPENAI_ERRORS, ClientFactory, OpenAIRequestError
+from backends.openai_client import OPENAI_ERRORS
 from backends.openai_settings import OpenAIConfig
 from foundation.errors import UserError
 
@@ -121,7 +123,7 @@ def sanitize_suffix(suffix: str) -> str:
 # -- jobs -------------------------------------------------------------------------------------------------------
 
 
-class FinetuneJobs:
+class OpenAIJobs(HostedJobs[OpenAI, OpenAIConfig]):
     """Files and fine_tuning.jobs through the sync client, idempotent by FinetuneSpec.key."""
 
     events_page_size = 100
@@ -129,7 +131,7 @@ class FinetuneJobs:
     def __init__(
         self,
         client: OpenAI,
-        clients: ClientFactory,
+        clients: HostedClients[OpenAI, Any],  # an OpenAIClients
         state: BackendState,
         settings: OpenAIConfig,
         *,
@@ -137,17 +139,21 @@ class FinetuneJobs:
         resolve_model: Callable[[str], str],
         max_example_tokens: int = DEFAULT_MAX_EXAMPLE_TOKENS,
     ) -> None:
-        self.client = client
-        self.clients = clients
-        self.state = state
-        self.events = EventCursor(state)
-        self.settings = settings
-        self.retry = retry
+        super().__init__(client, clients, state, settings, retry=retry)
         self.resolve_model = resolve_model
         self.max_example_tokens = max_example_tokens
         self._counter: TokenCounter | None = None
 
-    # -- plumbing
+    # -- OpenAI's calls
+
+    def _retrieve_job(self, job_id: str) -> Any:
+        return self.client.fine_tuning.jobs.retrieve(job_id)
+
+    def _retrieve_file(self, file_id: str) -> Any:
+        return self.client.files.retrieve(file_id)
+
+    def _cancel_job(self, job_id: str) -> Any:
+        return self.client.fine_tuning.jobs.cancel(job_id)
 
     @property
     def counter(self) -> TokenCounter:
@@ -155,12 +161,9 @@ class FinetuneJobs:
             self._counter = load_token_counter()
         return self._counter
 
-    def _call(self, what: str, fn: Callable[[], Any], *, missing_ok: bool = False) -> Any:
-        return self.retry.call_or_refuse(fn, what, self._refused, missing_ok=missing_ok)
-
     def _refused(self, exc: Exception, doing: str, model: str | None = None) -> Exception:
         """What to raise for a non-retryable error while uploading or creating."""
-        creds, scrub = self.clients.credentials, self.clients.scrubber
+        where, scrub = self.clients.where, self.clients.scrubber
         detail = scrub.scrub(error_message(exc))
         refused = self.clients.key_error(exc)
         if refused is not None:
@@ -169,13 +172,13 @@ class FinetuneJobs:
         if isinstance(exc, openai.RateLimitError) and code == "daily_rate_limit_exceeded":
             return UserError(DAILY_LIMIT_MESSAGE)
         if model is not None and code == "model_not_found":
-            return UserError(f"model {model} cannot be finetuned on this server ({creds.where}): {detail}")
+            return UserError(f"model {model} cannot be finetuned on this server ({where}): {detail}")
         if isinstance(exc, openai.NotFoundError):
-            return UserError(f"this server ({creds.where}) has no finetuning API: use it for chat only, or point "
+            return UserError(f"this server ({where}) has no finetuning API: use it for chat only, or point "
                              "--base-url at OpenAI/Azure")
         if isinstance(exc, openai.BadRequestError | openai.UnprocessableEntityError):
             return UserError(f"the server refused {doing}: {detail}")
-        return OpenAIRequestError(doing, OPENAI_ERRORS.status_of(exc), detail)
+        return HostedRequestError(doing, OPENAI_ERRORS.status_of(exc), detail)
 
     def check_available(self) -> None:
         """One cheap call that finds out, before anything is spent, whether this server has a finetuning API (a
@@ -196,10 +199,6 @@ class FinetuneJobs:
         data = path.read_bytes()
         name = f"{path.stem}-{sha256[:16]}{path.suffix}"
 
-        def exists(file_id: str) -> bool:
-            return bool(self._call("checking an uploaded file", lambda: self.client.files.retrieve(file_id),
-                                   missing_ok=True))
-
         def find() -> str | None:
             def search() -> str | None:
                 files: Iterator[Any] = iter(self.client.files.list(purpose="fine-tune", limit=100))
@@ -216,26 +215,19 @@ class FinetuneJobs:
                 lambda: str(self.client.files.create(file=(name, data), purpose="fine-tune").id), find, doing,
                 refused=lambda exc: self._refused(exc, doing))
 
-        return upload_once(self.state, sha256, exists=exists, upload=upload, filename=name, nbytes=len(data),
-                           find=find)
+        return upload_once(self.state, sha256, exists=self._file_exists, upload=upload, filename=name,
+                           nbytes=len(data), find=find)
 
     # -- jobs
 
-    def start(self, spec: FinetuneSpec) -> JobRef:
-        def alive(job_id: str) -> bool:
-            return bool(self._call("looking up a finetuning job",
-                                   lambda: self.client.fine_tuning.jobs.retrieve(job_id), missing_ok=True))
-
-        def prepare() -> PreparedJob:
-            check = self.check(spec.training_file)
-            model = self.resolve_model(spec.base_model)
-            file_id = self.upload(spec.training_file, check.sha256)
-            mkey = maft_key(spec.key)
-            body = self._body(spec, model, file_id, mkey, check.sha256)
-            return PreparedJob(file_id=file_id, maft_key=mkey, find=lambda: self._find(mkey, check.sha256),
-                               create=lambda: self._create(body, spec.key))
-
-        return JobRef(key=spec.key, provider_job_id=start_once(self.state, spec.key, alive=alive, prepare=prepare))
+    def _prepare(self, spec: FinetuneSpec) -> PreparedJob:
+        check = self.check(spec.training_file)
+        model = self.resolve_model(spec.base_model)
+        file_id = self.upload(spec.training_file, check.sha256)
+        mkey = maft_key(spec.key)
+        body = self._body(spec, model, file_id, mkey, check.sha256)
+        return PreparedJob(file_id=file_id, maft_key=mkey, find=lambda: self._find(mkey, check.sha256),
+                           create=lambda: self._create(body, spec.key))
 
     def _body(self, spec: FinetuneSpec, model: str, file_id: str, mkey: str, file_sha: str) -> JobCreate:
         s = self.settings
@@ -259,24 +251,16 @@ class FinetuneJobs:
         is checked here too, for servers that ignore it."""
         wanted = {"maft_key": mkey, "maft_file": file_sha[:32]}
 
-        def find() -> str | None:
-            jobs: Iterator[Any] = iter(self.client.fine_tuning.jobs.list(metadata={"maft_key": mkey}, limit=100))
-            for job in scan(jobs, _JOBS_SCANNED):
-                metadata = job.metadata or {}
-                if all(metadata.get(k) == v for k, v in wanted.items()) and job.status not in ("failed", "cancelled"):
-                    return str(job.id)
-            return None
+        def matches(job: Any) -> bool:
+            metadata = job.metadata or {}
+            return all(metadata.get(k) == v for k, v in wanted.items()) and job.status not in ("failed", "cancelled")
 
-        return self._call("listing finetuning jobs", find)  # type: ignore[no-any-return]
+        return self._first_job(lambda: self.client.fine_tuning.jobs.list(metadata={"maft_key": mkey}, limit=100),
+                               _JOBS_SCANNED, matches)
 
-    # -- poll and cancel
+    # -- poll
 
-    def poll(self, job: JobRef) -> JobState:
-        remote = self._call(f"polling job {job.provider_job_id}",
-                            lambda: self.client.fine_tuning.jobs.retrieve(job.provider_job_id), missing_ok=True)
-        if remote is None:
-            return JobState(status="failed", missing=True,
-                            error=f"job {job.provider_job_id} no longer exists on the server")
+    def _state_of(self, job: JobRef, remote: Any) -> JobState:
         status = job_status(remote.status)
         events, train_loss = self._new_events(job.provider_job_id)
         error = None
@@ -297,36 +281,20 @@ class FinetuneJobs:
     def _new_events(self, job_id: str) -> tuple[list[JobEvent], float | None]:
         """Events not returned before, oldest first. The API lists newest first and pages towards older ones,
         so read from the newest until an event already seen."""
-        record, seen = self.events.load(job_id)
 
-        def fetch() -> list[Any]:
-            fresh: list[Any] = []
-            for event in self.client.fine_tuning.jobs.list_events(job_id, limit=self.events_page_size):
-                if event.id in seen:
-                    break
-                fresh.append(event)
-            return fresh
+        def fresh(seen: set[str]) -> list[tuple[str, Any]]:
+            def fetch() -> list[Any]:
+                newest: list[Any] = []
+                for event in self.client.fine_tuning.jobs.list_events(job_id, limit=self.events_page_size):
+                    if event.id in seen:
+                        break
+                    newest.append(event)
+                return newest
 
-        fresh = self._call(f"reading events of job {job_id}", fetch, missing_ok=True) or []
-        if not fresh:
-            return [], record.train_loss
-        fresh.reverse()
-        unique = list({e.id: e for e in fresh}.values())
-        loss = record.train_loss
-        for event in unique:
-            step_loss = train_loss_in(event)
-            loss = step_loss if step_loss is not None else loss
-        self.events.hand_over(job_id, record, (e.id for e in unique), loss)
-        scrub = self.clients.scrubber.scrub
-        return [JobEvent(created_at=float(e.created_at), level=e.level, message=scrub(e.message))
-                for e in unique], loss
+            newest = self._call(f"reading events of job {job_id}", fetch, missing_ok=True) or []
+            return [(e.id, e) for e in reversed(newest)]
 
-    def cancel(self, job: JobRef) -> None:
-        """Cancel; a job that already ended (or is gone) needs nothing."""
-        what = f"cancelling job {job.provider_job_id}"
-        try:
-            self.retry.call(lambda: self.client.fine_tuning.jobs.cancel(job.provider_job_id), what)
-        except (openai.NotFoundError, openai.BadRequestError, openai.ConflictError):
-            return
-        except openai.APIStatusError as exc:
-            raise self._refused(exc, what) from None
+        return self._take_events(job_id, fresh)
+
+    def _event_of(self, event: Any) -> JobEvent:
+        return JobEvent(created_at=float(event.created_at), level=event.level, message=event.message)

@@ -17,18 +17,8 @@ from typing import Any
 
 from together import Together
 
-from backends.base import (
-    BASE_MODEL_ID,
-    BackendInfo,
-    ChatRequest,
-    ChatResult,
-    FinetuneSpec,
-    JobRef,
-    JobState,
-    ResultCallback,
-)
+from backends.base import BASE_MODEL_ID, BackendInfo, ChatRequest, ChatResult, ResultCallback
 from backends.hosted.backend import HostedBackend
-from backends.hosted.chat import ChatRunner
 from backends.hosted.errors import HostedRequestError, error_message
 from backends.together_client import TOGETHER_ERRORS, TogetherClients, resolve_clients
 from backends.together_finetune import MIN_EXAMPLES, TogetherJobs
@@ -61,53 +51,22 @@ def listed_models(payload: Any) -> set[str]:
     return {str(item["id"]) for item in items if isinstance(item, dict) and item.get("id")}
 
 
-class TogetherBackend(HostedBackend[TogetherConfig]):
-    """Chat and finetuning on Together AI through the official SDK.
-
-    Building one and `describe()` need no key and make no request (so `run --dry-run` works without a key); the
-    key is read at the first call that needs it, which in a run is the first debate round, before any work.
-    """
+class TogetherBackend(HostedBackend[TogetherConfig, Together, TogetherJobs]):
+    """Chat and finetuning on Together AI through the official SDK. `describe()` needs no key and makes no
+    request."""
 
     name = "together"
 
     def _setup(self) -> None:
-        self._clients: TogetherClients | None = None
-        self._client: Together | None = None
-        self._chat: ChatRunner | None = None
-        self._jobs: TogetherJobs | None = None
+        super()._setup()
         self._servable: set[str] = set()  # finetuned models seen answering (or listed): no check needed again
 
-    @property
-    def clients(self) -> TogetherClients:
-        """Key and client makers; a missing key is a one-line UserError here."""
-        with self._lock:
-            if self._clients is None:
-                self._clients = resolve_clients(self.settings, self._environment())
-            return self._clients
+    def _make_clients(self) -> TogetherClients:
+        return resolve_clients(self.settings, self._environment())
 
-    @property
-    def client(self) -> Together:
-        """The sync client (files, jobs, models), made on first use and shared by threads."""
-        with self._lock:
-            if self._client is None:
-                self._client = self.clients.sync()
-            return self._client
-
-    @property
-    def chats(self) -> ChatRunner:
-        with self._lock:
-            if self._chat is None:
-                self._chat = ChatRunner(self.clients, self.limiter, retry=self.retry, resolve_model=self.resolve_model,
-                                        refusal=self._refusal)
-            return self._chat
-
-    @property
-    def jobs(self) -> TogetherJobs:
-        with self._lock:
-            if self._jobs is None:
-                self._jobs = TogetherJobs(self.client, self.clients, self.state, self.settings, retry=self.retry,
-                                          base_model=self.model)
-            return self._jobs
+    def _make_jobs(self) -> TogetherJobs:
+        return TogetherJobs(self.client, self.clients, self.state, self.settings, retry=self.retry,
+                            base_model=self.model)
 
     # -- Backend protocol -----------------------------------------------------------------------------------
 
@@ -142,11 +101,9 @@ class TogetherBackend(HostedBackend[TogetherConfig]):
         probes = self._probes(requests)
         if probes:
             self._log(f"checking that {len(probes)} finetuned model(s) answer without a dedicated endpoint")
-            self.chats.run(probes, keep)  # a model that needs an endpoint raises here, before the round is sent
+            super().chat(probes, keep)  # a model that needs an endpoint raises here, before the round is sent
             self._servable.update(self.resolve_model(p.model) for p in probes)
-        rest = [r for r in requests if r.key not in done]
-        if rest:
-            self.chats.run(rest, keep)
+        super().chat([r for r in requests if r.key not in done], keep)
         return [done[r.key] for r in requests]
 
     def _probes(self, requests: Sequence[ChatRequest]) -> list[ChatRequest]:
@@ -187,20 +144,3 @@ class TogetherBackend(HostedBackend[TogetherConfig]):
         model. (Whether a model answers without a dedicated endpoint is found by its first request.)"""
         if finetuning:
             self.jobs.check_model()
-
-    def start_finetune(self, spec: FinetuneSpec) -> JobRef:
-        return self.jobs.start(spec)
-
-    def poll(self, job: JobRef) -> JobState:
-        return self.jobs.poll(job)
-
-    def cancel(self, job: JobRef) -> None:
-        self.jobs.cancel(job)
-
-    def close(self) -> None:
-        with self._lock:
-            if self._client is not None:
-                self._client.close()
-            self._client = None
-            self._jobs = None
-            self._chat = None

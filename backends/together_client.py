@@ -8,10 +8,10 @@ from collections.abc import Mapping
 
 import httpx
 import together
-from pydantic import SecretStr
 from together import AsyncTogether, Together
 
-from backends.hosted.env import Scrubber, env_value
+from backends.hosted.clients import HostedClients
+from backends.hosted.env import env_value
 from backends.hosted.errors import SdkErrors
 from backends.together_settings import TogetherConfig
 from foundation.errors import UserError
@@ -30,22 +30,22 @@ def api_root(base_url: str | None) -> str:
     return url[: -len("/v1")] if url.endswith("/v1") else url
 
 
-class TogetherClients:
-    """Makes SDK clients for one key: a sync one (files, jobs, models) and async ones (chat, one per event loop).
-    The key is held as a SecretStr and handed only to the SDK; clients retry nothing (`max_retries=0`)."""
+class TogetherClients(HostedClients[Together, AsyncTogether]):
+    """Makes Together SDK clients for one key and server."""
 
     errors = TOGETHER_ERRORS
-    key_variable = KEY_VARIABLE
 
     def __init__(self, api_key: str, base_url: str | None, *, timeout: float) -> None:
-        self._key = SecretStr(api_key)
+        super().__init__(api_key, timeout=timeout)
         self.base_url = base_url
-        self.timeout = timeout
-        self.scrubber = Scrubber([api_key])
 
     @property
     def where(self) -> str:
         return f"{api_root(self.base_url)}/v1"
+
+    @property
+    def key_variable(self) -> str:
+        return KEY_VARIABLE
 
     def sync(self) -> Together:
         return Together(api_key=self._key.get_secret_value(), base_url=api_root(self.base_url), max_retries=0,
@@ -54,9 +54,6 @@ class TogetherClients:
     def async_(self) -> AsyncTogether:
         return AsyncTogether(api_key=self._key.get_secret_value(), base_url=api_root(self.base_url), max_retries=0,
                              timeout=self.timeout)
-
-    def key_error(self, exc: BaseException) -> UserError | None:
-        return self.errors.key_error(exc, where=self.where, key_variable=self.key_variable, scrubber=self.scrubber)
 
 
 def resolve_clients(settings: TogetherConfig, env: Mapping[str, str]) -> TogetherClients:

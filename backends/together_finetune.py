@@ -22,7 +22,7 @@ import hashlib
 import json
 import tempfile
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from datetime import datetime
 from pathlib import Path
 from types import MappingProxyType
@@ -32,11 +32,12 @@ from together import Together
 
 from backends.base import BASE_MODEL_ID, BackendState, FinetuneSpec, JobEvent, JobRef, JobState, JobStatus
 from backends.hosted.chat_files import ChatFileRules, FileCheck, validate_chat_file
+from backends.hosted.clients import HostedClients
 from backends.hosted.errors import error_message
-from backends.hosted.names import key_digest, sanitize_suffix, scan, train_loss_in
-from backends.hosted.records import EventCursor, PreparedJob, start_once, upload_once
+from backends.hosted.jobs import HostedJobs
+from backends.hosted.names import key_digest, sanitize_suffix
+from backends.hosted.records import PreparedJob, upload_once
 from backends.hosted.retry import RetryPolicy
-from backends.together_client import TogetherClients
 from backends.together_settings import TogetherConfig
 from foundation.errors import UserError
 
@@ -125,32 +126,35 @@ def _event_id(event: Any) -> str:
     return hashlib.sha256("\x1f".join(parts).encode()).hexdigest()[:16]
 
 
-class TogetherJobs:
+class TogetherJobs(HostedJobs[Together, TogetherConfig]):
     """Files and fine-tuning jobs through the sync client, idempotent by FinetuneSpec.key."""
+
+    events_kept = _EVENTS_KEPT
 
     def __init__(
         self,
         client: Together,
-        clients: TogetherClients,
+        clients: HostedClients[Together, Any],  # a TogetherClients
         state: BackendState,
         settings: TogetherConfig,
         *,
         retry: RetryPolicy,
         base_model: str,
     ) -> None:
-        self.client = client
-        self.clients = clients
-        self.state = state
-        self.events = EventCursor(state)
-        self.settings = settings
+        super().__init__(client, clients, state, settings, retry=retry)
         self.base_model = base_model  # the root every job of the run starts from, directly or via checkpoints
-        self.retry = retry
         self._limits: dict[str, Any] = {}
 
-    # -- plumbing
+    # -- Together's calls
 
-    def _call(self, what: str, fn: Callable[[], Any], *, missing_ok: bool = False) -> Any:
-        return self.retry.call_or_refuse(fn, what, self._refused, missing_ok=missing_ok)
+    def _retrieve_job(self, job_id: str) -> Any:
+        return self.client.fine_tuning.retrieve(job_id)
+
+    def _retrieve_file(self, file_id: str) -> Any:
+        return self.client.files.retrieve(file_id)
+
+    def _cancel_job(self, job_id: str) -> Any:
+        return self.client.fine_tuning.cancel(job_id)
 
     def _refused(self, exc: Exception, doing: str) -> Exception:
         """What to raise for a non-retryable error."""
@@ -175,10 +179,6 @@ class TogetherJobs:
         data = upload_copy(path, check)
         sha = hashlib.sha256(data).hexdigest()
 
-        def exists(file_id: str) -> bool:
-            return bool(self._call("checking an uploaded file", lambda: self.client.files.retrieve(file_id),
-                                   missing_ok=True))
-
         def upload() -> str:
             with tempfile.TemporaryDirectory(prefix="maft-together-") as folder:
                 copy = Path(folder) / f"{path.stem}.jsonl"  # the SDK wants a .jsonl path
@@ -187,27 +187,21 @@ class TogetherJobs:
                                       lambda: self.client.files.upload(copy, purpose="fine-tune", check=False))
             return str(uploaded.id)
 
-        return upload_once(self.state, sha, exists=exists, upload=upload, filename=path.name, nbytes=len(data))
+        return upload_once(self.state, sha, exists=self._file_exists, upload=upload, filename=path.name,
+                           nbytes=len(data))
 
     # -- jobs
 
-    def start(self, spec: FinetuneSpec) -> JobRef:
-        def alive(job_id: str) -> bool:
-            return bool(self._call("looking up a finetuning job", lambda: self.client.fine_tuning.retrieve(job_id),
-                                   missing_ok=True))
-
-        def prepare() -> PreparedJob:
-            check = self.check(spec.training_file)
-            checkpoint = self._checkpoint(spec.base_model)
-            file_id = self.upload(spec.training_file, check)
-            # for the bill, should Together not report its token count: our estimate of what one pass trains on
-            self.state.put(f"estimate:{spec.key}", {"file_tokens": check.tokens, "counter": check.counter})
-            marker = key_marker(spec.key)
-            params = self._params(spec, file_id, checkpoint)
-            return PreparedJob(file_id=file_id, maft_key=marker, find=lambda: self._find(marker, file_id),
-                               create=lambda: self._create(params, spec.key))
-
-        return JobRef(key=spec.key, provider_job_id=start_once(self.state, spec.key, alive=alive, prepare=prepare))
+    def _prepare(self, spec: FinetuneSpec) -> PreparedJob:
+        check = self.check(spec.training_file)
+        checkpoint = self._checkpoint(spec.base_model)
+        file_id = self.upload(spec.training_file, check)
+        # for the bill, should Together not report its token count: our estimate of what one pass trains on
+        self.state.put(f"estimate:{spec.key}", {"file_tokens": check.tokens, "counter": check.counter})
+        marker = key_marker(spec.key)
+        params = self._params(spec, file_id, checkpoint)
+        return PreparedJob(file_id=file_id, maft_key=marker, find=lambda: self._find(marker, file_id),
+                           create=lambda: self._create(params, spec.key))
 
     def _checkpoint(self, base_model: str) -> str | None:
         """None to train the base model; else the id of the job whose output `base_model` is (strategy continue)."""
@@ -217,18 +211,13 @@ class TogetherJobs:
         if known and known.get("job_id"):
             return str(known["job_id"])
 
-        def find() -> str | None:
-            for job in scan(self.client.fine_tuning.list().data, _JOBS_SCANNED):
-                if job.x_model_output_name == base_model and job.status == "completed":
-                    return str(job.id)
-            return None
-
-        job_id = self._call("listing finetuning jobs", find)
+        job_id = self._first_job(lambda: self.client.fine_tuning.list().data, _JOBS_SCANNED,
+                                 lambda job: job.x_model_output_name == base_model and job.status == "completed")
         if job_id is None:
             raise UserError(f"cannot continue training {base_model}: no completed finetuning job of this Together "
                             "account produced it")
         self.state.put(f"model:{base_model}", {"job_id": job_id, "root": self.base_model})
-        return str(job_id)
+        return job_id
 
     def _params(self, spec: FinetuneSpec, file_id: str, checkpoint: str | None) -> dict[str, Any]:
         """The arguments of `fine_tuning.create`. A job continuing from a checkpoint names no model: the SDK
@@ -282,23 +271,14 @@ class TogetherJobs:
 
     def _find(self, marker: str, file_id: str) -> str | None:
         """A live job for this key and this training file (created by an earlier, interrupted start)."""
+        return self._first_job(lambda: self.client.fine_tuning.list().data, _JOBS_SCANNED,
+                               lambda job: carries_marker(job, marker) and job.training_file == file_id
+                               and job.status not in DEAD)
 
-        def find() -> str | None:
-            for job in scan(self.client.fine_tuning.list().data, _JOBS_SCANNED):
-                if carries_marker(job, marker) and job.training_file == file_id and job.status not in DEAD:
-                    return str(job.id)
-            return None
+    # -- poll
 
-        return self._call("listing finetuning jobs", find)  # type: ignore[no-any-return]
-
-    # -- poll and cancel
-
-    def poll(self, job: JobRef) -> JobState:
+    def _state_of(self, job: JobRef, remote: Any) -> JobState:
         job_id = job.provider_job_id
-        remote = self._call(f"polling job {job_id}", lambda: self.client.fine_tuning.retrieve(job_id),
-                            missing_ok=True)
-        if remote is None:
-            return JobState(status="failed", missing=True, error=f"job {job_id} no longer exists on the server")
         status = job_status(remote.status)
         raw = str(remote.status) if remote.status else None
         events, train_loss, last_error = self._new_events(job_id)
@@ -349,31 +329,17 @@ class TogetherJobs:
                         f"({record.get('counter', 'no file count')} x {epochs} epochs)")
 
     def _new_events(self, job_id: str) -> tuple[list[JobEvent], float | None, str | None]:
-        """Events not returned before, oldest first; the newest training loss; the newest error message."""
-        record, seen = self.events.load(job_id)
+        """Events not returned before, oldest first; the newest training loss; the newest error message.
+        Together lists every event of a job on each poll, so the new ones are those not seen yet."""
         listed = self._call(f"reading events of job {job_id}", lambda: self.client.fine_tuning.list_events(job_id),
                             missing_ok=True)
         events = sorted(listed.data if listed is not None else [], key=lambda e: _timestamp(e.created_at))
         last_error = next((str(e.message) for e in reversed(events) if (e.level == "error" or str(e.type) in
                            ("job_error", "job_user_error")) and e.message), None)
-        fresh = list({_event_id(e): e for e in events if _event_id(e) not in seen}.items())
-        loss = record.train_loss
-        for _, event in fresh:
-            step_loss = train_loss_in(event)
-            loss = step_loss if step_loss is not None else loss
-        if fresh:
-            self.events.hand_over(job_id, record, (i for i, _ in fresh), loss, keep=_EVENTS_KEPT)
-        scrub = self.clients.scrubber.scrub
-        return ([JobEvent(created_at=_timestamp(e.created_at), level=str(e.level or "info"),
-                          message=scrub(str(e.message or e.type))) for _, e in fresh], loss, last_error)
+        fresh, loss = self._take_events(job_id, lambda seen: [(i, e) for e in events
+                                                              if (i := _event_id(e)) not in seen])
+        return fresh, loss, last_error
 
-    def cancel(self, job: JobRef) -> None:
-        """Cancel; a job that already ended (or is gone) needs nothing."""
-        errors = self.clients.errors
-        what = f"cancelling job {job.provider_job_id}"
-        try:
-            self.retry.call(lambda: self.client.fine_tuning.cancel(job.provider_job_id), what)
-        except (errors.not_found, errors.bad_request, errors.conflict):
-            return
-        except errors.status as exc:
-            raise self._refused(exc, what) from None
+    def _event_of(self, event: Any) -> JobEvent:
+        return JobEvent(created_at=_timestamp(event.created_at), level=str(event.level or "info"),
+                        message=str(event.message or event.type))

@@ -19,12 +19,12 @@ from backends.base import BASE_MODEL_ID, ChatMessage, ChatRequest, ChatResult, F
 from backends.hosted.chat import ChatBody, CompletionPayload, chat_body
 from backends.hosted.chat_files import CharEstimate, load_token_counter
 from backends.hosted.env import Scrubber, parse_dotenv, read_environment
-from backends.hosted.errors import ProviderUnavailable
+from backends.hosted.errors import HostedRequestError, ProviderUnavailable
 from backends.hosted.rate_limit import RateLimiter, TokenBucket, estimate_request_tokens
 from backends.hosted.retry import Backoff, parse_retry_after
 from backends.openai import OpenAIBackend
 from backends.openai_batch import batch_input
-from backends.openai_client import NO_KEY_PLACEHOLDER, OpenAIRequestError, is_retryable, resolve_credentials
+from backends.openai_client import NO_KEY_PLACEHOLDER, OPENAI_ERRORS, resolve_credentials
 from backends.openai_finetune import job_status, maft_key, sanitize_suffix, validate_training_file
 from backends.openai_settings import OpenAIConfig
 from foundation.errors import UserError
@@ -151,16 +151,16 @@ def _status_error(cls: type[openai.APIStatusError], status: int, code: str | Non
 
 def test_which_errors_are_retried() -> None:
     request = httpx2.Request("POST", "http://127.0.0.1/v1/chat/completions")
-    assert is_retryable(openai.APIConnectionError(request=request))
-    assert is_retryable(openai.APITimeoutError(request=request))
-    assert is_retryable(_status_error(openai.RateLimitError, 429, "rate_limit_exceeded"))
-    assert is_retryable(_status_error(openai.InternalServerError, 500))
-    assert is_retryable(_status_error(openai.InternalServerError, 503))
-    assert not is_retryable(_status_error(openai.RateLimitError, 429, "daily_rate_limit_exceeded"))
-    assert not is_retryable(_status_error(openai.RateLimitError, 429, "insufficient_quota"))
+    assert OPENAI_ERRORS.is_retryable(openai.APIConnectionError(request=request))
+    assert OPENAI_ERRORS.is_retryable(openai.APITimeoutError(request=request))
+    assert OPENAI_ERRORS.is_retryable(_status_error(openai.RateLimitError, 429, "rate_limit_exceeded"))
+    assert OPENAI_ERRORS.is_retryable(_status_error(openai.InternalServerError, 500))
+    assert OPENAI_ERRORS.is_retryable(_status_error(openai.InternalServerError, 503))
+    assert not OPENAI_ERRORS.is_retryable(_status_error(openai.RateLimitError, 429, "daily_rate_limit_exceeded"))
+    assert not OPENAI_ERRORS.is_retryable(_status_error(openai.RateLimitError, 429, "insufficient_quota"))
     for cls, status in ((openai.BadRequestError, 400), (openai.AuthenticationError, 401),
                         (openai.NotFoundError, 404)):
-        assert not is_retryable(_status_error(cls, status))
+        assert not OPENAI_ERRORS.is_retryable(_status_error(cls, status))
 
 
 def test_backoff_honours_retry_after_else_grows_with_jitter() -> None:
@@ -806,7 +806,7 @@ def test_batch_gives_up_after_bounded_resubmissions(fake_openai: FakeOpenAI) -> 
         return original(call)
 
     fake_openai._create_batch = always_expiring  # type: ignore[method-assign]
-    with pytest.raises(OpenAIRequestError, match=r"batch chat \(2 of 2 requests, first 'q0'\) failed after 2 "):
+    with pytest.raises(HostedRequestError, match=r"batch chat \(2 of 2 requests, first 'q0'\) failed after 2 "):
         backend.chat(arithmetic(2))
     assert fake_openai.counts["POST /v1/batches"] == 2
 

@@ -1,6 +1,7 @@
 """`HostedBackend`: what the openai and together backends hold in common (base model, settings, durable state,
-the rate limiter, the retry policy and the watch on the provider, where the key comes from), so that each
-provider supplies only its clients and what differs."""
+the rate limiter, the retry policy and the watch on the provider, where the key comes from, the clients, chat
+and jobs made on first use, and the finetuning calls), so that each provider supplies only its clients, its jobs
+and what differs (`_make_clients`, `_make_jobs`, `describe`, and a chat refusal or a check of its own)."""
 
 from __future__ import annotations
 
@@ -8,12 +9,25 @@ import asyncio
 import sys
 import threading
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from abc import ABC, abstractmethod
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Generic, Protocol, TypeVar
 
-from backends.base import BASE_MODEL_ID, BackendState
+from backends.base import (
+    BASE_MODEL_ID,
+    BackendState,
+    ChatRequest,
+    ChatResult,
+    FinetuneSpec,
+    JobRef,
+    JobState,
+    ResultCallback,
+)
+from backends.hosted.chat import ChatRunner
+from backends.hosted.clients import HostedClients
 from backends.hosted.env import read_environment
+from backends.hosted.jobs import HostedJobs
 from backends.hosted.rate_limit import RateLimiter
 from backends.hosted.retry import Backoff, ProviderWatch, RetryPolicy
 
@@ -30,14 +44,24 @@ class HostedSettings(Protocol):
     backoff_max: float
 
 
+class SyncClient(Protocol):
+    """What the base needs of a provider's sync SDK client: that it can be closed."""
+
+    def close(self) -> None: ...
+
+
 SettingsT = TypeVar("SettingsT", bound=HostedSettings)
+ClientT = TypeVar("ClientT", bound=SyncClient)
+JobsT = TypeVar("JobsT", bound=HostedJobs[Any, Any])
 
 
-class HostedBackend(Generic[SettingsT]):
+class HostedBackend(ABC, Generic[SettingsT, ClientT, JobsT]):
     """What every hosted backend holds: its base model name, settings, durable state, the shared rate limiter,
     the retry policy and the watch on the provider that every call shares, and where the key comes from.
-    Building one needs no key and makes no request (so `run --dry-run` works without one); subclasses read the
-    key at the first call that needs it, and make their clients and runners then (`_setup` sets them to None)."""
+    Building one needs no key and makes no request (so `run --dry-run` works without one): the key is read at
+    the first call that needs it, which in a run is the first debate round, before any work, and the clients,
+    the chat runner and the jobs are made then, each once, under a lock (the pipeline polls jobs from several
+    threads)."""
 
     def __init__(
         self,
@@ -70,12 +94,61 @@ class HostedBackend(Generic[SettingsT]):
         self._setup()
 
     def _setup(self) -> None:
-        """The parts a subclass makes on first use (clients, runners), each None until then."""
+        """The parts made on first use, each None until then (a subclass adds its own, after these)."""
+        self._clients: HostedClients[ClientT, Any] | None = None
+        self._client: ClientT | None = None
+        self._chat: ChatRunner | None = None
+        self._jobs: JobsT | None = None
+
+    # -- what a provider supplies
+
+    @abstractmethod
+    def _make_clients(self) -> HostedClients[ClientT, Any]:
+        """The provider's key and client makers, from the settings and the environment (a missing key is a
+        one-line UserError)."""
+
+    @abstractmethod
+    def _make_jobs(self) -> JobsT:
+        """The provider's finetuning jobs, given `self.client`, `self.clients` and `self.retry`."""
+
+    def _refusal(self, request: ChatRequest, model: str, exc: Exception) -> Exception | None:
+        """The error a chat request refused for good ends in, when the provider has its own words for it;
+        None for the chat runner's."""
+        return None
+
+    # -- made on first use
 
     @property
-    def clients(self) -> Any:
-        """The provider's key and client makers, each subclass its own; a missing key is a one-line UserError."""
-        raise NotImplementedError
+    def clients(self) -> HostedClients[ClientT, Any]:
+        """Key and client makers; a missing key is a one-line UserError here."""
+        with self._lock:
+            if self._clients is None:
+                self._clients = self._make_clients()
+            return self._clients
+
+    @property
+    def client(self) -> ClientT:
+        """The sync client (files, jobs, models, batches), made on first use and shared by threads (httpx is
+        safe so)."""
+        with self._lock:
+            if self._client is None:
+                self._client = self.clients.sync()
+            return self._client
+
+    @property
+    def chats(self) -> ChatRunner:
+        with self._lock:
+            if self._chat is None:
+                self._chat = ChatRunner(self.clients, self.limiter, retry=self.retry, resolve_model=self.resolve_model,
+                                        refusal=self._refusal)
+            return self._chat
+
+    @property
+    def jobs(self) -> JobsT:
+        with self._lock:
+            if self._jobs is None:
+                self._jobs = self._make_jobs()
+            return self._jobs
 
     @property
     def retry(self) -> RetryPolicy:
@@ -100,6 +173,31 @@ class HostedBackend(Generic[SettingsT]):
     def resolve_model(self, model_id: str) -> str:
         """BASE_MODEL_ID stands for the provider's base model; every other id goes to the server as it is."""
         return self.model if model_id == BASE_MODEL_ID else model_id
+
+    # -- Backend protocol (what is the same for every provider)
+
+    def chat(self, requests: Sequence[ChatRequest], on_result: ResultCallback | None = None) -> list[ChatResult]:
+        if not requests:
+            return []
+        return self.chats.run(requests, on_result)
+
+    def start_finetune(self, spec: FinetuneSpec) -> JobRef:
+        return self.jobs.start(spec)
+
+    def poll(self, job: JobRef) -> JobState:
+        return self.jobs.poll(job)
+
+    def cancel(self, job: JobRef) -> None:
+        self.jobs.cancel(job)
+
+    def close(self) -> None:
+        """Close the sync client; the parts made from it are made again if the backend is used after this."""
+        with self._lock:
+            if self._client is not None:
+                self._client.close()
+            self._client = None
+            self._jobs = None
+            self._chat = None
 
     def _environment(self) -> dict[str, str]:
         return read_environment(self._environ, self._dotenv)

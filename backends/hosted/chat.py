@@ -105,8 +105,8 @@ class CompletionPayload(BaseModel):
 
 
 class ChatClients(Protocol):
-    """What the runner needs of a provider's client maker: a fresh async client per event loop, the SDK's
-    errors, and what error messages may say (the server, the key's variable) once scrubbed."""
+    """What the runner needs of a provider's client maker (`HostedClients` has it): a fresh async client per
+    event loop, the SDK's errors, the server and the scrubber for messages, and what a refused key means."""
 
     @property
     def errors(self) -> SdkErrors: ...
@@ -117,8 +117,7 @@ class ChatClients(Protocol):
     @property
     def where(self) -> str: ...
 
-    @property
-    def key_variable(self) -> str: ...
+    def key_error(self, exc: BaseException) -> UserError | None: ...
 
     def async_(self) -> Any: ...
 
@@ -209,7 +208,7 @@ class ChatRunner:
         """The error to raise for a request that will not succeed: a UserError when the user can fix it."""
         c = self.clients
         detail = c.scrubber.scrub(error_message(exc))
-        refused = c.errors.key_error(exc, where=c.where, key_variable=c.key_variable, scrubber=c.scrubber)
+        refused = c.key_error(exc)
         if refused is not None:
             return refused
         if self.refusal is not None and (own := self.refusal(request, model, exc)) is not None:

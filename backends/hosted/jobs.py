@@ -1,0 +1,145 @@
+"""`HostedJobs`: finetuning jobs on a hosted provider, the base of `OpenAIJobs` and `TogetherJobs`.
+
+The base owns the flow every provider's jobs follow: each call under the backend's one `RetryPolicy`, a refusal
+turned into an error that says what to do (`_refused`), a job started at most once per key (`start_once`), a
+poll that notices a job gone from the server, a cancel that is a no-op on a job that already ended, and the
+cursor that hands every job event over once. A provider supplies only its API calls and its payloads: the
+hooks below (`_prepare`, `_retrieve_job`, `_retrieve_file`, `_cancel_job`, `_state_of`, `_event_of`,
+`_refused`), in the spirit of a base request processor whose providers fill in what differs.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import Any, Generic, TypeVar
+
+from backends.base import BackendState, FinetuneSpec, JobEvent, JobRef, JobState
+from backends.hosted.chat_files import FileCheck
+from backends.hosted.clients import HostedClients
+from backends.hosted.names import scan, train_loss_in
+from backends.hosted.records import SEEN_EVENTS_KEPT, EventCursor, PreparedJob, start_once
+from backends.hosted.retry import RetryPolicy
+
+ClientT = TypeVar("ClientT")
+SettingsT = TypeVar("SettingsT")
+# The events of one job not handed over yet, oldest first, each with its id: given the ids already handed over.
+FreshEvents = Callable[[set[str]], Sequence[tuple[str, Any]]]
+
+
+class HostedJobs(ABC, Generic[ClientT, SettingsT]):
+    """Files and finetuning jobs through a provider's sync client, idempotent by FinetuneSpec.key."""
+
+    events_kept = SEEN_EVENTS_KEPT  # event ids remembered per job (a provider listing every event keeps more)
+
+    def __init__(
+        self,
+        client: ClientT,
+        clients: HostedClients[ClientT, Any],
+        state: BackendState,
+        settings: SettingsT,
+        *,
+        retry: RetryPolicy,
+    ) -> None:
+        self.client = client
+        self.clients = clients
+        self.state = state
+        self.events = EventCursor(state)
+        self.settings = settings
+        self.retry = retry
+
+    # -- what a provider supplies
+
+    @abstractmethod
+    def _refused(self, exc: Exception, doing: str) -> Exception:
+        """What to raise for a non-retryable error while `doing` something."""
+
+    @abstractmethod
+    def check(self, path: Path) -> FileCheck:
+        """The provider's rules for a training file, checked locally (a UserError on the first broken one)."""
+
+    @abstractmethod
+    def _prepare(self, spec: FinetuneSpec) -> PreparedJob:
+        """Check and upload the file, and say how to find and create the job (no job is created here)."""
+
+    @abstractmethod
+    def _retrieve_job(self, job_id: str) -> Any: ...
+
+    @abstractmethod
+    def _retrieve_file(self, file_id: str) -> Any: ...
+
+    @abstractmethod
+    def _cancel_job(self, job_id: str) -> Any: ...
+
+    @abstractmethod
+    def _state_of(self, job: JobRef, remote: Any) -> JobState:
+        """Our JobState for the provider's job (its new events read with `_take_events`)."""
+
+    @abstractmethod
+    def _event_of(self, event: Any) -> JobEvent:
+        """Our JobEvent for one of the provider's (its message is scrubbed by the caller)."""
+
+    # -- plumbing
+
+    def _call(self, what: str, fn: Callable[[], Any], *, missing_ok: bool = False) -> Any:
+        """`fn` under the retry policy; a refusal is `_refused`'s error; with `missing_ok` a 404 is None."""
+        return self.retry.call_or_refuse(fn, what, self._refused, missing_ok=missing_ok)
+
+    def _file_exists(self, file_id: str) -> bool:
+        return bool(self._call("checking an uploaded file", lambda: self._retrieve_file(file_id), missing_ok=True))
+
+    def _alive(self, job_id: str) -> bool:
+        return bool(self._call("looking up a finetuning job", lambda: self._retrieve_job(job_id), missing_ok=True))
+
+    def _first_job(self, jobs: Callable[[], Iterable[Any]], limit: int, matches: Callable[[Any], bool]) -> str | None:
+        """The id of the first of at most `limit` listed jobs that `matches` (listings are newest first)."""
+
+        def find() -> str | None:
+            for job in scan(jobs(), limit):
+                if matches(job):
+                    return str(job.id)
+            return None
+
+        found = self._call("listing finetuning jobs", find)
+        return None if found is None else str(found)
+
+    # -- jobs
+
+    def start(self, spec: FinetuneSpec) -> JobRef:
+        """The job for `spec.key`: the one an earlier call started, while the server still has it, else new."""
+        job_id = start_once(self.state, spec.key, alive=self._alive, prepare=lambda: self._prepare(spec))
+        return JobRef(key=spec.key, provider_job_id=job_id)
+
+    def poll(self, job: JobRef) -> JobState:
+        job_id = job.provider_job_id
+        remote = self._call(f"polling job {job_id}", lambda: self._retrieve_job(job_id), missing_ok=True)
+        if remote is None:
+            return JobState(status="failed", missing=True, error=f"job {job_id} no longer exists on the server")
+        return self._state_of(job, remote)
+
+    def _take_events(self, job_id: str, fresh: FreshEvents) -> tuple[list[JobEvent], float | None]:
+        """The job's events not handed over before, oldest first (each once, by id), scrubbed; and the newest
+        training loss seen in any event so far."""
+        record, seen = self.events.load(job_id)
+        unique = list(dict(fresh(seen)).items())  # a repeated id keeps its first place and its last content
+        loss = record.train_loss
+        for _, event in unique:
+            step_loss = train_loss_in(event)
+            loss = step_loss if step_loss is not None else loss
+        if unique:
+            self.events.hand_over(job_id, record, (i for i, _ in unique), loss, keep=self.events_kept)
+        scrub = self.clients.scrubber.scrub
+        events = [self._event_of(e) for _, e in unique]
+        return [e.model_copy(update={"message": scrub(e.message)}) for e in events], loss
+
+    def cancel(self, job: JobRef) -> None:
+        """Cancel; a job that already ended (or is gone) needs nothing."""
+        errors = self.clients.errors
+        what = f"cancelling job {job.provider_job_id}"
+        try:
+            self.retry.call(lambda: self._cancel_job(job.provider_job_id), what)
+        except (errors.not_found, errors.bad_request, errors.conflict):
+            return
+        except errors.status as exc:
+            raise self._refused(exc, what) from None
