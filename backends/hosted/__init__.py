@@ -7,5 +7,7 @@
 - `records`: the durable bookkeeping that keeps uploads and jobs idempotent across crashes;
 - `names`: names and markers on the server, listings, losses in events;
 - `chat`, `chat_files`, `rate_limit`: concurrent chat, training-file checks and the request limiter;
-- `backend`: `HostedBackend`, the base the openai and together backends build on.
+- `clients`, `jobs`, `backend`: the bases the openai and together modules build on (`HostedClients`: the key and
+  the SDK clients; `HostedJobs`: files and finetuning jobs; `HostedBackend`: the backend), each owning the shared
+  flow, so that a provider supplies only its API calls, payloads and what it alone does.
 """
