@@ -23,13 +23,12 @@ from pydantic import BaseModel, ConfigDict
 from backends.base import BackendState, FinetuneSpec, JobEvent, JobRef, JobState, JobStatus
 from backends.hosted.chat_files import ChatFileRules, FileCheck, TokenCounter, load_token_counter, validate_chat_file
 from backends.hosted.clients import HostedClients
-from backends.hosted.errors import HostedRequestError, error_code, error_message
+from backends.hosted.errors import error_code, error_message
 from backends.hosted.jobs import HostedJobs
 from backends.hosted.names import key_digest, scan
 from backends.hosted.names import sanitize_suffix as shared_sanitize_suffix
 from backends.hosted.records import PreparedJob, upload_once
 from backends.hosted.retry import RetryPolicy
-from backends.openai_client import OPENAI_ERRORS
 from backends.openai_settings import OpenAIConfig
 from foundation.errors import UserError
 
@@ -178,7 +177,7 @@ class OpenAIJobs(HostedJobs[OpenAI, OpenAIConfig]):
                              "--base-url at OpenAI/Azure")
         if isinstance(exc, openai.BadRequestError | openai.UnprocessableEntityError):
             return UserError(f"the server refused {doing}: {detail}")
-        return HostedRequestError(doing, OPENAI_ERRORS.status_of(exc), detail)
+        return self.clients.errors.failure(exc, doing, scrub)
 
     def check_available(self) -> None:
         """One cheap call that finds out, before anything is spent, whether this server has a finetuning API (a
