@@ -18,6 +18,7 @@ from backends.local_settings import LocalConfig
 from backends.openai_settings import OpenAIConfig
 from backends.settings import BackendSettings, BackendSetup
 from backends.together_settings import TogetherConfig
+from backends.vllm_settings import VLLMConfig
 
 
 @dataclass(frozen=True)
@@ -47,6 +48,9 @@ REGISTRY: dict[str, BackendEntry] = {entry.name: entry for entry in (
                  "OpenAI-compatible server (key from OPENAI_API_KEY or .env)"),
     BackendEntry("together", TogetherConfig, "backends.together:TogetherBackend", "Together AI's LoRA finetuning "
                  "and serverless inference (key from TOGETHER_API_KEY or .env)"),
+    BackendEntry("vllm", VLLMConfig, "backends.vllm:VLLMBackend", "a vLLM server (started in .venv-vllm, or "
+                 "[vllm] base_url) serving every agent's LoRA adapter; finetuning as on local",
+                 runs_bundled_model=True),
 )}
 DEFAULT_BACKEND = "local"  # the default job's: it needs no key and no download
 

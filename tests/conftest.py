@@ -13,6 +13,8 @@ from tests.fake_together import FakeTogether
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "fake_openai(**kwargs): constructor arguments for the fake_openai fixture")
     config.addinivalue_line("markers", "fake_together(**kwargs): constructor arguments for the fake_together fixture")
+    config.addinivalue_line("markers", "vllm: needs a real vLLM in .venv-vllm; scripts/test deselects these, "
+                            "scripts/test-vllm runs them")
 
 
 @pytest.fixture

@@ -80,7 +80,7 @@ def test_a_config_dumps_its_keys_in_the_order_stored_configs_have():
     assert list(RunConfig().model_dump()) == [
         "backend", "model", "task", "agents", "rounds", "iterations", "train_size", "eval_size", "seed", "strategy",
         "summarize", "critic_mix", "critic_train_all_turns", "generation", "training", "local", "openai",
-        "together", "diversity"]
+        "together", "vllm", "diversity"]
 
 
 # -- the operational mark --------------------------------------------------------------------------------------
@@ -182,14 +182,14 @@ def test_an_operational_setting_added_later_keeps_the_identity_and_the_run_resum
 
 def test_the_registry_makes_the_run_configs_backend_choice_and_sections():
     names = backend_names()
-    assert names == ("local", "openai", "together")
+    assert names == ("local", "openai", "together", "vllm")
     assert get_args(RunConfig.model_fields["backend"].annotation) == names
     fields = list(RunConfig.model_fields)
     assert fields[fields.index("training") + 1 : fields.index("diversity")] == list(names)
     for name in names:
         assert RunConfig.model_fields[name].annotation is backend_entry(name).settings
-    with pytest.raises(ValidationError, match="Input should be 'local', 'openai' or 'together'"):
-        RunConfig(backend="vllm")
+    with pytest.raises(ValidationError, match="Input should be 'local', 'openai', 'together' or 'vllm'"):
+        RunConfig(backend="sglang")
     config = RunConfig(backend="together", model=TOGETHER_MODEL, together={"lora_r": 4})
     assert config.backend_settings() is config.together and config.together.lora_r == 4
     assert set(config.identity_fields()) >= {"together"} and not {"local", "openai"} & set(config.identity_fields())
@@ -208,8 +208,8 @@ def test_create_backend_builds_from_the_backends_own_settings(tmp_path):
         TogetherConfig()
     with pytest.raises(TypeError, match="the openai backend takes OpenAIConfig, not TogetherConfig"):
         create_backend("openai", OPENAI_MODEL, TogetherConfig(), workdir=tmp_path, state=MemoryState())
-    with pytest.raises(ValueError, match="unknown backend 'vllm'"):
-        create_backend("vllm", "m", workdir=tmp_path, state=MemoryState())
+    with pytest.raises(ValueError, match="unknown backend 'sglang'"):
+        create_backend("sglang", "m", workdir=tmp_path, state=MemoryState())
 
 
 A_NEW_BACKEND = """
@@ -243,7 +243,7 @@ def test_one_registry_line_adds_a_backend_to_the_config_the_cli_and_create_backe
     """The whole of a new backend: its settings and class (in the script here) and the line that registers it."""
     help_text = run_cli_with(A_NEW_BACKEND, "run", "--help")
     assert help_text.returncode == 0, help_text.stderr
-    assert "[local|openai|together|dummy]" in help_text.stdout
+    assert "[local|openai|together|vllm|dummy]" in help_text.stdout
     assert "dummy: a scripted stand-in" in " ".join(help_text.stdout.split())
 
     config = tmp_path / "dummy.toml"
@@ -259,7 +259,7 @@ def test_one_registry_line_adds_a_backend_to_the_config_the_cli_and_create_backe
         assert run.backend == "dummy" and run.status == "finished"
         stored = json.loads(run.config)
         assert stored["dummy"] == {"skill": 0.7, "pace": 3}
-        assert list(stored)[list(stored).index("together") + 1] == "dummy"
+        assert list(stored)[list(stored).index("vllm") + 1] == "dummy"
     finally:
         store.close()
 
