@@ -64,6 +64,7 @@ class TrainOutcome:
     trained_tokens: int
     train_loss: float | None
     step_losses: list[float] = field(default_factory=list)
+    stats: dict[str, float] = field(default_factory=dict)  # a stage's own numbers (DPO's margins), for the job record
 
 
 def read_training_file(path: Path) -> list[list[ChatMessage]]:
