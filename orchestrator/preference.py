@@ -199,6 +199,19 @@ def build_agent_pairs(
     return pairs
 
 
+def extra_sample_slots(outcomes: Sequence[DebateOutcome], equivalent: Equivalent) -> list[tuple[str, int]]:
+    """The (problem id, agent) whose extra round-1 samples could become a generator pair's rejected side: a
+    strict majority and a readable round-1 answer agreeing with it. Sampling only these is what the pipeline
+    pays for; any other agent's samples would never be used."""
+    return [
+        (outcome.problem.id, agent)
+        for outcome in outcomes
+        if has_strict_majority(outcome, equivalent)
+        for agent, transcript in enumerate(outcome.agents)
+        if agrees(_readable(transcript, 0), outcome.vote.final, equivalent)
+    ]
+
+
 def default_min_margin(agents: int) -> float:
     """1/N: for N = 3, at least a 2-to-1 split."""
     return 1.0 / agents
@@ -208,6 +221,14 @@ def keep_margin(pairs: Sequence[PreferencePair], min_margin: float) -> list[Pref
     """The pairs a provider that cannot weight examples should get: weight at least `min_margin` (with a little
     slack, so 2/3 − 1/3 counts as 1/3)."""
     return [p for p in pairs if p.weight >= min_margin - 1e-9]
+
+
+def by_slot(pairs: Iterable[PreferencePair]) -> dict[tuple[int, PairRole], list[PreferencePair]]:
+    """Pairs grouped by the model they train, (agent, role): generator pairs train G_n, critic pairs C_n."""
+    slots: dict[tuple[int, PairRole], list[PreferencePair]] = {}
+    for pair in pairs:
+        slots.setdefault((pair.agent, pair.role), []).append(pair)
+    return slots
 
 
 def count_pairs(pairs: Iterable[PreferencePair], agents: int) -> list[PairCount]:

@@ -15,8 +15,10 @@ from orchestrator.preference import (
     ExtraSample,
     PreferencePair,
     build_agent_pairs,
+    by_slot,
     count_pairs,
     default_min_margin,
+    extra_sample_slots,
     has_strict_majority,
     keep_margin,
     write_hosted_jsonl,
@@ -152,6 +154,11 @@ def test_own_extra_samples_are_preferred_as_rejected_the_least_voted_first():
     assert p2.rejected == text("p2", 2, "4", 1)
 
 
+def test_extra_samples_are_asked_only_where_they_can_be_used():
+    # p3 has no strict majority; cut or disagreeing round-1 answers give no generator pair to complete
+    assert extra_sample_slots(DEBATES, eq) == [("p1", 0), ("p1", 2), ("p2", 0), ("p2", 1), ("p4", 1), ("p5", 2)]
+
+
 def test_min_margin_filter():
     pairs = [p for n in range(3) for p in build_agent_pairs(DEBATES, n, eq)]
     assert default_min_margin(3) == pytest.approx(1 / 3)
@@ -173,6 +180,10 @@ def test_counts_per_agent_role_and_kind():
     assert counts[(2, "generator")] == ("generator", 2, round(5 / 3, 6))
     assert counts[(2, "correction")] == ("critic", 2, round(4 / 3, 6))
     assert sum(c.pairs for c in count_pairs(pairs, 3)) == len(pairs)
+    slots = by_slot(pairs)
+    assert {k: len(v) for k, v in slots.items()} == {(0, "generator"): 2, (1, "critic"): 3, (1, "generator"): 2,
+                                                     (2, "generator"): 2, (2, "critic"): 2}
+    assert all(p.role == role and p.agent == agent for (agent, role), ps in slots.items() for p in ps)
 
 
 def test_local_jsonl_round_trips_through_the_trainers_reader(tmp_path: Path):
