@@ -31,6 +31,7 @@ from backends.base import BASE_MODEL_ID, ChatMessage
 from orchestrator.config import RunConfig
 from orchestrator.debate import DebateOutcome, DebateRunner, DebateSettings, Society, readable_answer
 from orchestrator.names import DebateName, DebateStage, JobKey
+from orchestrator.societies import MAJORITY_FT, SINGLE_FT, STAR
 from orchestrator.store import DatasetRow, RunRow, Store
 from orchestrator.tasks import Problem, Task
 from orchestrator.training_data import Example, agreeing_examples, fit, generator_example
@@ -132,7 +133,7 @@ class SingleModelMethod:
 
 
 class MajorityFT(SingleModelMethod):
-    society = "majority-ft"
+    society = MAJORITY_FT
 
     def examples(self, iteration: int, model: str, train: list[Problem]) -> list[Example]:
         p = self.p
@@ -146,7 +147,7 @@ class MajorityFT(SingleModelMethod):
 
 
 class SingleAgentFT(SingleModelMethod):
-    society = "single-ft"
+    society = SINGLE_FT
 
     def examples(self, iteration: int, model: str, train: list[Problem]) -> list[Example]:
         p = self.p
@@ -156,7 +157,7 @@ class SingleAgentFT(SingleModelMethod):
 
 
 class Star(SingleModelMethod):
-    society = "star"
+    society = STAR
     restart = True
 
     def examples(self, iteration: int, model: str, train: list[Problem]) -> list[Example]:
@@ -181,7 +182,7 @@ class Star(SingleModelMethod):
 
 
 SINGLE_MODEL_METHODS: dict[str, Callable[[PipelineSteps], SingleModelMethod]] = {
-    "star": Star,
-    "majority-ft": MajorityFT,
-    "single-ft": SingleAgentFT,
+    STAR: Star,
+    MAJORITY_FT: MajorityFT,
+    SINGLE_FT: SingleAgentFT,
 }

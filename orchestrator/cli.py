@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import click
+from pydantic import BaseModel, ConfigDict
 from rich.console import Console
 
 from backends import DEFAULT_BACKEND, backend_names, backends_help
@@ -24,16 +25,12 @@ from orchestrator.costs import Ledger, run_pricing
 from orchestrator.failures import CommandContext, debug_requested, finish
 from orchestrator.interrupts import GracefulStop, StopRequested
 from orchestrator.locks import RunLock
-from orchestrator.names import BASELINES
+from orchestrator.societies import BASELINES, baselines_help
 from orchestrator.store import Store, StoreState
 from orchestrator.tasks import TASK_SPECS_HELP, get_task
 
 DB_HELP = "SQLite file that tracks every run (default: ./maft.db, or $MAFT_DB)."
 
-BASELINES_HELP = ("star: STaR (ground-truth filtered answers, rationalized when wrong); majority-ft: one model on "
-                  "answers that agree with a majority of N samples; single-ft: one model on every debate answer "
-                  "that agrees with the majority; no-summary / no-critic: multiagent FT with concatenated answers / "
-                  "with only generators finetuned.")
 
 
 def parse_baselines(text: str | None) -> tuple[str, ...]:
@@ -135,7 +132,7 @@ def _enter(command: str, db: str | None, run_id: str | None = None, *, folder: P
 @click.option("--prices", type=click.Path(path_type=Path), help="TOML file of prices that replace the packaged "
               "table model by model (see orchestrator/prices.toml). [default: $MAFT_PRICES]")
 @click.option("--baselines", metavar="LIST", help=f"After the run, also train and evaluate these, comma-separated: "
-              f"{', '.join(BASELINES)}, or all. {BASELINES_HELP}")
+              f"{', '.join(BASELINES)}, or all. {baselines_help()}")
 def run(config_file: Path | None, backend: str | None, model: str | None, task: str | None, agents: int | None,
         rounds: int | None, iterations: int | None, train_size: int | None, eval_size: int | None,
         seed: int | None, strategy: str | None, summarize: bool | None, critic_mix: float | None,
@@ -179,8 +176,8 @@ def run(config_file: Path | None, backend: str | None, model: str | None, task: 
             file_values = read_toml(config_file) if config_file else {}
             config = build_config(file_values, flags, str(config_file) if config_file else "command-line flags")
             run_id = name or config.default_name()
-        _run(store, config, run_id, must_exist=resume is not None, db=db, workdir=workdir, quiet=quiet,
-             max_cost=max_cost, prices=prices, baselines=chosen)
+        _run(store, config, RunRequest(run_id=run_id, must_exist=resume is not None, db=db, workdir=workdir,
+                                       quiet=quiet, max_cost=max_cost, prices=prices, baselines=chosen))
     finally:
         store.close()
 
@@ -201,44 +198,55 @@ def _dry_run(config: RunConfig, prices: Path | None, baselines: tuple[str, ...] 
                                           f"{config.iterations} iteration(s)"))
 
 
-def _run(store: Store, config: RunConfig, run_id: str, *, must_exist: bool, db: str | None, workdir: Path | None,
-         quiet: bool, max_cost: float | None, prices: Path | None, baselines: tuple[str, ...] = (),
-         transfer: tuple[str, ...] = (), more_only: bool = False) -> None:
+class RunRequest(BaseModel):
+    """What `run` and `eval` ask of one run beside its configuration: which run, where its files and prices are,
+    the spending limit, and which extra societies and tasks; one typed object instead of a dozen arguments."""
+
+    model_config = ConfigDict(frozen=True)
+
+    run_id: str
+    must_exist: bool  # a resume or `eval`: the run is in the store already
+    db: str | None = None  # as the user gave it, for the resume command we print
+    workdir: Path | None = None
+    quiet: bool = False
+    max_cost: float | None = None
+    prices: Path | None = None
+    baselines: tuple[str, ...] = ()
+    transfer: tuple[str, ...] = ()  # other tasks to evaluate every society on, zero-shot (`eval --task`)
+    more_only: bool = False  # `eval`: only the baselines and transfer evaluations, no iterations
+
+
+def _run(store: Store, config: RunConfig, request: RunRequest) -> None:
     """Run (or resume) a run; with `more_only`, only its baselines and transfer evaluations (`eval`). One process
     per run: the lock is held from here to the end."""
-    console = Console()
-    for spec in transfer:
+    for spec in request.transfer:
         get_task(spec)  # a bad task spec fails before anything runs
-    with RunLock(store.path, run_id), GracefulStop() as stop:
-        _run_locked(store, config, run_id, must_exist=must_exist, db=db, workdir=workdir, quiet=quiet,
-                    max_cost=max_cost, prices=prices, baselines=baselines, transfer=transfer, more_only=more_only,
-                    stop=stop, console=console)
+    with RunLock(store.path, request.run_id), GracefulStop() as stop:
+        _run_locked(store, config, request, stop, Console())
 
 
-def _run_locked(store: Store, config: RunConfig, run_id: str, *, must_exist: bool, db: str | None,
-                workdir: Path | None, quiet: bool, max_cost: float | None, prices: Path | None,
-                baselines: tuple[str, ...], transfer: tuple[str, ...], more_only: bool, stop: GracefulStop,
-                console: Console) -> None:
+def _run_locked(store: Store, config: RunConfig, request: RunRequest, stop: GracefulStop, console: Console) -> None:
     from backends import create_backend
     from backends.base import ChecksServer, NeedsCredentials
     from orchestrator.pipeline import Pipeline, open_run
     from orchestrator.report.data import report_data
     from orchestrator.report.terminal import accuracy_table, comparison_table, datasets_table
 
-    work = workdir or store.path.resolve().parent / "maft-runs" / run_id
+    run_id, db, max_cost, more_only = request.run_id, request.db, request.max_cost, request.more_only
+    work = request.workdir or store.path.resolve().parent / "maft-runs" / run_id
     backend_obj = create_backend(config.backend, config.model, config.backend_settings(), workdir=work,
-                                 state=StoreState(store, config.backend), show_progress=not quiet,
+                                 state=StoreState(store, config.backend), show_progress=not request.quiet,
                                  training=config.training)
     try:
         # Bad input (an unpriced model under --max-cost, a missing API key) is refused before the run is
         # recorded: nothing is left behind but the message.
         info = backend_obj.describe()
-        pricing = run_pricing(info, prices, max_cost=max_cost, console=console)
+        pricing = run_pricing(info, request.prices, max_cost=max_cost, console=console)
         if isinstance(backend_obj, NeedsCredentials):
             backend_obj.check_credentials()
         if isinstance(backend_obj, ChecksServer):  # a chat-only server, an unknown model: said before any spend
-            backend_obj.check_server(finetuning=not more_only or bool(baselines))
-        run_row = open_run(store, config, run_id, must_exist=must_exist)
+            backend_obj.check_server(finetuning=not more_only or bool(request.baselines))
+        run_row = open_run(store, config, run_id, must_exist=request.must_exist)
     except BaseException:
         backend_obj.close()
         raise
@@ -253,12 +261,12 @@ def _run_locked(store: Store, config: RunConfig, run_id: str, *, must_exist: boo
     started = time.monotonic()
     try:
         pipeline = Pipeline(config=config, run=run_row, store=store, backend=backend_obj, workdir=work,
-                            console=console, show_progress=not quiet, ledger=ledger,
+                            console=console, show_progress=not request.quiet, ledger=ledger,
                             poll_interval=_poll_interval(config), checkpoint=stop.check)
         if more_only:
-            pipeline.run_more(baselines, transfer)
+            pipeline.run_more(request.baselines, request.transfer)
         else:
-            pipeline.run(baselines)
+            pipeline.run(request.baselines)
     except (KeyboardInterrupt, StopRequested) as exc:
         where = "at a safe point" if isinstance(exc, StopRequested) else "at once"
         # soft_wrap: the resume command must stay on one line, whatever the terminal's width
@@ -522,7 +530,7 @@ def jobs_cancel(run_id: str, db: str | None) -> None:
 @cli.command("eval")
 @click.argument("run_id", metavar="RUN")
 @click.option("--baselines", metavar="LIST", help=f"Train and evaluate these on RUN's problems, comma-separated: "
-              f"{', '.join(BASELINES)}, or all. {BASELINES_HELP}")
+              f"{', '.join(BASELINES)}, or all. {baselines_help()}")
 @click.option("--task", "tasks", multiple=True, metavar="TASK",
               help=f"Zero-shot transfer: evaluate every society of RUN (base, each iteration, each baseline) on "
                    f"this task's held-out problems; repeatable. {TASK_SPECS_HELP}")
@@ -546,7 +554,129 @@ def eval_command(run_id: str, baselines: str | None, tasks: tuple[str, ...], db:
     store = _open_store(db, must_exist=True)
     try:
         config = stored_config(store, run_id)
-        _run(store, config, run_id, must_exist=True, db=db, workdir=workdir, quiet=quiet, max_cost=max_cost,
-             prices=prices, baselines=chosen, transfer=tasks, more_only=True)
+        _run(store, config, RunRequest(run_id=run_id, must_exist=True, db=db, workdir=workdir, quiet=quiet,
+                                       max_cost=max_cost, prices=prices, baselines=chosen, transfer=tasks,
+                                       more_only=True))
     finally:
         store.close()
+
+
+_SOCIETY_HELP = ("Which society answers: base, or an iteration number of the multiagent society. [default: the last "
+                 "iteration the run has trained]")
+_USE_MAX_COST_HELP = ("Budget for the run as a whole, as `run` and `eval` hold it (what it already spent counts): a "
+                      "debate round that could pass it is not started.")
+
+
+def _use(command: str, options: Any, db: str | None, resume: str, work: Any) -> None:
+    """`ask` and `solve`: open the run and its society (lock, backend, ledger), call `work(pipeline, chosen,
+    rounds, console)`, and end as `run` ends: a budget stop is exit 1, Ctrl-C 130, each with the command that
+    continues. (`options` is a `use.UseOptions`; typed loosely so that `--help` imports nothing heavy.)"""
+    from orchestrator.pipeline import stored_config
+    from orchestrator.use import choose_society, open_society, rounds_for
+
+    run_id = options.run_id
+    _enter(command, db, run_id, resume=resume)
+    store = _open_store(db, must_exist=True)
+    console = Console()
+    try:
+        config = stored_config(store, run_id)
+        rounds = rounds_for(config, options.rounds)
+        # one `ask` or `solve` of a run at a time: two at once would pay for the same replies twice
+        with RunLock(store.path, f"{run_id}.use"), GracefulStop() as stop, \
+                open_society(store, config, options, console, stop.check) as pipeline:
+            chosen = choose_society(pipeline, options.society)
+            try:
+                work(pipeline, chosen, rounds, console)
+            except (KeyboardInterrupt, StopRequested) as exc:
+                where = "at a safe point" if isinstance(exc, StopRequested) else "at once"
+                console.print(f"[yellow]stopped {where}: every reply so far is stored; continue with `{resume}`",
+                              soft_wrap=True)
+                sys.exit(130)
+            except RunStopped as exc:
+                console.print(f"[red]stopped: {exc}; then `{resume}`", soft_wrap=True)
+                sys.exit(1)
+    finally:
+        store.close()
+
+
+@cli.command()
+@click.argument("run_id", metavar="RUN")
+@click.argument("question")
+@click.option("--society", metavar="base|N", help=_SOCIETY_HELP)
+@click.option("--rounds", type=int, help="M: debate rounds. [default: the run's]")
+@click.option("--db", help=DB_HELP)
+@click.option("--workdir", type=click.Path(path_type=Path), help="The run's folder, where a local run keeps its "
+              "adapters. [default: maft-runs/RUN beside the database]")
+@click.option("--max-cost", type=float, metavar="USD", help=_USE_MAX_COST_HELP)
+@click.option("--prices", type=click.Path(path_type=Path), help="TOML file of prices replacing the packaged ones.")
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+def ask(run_id: str, question: str, society: str | None, rounds: int | None, db: str | None, workdir: Path | None,
+        max_cost: float | None, prices: Path | None, quiet: bool) -> None:
+    """Put QUESTION to RUN's society and show the debate: each round's answer and reply per agent, the vote with
+    its counts and agreement, the final answer last. It costs N agents × M rounds generations (plus N summaries
+    per later round), recorded in the cost ledger under stage "ask"; the same question again is answered from
+    the store, free."""
+    import shlex
+
+    from orchestrator.use import UseOptions, debate_view, usage_of
+    from orchestrator.use import ask as ask_question
+
+    options = UseOptions(run_id=run_id, society=society, rounds=rounds, workdir=workdir, max_cost=max_cost,
+                         prices=prices, quiet=quiet)
+
+    def work(pipeline: Any, chosen: Any, m: int, console: Console) -> None:
+        console.print(f"run [bold]{run_id}[/] · {chosen.label} · {pipeline.config.agents} agents × {m} rounds · "
+                      f"{pipeline.config.backend} · {pipeline.config.model}", highlight=False)
+        name, outcome = ask_question(pipeline, question, chosen, m)
+        console.print(debate_view(outcome, chosen, pipeline.task.equivalent))
+        generations, tokens, cost = usage_of(pipeline.store, run_id, name)
+        console.print(f"{generations} generations · {tokens:,} tokens · ${cost:.4f} (stage ask)", style="dim",
+                      highlight=False)
+
+    _use("ask", options, db, f"orchestrator ask {run_id} {shlex.quote(question)}{_db_flag(db)}", work)
+
+
+@cli.command()
+@click.argument("run_id", metavar="RUN")
+@click.option("--input", "input_path", type=click.Path(path_type=Path), required=True,
+              help='JSONL file of questions, one object a line: {"question": ..., "id": ...} (id optional: the line '
+                   "number).")
+@click.option("--output", "output_path", type=click.Path(path_type=Path), required=True,
+              help="JSONL file of answers, one a line in input order: id, answer, votes (answer → count), agreement "
+                   "(the winning share) and society. Written whole at the end.")
+@click.option("--society", metavar="base|N", help=_SOCIETY_HELP)
+@click.option("--rounds", type=int, help="M: debate rounds. [default: the run's]")
+@click.option("--db", help=DB_HELP)
+@click.option("--workdir", type=click.Path(path_type=Path), help="The run's folder, where a local run keeps its "
+              "adapters. [default: maft-runs/RUN beside the database]")
+@click.option("--max-cost", type=float, metavar="USD", help=_USE_MAX_COST_HELP)
+@click.option("--prices", type=click.Path(path_type=Path), help="TOML file of prices replacing the packaged ones.")
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+def solve(run_id: str, input_path: Path, output_path: Path, society: str | None, rounds: int | None,
+          db: str | None, workdir: Path | None, max_cost: float | None, prices: Path | None, quiet: bool) -> None:
+    """Answer every question of a JSONL file with one debate of RUN's society each, and write the answers.
+
+    Resumable: every reply is stored as it arrives, so the same command after a crash or Ctrl-C asks only what is
+    missing. Each question costs what `ask` costs, under stage "solve" in the cost ledger."""
+    import shlex
+
+    from orchestrator.use import UseOptions, read_questions, same_file, usage_of
+    from orchestrator.use import solve as solve_file
+
+    data, questions = read_questions(input_path)  # a broken file fails before anything is opened
+    if same_file(input_path, output_path):
+        raise UserError(f"--output {output_path} is the input file: give another path for the answers")
+    options = UseOptions(run_id=run_id, society=society, rounds=rounds, workdir=workdir, max_cost=max_cost,
+                         prices=prices, quiet=quiet)
+
+    def work(pipeline: Any, chosen: Any, m: int, console: Console) -> None:
+        console.print(f"run [bold]{run_id}[/] · {chosen.label} · {len(questions)} questions · "
+                      f"{pipeline.config.agents} agents × {m} rounds", highlight=False)
+        name = solve_file(pipeline, questions, data, chosen, m, output_path)
+        generations, tokens, cost = usage_of(pipeline.store, run_id, name)
+        console.print(f"{len(questions)} answers in {output_path} · {generations} generations · {tokens:,} tokens · "
+                      f"${cost:.4f} (stage solve)", highlight=False, soft_wrap=True)
+
+    resume = (f"orchestrator solve {run_id} --input {shlex.quote(str(input_path))} --output "
+              f"{shlex.quote(str(output_path))}{_db_flag(db)}")
+    _use("solve", options, db, resume, work)

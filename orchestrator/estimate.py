@@ -19,6 +19,7 @@ from backends.base import BackendInfo, ChatRequest, ChatResult, FinetuneSpec, Jo
 from orchestrator.config import RunConfig
 from orchestrator.costs import Ledger, Pricing, estimate_tokens, request_prompt_tokens
 from orchestrator.debate import DebateOutcome, DebateRunner, DebateSettings, Society
+from orchestrator.societies import MAJORITY_FT, NO_SUMMARY, SOCIETIES, STAR
 from orchestrator.store import RunRow, Store, UsageRow
 from orchestrator.tasks import Task
 
@@ -147,12 +148,12 @@ def _aggregate(rows: list[UsageRow], ceiling: list[UsageRow]) -> dict[tuple[str,
 def _training_share(rows: list[UsageRow], baseline: str, iteration: int) -> float:
     """The share of the society's training tokens a baseline trains on: STaR one generator's data, majority FT
     and no-critic the generators', single-agent FT and no-summary everything."""
+    roles = SOCIETIES[baseline].trained_roles
+
     def kept(row: UsageRow) -> bool:
-        if baseline == "star":
+        if roles == "first-generator":
             return row.agent == 0 and row.role == "generator"
-        if baseline in ("majority-ft", "no-critic"):
-            return row.role == "generator"
-        return True
+        return row.role == "generator" if roles == "generators" else True
 
     mine = [r for r in rows if r.stage == "training" and r.iteration == iteration]
     total = sum(r.trained_tokens for r in mine)
@@ -169,8 +170,8 @@ def _baseline_lines(society: dict[tuple[str, int], EstimateLine], rows: list[Usa
     """
     n, m = config.agents, config.rounds
     per_problem = n * m + (n * (m - 1) if config.summarize else 0)
-    later = {"star": 2 / per_problem, "majority-ft": n / per_problem}.get(baseline, 1.0)
-    first = {"star": 2 / per_problem, "no-summary": 1 - n / per_problem}.get(baseline, 0.0)
+    later = {STAR: 2 / per_problem, MAJORITY_FT: n / per_problem}.get(baseline, 1.0)
+    first = {STAR: 2 / per_problem, NO_SUMMARY: 1 - n / per_problem}.get(baseline, 0.0)
     lines = []
     for (stage, iteration), line in society.items():
         if iteration == 0:

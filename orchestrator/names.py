@@ -10,20 +10,23 @@ from __future__ import annotations
 import re
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-MAFT = "maft"  # the multiagent society: its debates and jobs carry no society prefix
-# the other societies a run may train and evaluate beside it (`--baselines`): the paper's baselines, then its
-# ablations; each one's debates and jobs carry its name as a prefix
-BASELINES = ("star", "majority-ft", "single-ft", "no-summary", "no-critic")
+from orchestrator.societies import BASELINES, MAFT
 
-DebateStage = Literal["train", "eval", "rationale"]
+DebateStage = Literal["train", "eval", "rationale", "ask", "solve"]
+USE_STAGES = ("ask", "solve")  # a finished society put to the user's own questions (`orchestrator ask` / `solve`)
 
 # [transfer/TASK/][SOCIETY/]STAGE-ITERATION; the society is one of BASELINES, so a task named by a path with "/"
 # in it (a JSONL file) is read whole rather than split into a task and a society
 _DEBATE = re.compile(
     r"(?:transfer/(?P<transfer>.+?)/)?(?:(?P<society>" + "|".join(map(re.escape, BASELINES)) + r")/)?"
     r"(?P<stage>train|eval|rationale)-(?P<iteration>\d+)"
+)
+# [SOCIETY/]ask-ITERATION/INPUT, [SOCIETY/]solve-ITERATION/INPUT: INPUT is a digest of what was asked and how
+_USE = re.compile(
+    r"(?:(?P<society>" + "|".join(map(re.escape, BASELINES)) + r")/)?"
+    r"(?P<stage>ask|solve)-(?P<iteration>\d+)/(?P<input>[0-9a-f]{16})"
 )
 
 
@@ -32,7 +35,9 @@ class DebateName(BaseModel):
 
     `eval-0` is the base society's evaluation, `train-k` / `eval-k` the multiagent society's iteration k,
     `SOCIETY/…` an ablation's or baseline's (`star/rationale-k`: STaR's hinted retries), and
-    `transfer/TASK/[SOCIETY/]eval-k` a society evaluated zero-shot on another task.
+    `transfer/TASK/[SOCIETY/]eval-k` a society evaluated zero-shot on another task, and `ask-k/INPUT` /
+    `solve-k/INPUT` the society of iteration k (0: the base) answering the user's own questions, INPUT a digest
+    of the question or file and the rounds, so asking the same again finds its stored answers.
     """
 
     model_config = ConfigDict(frozen=True)
@@ -41,25 +46,42 @@ class DebateName(BaseModel):
     iteration: int = Field(ge=0)
     society: str = MAFT
     transfer: str | None = None  # the other task's name, for a zero-shot transfer evaluation
+    input: str | None = Field(None, pattern=r"^[0-9a-f]{16}$")  # ask and solve only: what was asked
+
+    @model_validator(mode="after")
+    def _input_names_a_use(self) -> DebateName:
+        if (self.input is not None) != (self.stage in USE_STAGES) or (self.is_use and self.transfer is not None):
+            raise ValueError("ask and solve debates, and only they, carry an input digest (and never a transfer)")
+        return self
 
     @property
     def is_evaluation(self) -> bool:
         """Held-out problems, answered to be graded (the cost ledger's stage "evaluation"); the rest make data."""
         return self.stage == "eval"
 
+    @property
+    def is_use(self) -> bool:
+        """The user's own questions (`ask`, `solve`): never graded, never data, paid for under their own stage."""
+        return self.stage in USE_STAGES
+
     @classmethod
     def parse(cls, name: str) -> DebateName | None:
         """The name's parts; None for a name no part of the pipeline composes."""
         match = _DEBATE.fullmatch(name)
-        if match is None:
+        if match is not None:
+            return cls.model_validate({"stage": match["stage"], "iteration": int(match["iteration"]),
+                                       "society": match["society"] or MAFT, "transfer": match["transfer"]})
+        use = _USE.fullmatch(name)
+        if use is None:
             return None
-        return cls.model_validate({"stage": match["stage"], "iteration": int(match["iteration"]),
-                                   "society": match["society"] or MAFT, "transfer": match["transfer"]})
+        return cls.model_validate({"stage": use["stage"], "iteration": int(use["iteration"]),
+                                   "society": use["society"] or MAFT, "input": use["input"]})
 
     def __str__(self) -> str:
         where = f"transfer/{self.transfer}/" if self.transfer is not None else ""
         who = "" if self.society == MAFT else f"{self.society}/"
-        return f"{where}{who}{self.stage}-{self.iteration}"
+        what = f"/{self.input}" if self.input is not None else ""
+        return f"{where}{who}{self.stage}-{self.iteration}{what}"
 
 
 class JobKey(BaseModel):

@@ -38,6 +38,7 @@ from orchestrator.finetune import FinetunePlan, run_jobs
 from orchestrator.interrupts import StopRequested, never
 from orchestrator.names import DebateName, DebateStage, JobKey
 from orchestrator.progress import RetryColumn
+from orchestrator.societies import ABLATIONS, MAFT, SOCIETIES
 from orchestrator.store import AgentRow, DatasetRow, JobRow, ProblemRow, RunRow, RunStatus, Store
 from orchestrator.tasks import Problem, Task, get_task
 from orchestrator.training_data import Example, build_agent_data, write_jsonl
@@ -78,7 +79,7 @@ def stored_config(store: Store, run_id: str) -> RunConfig:
 class Variant(BaseModel):
     """One way of finetuning a society with debate data: the method itself, or one of the paper's ablations."""
 
-    society: str = "maft"
+    society: str = MAFT
     summarize: bool = True
     train_critics: bool = True
 
@@ -88,8 +89,6 @@ class Variant(BaseModel):
     def job_key(self, run_id: str, iteration: int, agent: int, role: str) -> str:
         return str(JobKey(run_id=run_id, society=self.society, iteration=iteration, agent=agent, role=role))
 
-
-ABLATIONS = ("no-summary", "no-critic")
 
 
 def job_seed(seed: int, iteration: int, agent: int, role: str) -> int:
@@ -138,7 +137,7 @@ class Pipeline:
     def society_settings(self, society: str) -> DebateSettings:
         """How `society` debates, on its own task and on any other: only the no-summary ablation differs from the
         run's settings (it concatenates the other answers instead of summarizing them)."""
-        return self.settings(summarize=False if society == "no-summary" else None)
+        return self.settings(summarize=SOCIETIES[society].summarize if society in SOCIETIES else None)
 
     # the whole run ---------------------------------------------------------------------------------------
 
@@ -146,7 +145,7 @@ class Pipeline:
         """The base society's evaluation, L iterations of multiagent finetuning, then any baselines asked for."""
         with self._status():
             train, held_out = self.problems()
-            society = self.stored_society("maft", 0) or self.save_society("maft", 0, Society.base(self.config.agents))
+            society = self.stored_society(MAFT, 0) or self.save_society(MAFT, 0, Society.base(self.config.agents))
             self.console.rule("[bold]the base society on the held-out problems")
             self.evaluate("base", 0, self.debate(self.maft.debate("eval", 0), held_out, society, 0), society)
             for iteration in range(1, self.config.iterations + 1):
@@ -180,8 +179,8 @@ class Pipeline:
         for name in names:
             if name in ABLATIONS:
                 variant = Variant(society=name, summarize=self.society_settings(name).summarize,
-                                  train_critics=name != "no-critic")
-                society = self.stored_society("maft", 0) or Society.base(self.config.agents)
+                                  train_critics=SOCIETIES[name].train_critics)
+                society = self.stored_society(MAFT, 0) or Society.base(self.config.agents)
                 for iteration in range(1, self.config.iterations + 1):
                     society = self._iteration(variant, iteration, society, train, held_out)
             else:
@@ -202,7 +201,7 @@ class Pipeline:
     def _iteration(self, variant: Variant, iteration: int, previous: Society, train: list[Problem],
                    held_out: list[Problem]) -> Society:
         total = self.config.iterations
-        label = "" if variant.society == "maft" else f"{variant.society}: "
+        label = "" if variant.society == MAFT else f"{variant.society}: "
         settings = self.settings(summarize=variant.summarize)
         finished = self.stored_society(variant.society, iteration)
         if finished is None:
@@ -308,7 +307,7 @@ class Pipeline:
         return self.config.training.max_length if self.config.backend == "local" else None
 
     def dataset_path(self, society: str, iteration: int, agent: int, role: str) -> Path:
-        where = self.workdir / "datasets" / ("" if society == "maft" else society) / f"iteration-{iteration}"
+        where = self.workdir / "datasets" / ("" if society == MAFT else society) / f"iteration-{iteration}"
         return where / f"agent-{agent + 1}-{role}.jsonl"
 
     def _datasets(self, variant: Variant, iteration: int, outcomes: list[DebateOutcome]) -> list[DatasetRow]:
@@ -389,7 +388,7 @@ class Pipeline:
                     self.store.save_job(job.model_copy(update={"status": "skipped", "error": why}))
                 self.console.print(f"{society} agent {ds.agent + 1} {ds.role}: {why}; it keeps its model")
                 continue
-            label = "" if society == "maft" else f"{society}-"
+            label = "" if society == MAFT else f"{society}-"
             suffix = f"{self.run_row.id[:18]}-{label}i{iteration}-a{ds.agent + 1}-{ds.role[0]}"
             seed = job_seed(self.config.seed, iteration, ds.agent, ds.role)
             spec = FinetuneSpec(key=job_key, base_model=start_from, training_file=Path(ds.path), suffix=suffix,

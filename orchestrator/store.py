@@ -21,6 +21,7 @@ from pydantic import BaseModel, Field
 from foundation.crashpoints import crashpoint
 from foundation.errors import UserError
 from orchestrator.migrations import migrate
+from orchestrator.societies import MAFT
 
 RowT = TypeVar("RowT", bound=BaseModel)
 BUSY_TIMEOUT_MS = 30_000  # writers wait for each other this long before SQLite says "database is locked"
@@ -61,7 +62,7 @@ class AgentRow(BaseModel):
     """Which model plays agent `agent` in `role` at `iteration` (0 = the base model) in a society."""
 
     run_id: str
-    society: str = "maft"
+    society: str = MAFT
     iteration: int
     agent: int
     role: str  # generator | critic
@@ -104,7 +105,7 @@ class DebateRow(BaseModel):
 
 class DatasetRow(BaseModel):
     run_id: str
-    society: str = "maft"
+    society: str = MAFT
     iteration: int
     agent: int
     role: str
@@ -124,7 +125,7 @@ class DatasetRow(BaseModel):
 class JobRow(BaseModel):
     key: str
     run_id: str
-    society: str = "maft"
+    society: str = MAFT
     iteration: int
     agent: int
     role: str
@@ -368,7 +369,7 @@ class Store:
         with self.transaction():
             self._upsert("agents", rows)
 
-    def get_agents(self, run_id: str, iteration: int | None = None, society: str | None = "maft") -> list[AgentRow]:
+    def get_agents(self, run_id: str, iteration: int | None = None, society: str | None = MAFT) -> list[AgentRow]:
         """The agents of one society (all societies with `society=None`), of one iteration or all."""
         return self._run_rows("agents", AgentRow, run_id, society=society, iteration=iteration)
 

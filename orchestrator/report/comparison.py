@@ -8,7 +8,8 @@ from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from orchestrator.report.labels import BASE, acc_text, method_name, method_rank, society_name, society_rank
+from orchestrator.report.labels import acc_text, method_name, method_rank, society_name, society_rank
+from orchestrator.societies import BASE
 from orchestrator.store import EvaluationRow
 
 

@@ -7,7 +7,8 @@ import time
 from typing import Any
 
 from orchestrator.config import RunConfig
-from orchestrator.report.labels import BASE, method_order, when_seconds
+from orchestrator.report.labels import BACKEND_SECTIONS, method_order, when_seconds
+from orchestrator.societies import BASE
 from orchestrator.store import EvaluationRow, JobRow, RunRow, Store
 
 EVENTS_SHOWN = 3  # newest events per job in the terminal
@@ -61,6 +62,13 @@ def _job_data(store: Store, job: JobRow, now: float) -> dict[str, Any]:
     }
 
 
+def own_settings(config: RunConfig) -> dict[str, Any]:
+    """The run's configuration with only its own backend's section: another backend's defaults say nothing about
+    this run, and adding a backend to the registry must not change every report."""
+    return {k: v for k, v in config.model_dump(mode="json").items()
+            if k not in BACKEND_SECTIONS or k == config.backend}
+
+
 def status_data(store: Store, run: RunRow, now: float | None = None) -> dict[str, Any]:
     config = RunConfig.model_validate_json(run.config)
     jobs = store.get_jobs(run.id)
@@ -70,7 +78,7 @@ def status_data(store: Store, run: RunRow, now: float | None = None) -> dict[str
             "id": run.id, "status": run.status, "error": run.error, "iterations_done": run.iterations_done,
             "created_at": when_seconds(run.created_at), "updated_at": when_seconds(run.updated_at),
         },
-        "config": config.model_dump(mode="json"),
+        "config": own_settings(config),
         "progress": {
             "responses_stored": store.count_responses(run.id),
             "responses_expected": expected_responses(config),
@@ -85,7 +93,7 @@ def report_data(store: Store, run: RunRow) -> dict[str, Any]:
     config = RunConfig.model_validate_json(run.config)
     return {
         "run": {"id": run.id, "status": run.status, "iterations_done": run.iterations_done},
-        "config": config.model_dump(mode="json"),
+        "config": own_settings(config),
         "evaluations": [
             e.model_dump(exclude={"run_id", "created_at"})
             for e in sorted(store.get_evaluations(run.id), key=_evaluation_order)

@@ -2,8 +2,8 @@
 order tables list them in, the styles plots draw them with, what an evaluation debate's name says, and the one
 spelling of a number each of the report's outputs shares.
 
-Every place the report knows a society, a method or a backend by its stored name is here, so the report can
-switch to a registry of them in one file.
+Every place the report knows a society, a method or a backend by its stored name is here; societies and backends
+come from their registries (`orchestrator.societies`, `backends`).
 """
 
 from __future__ import annotations
@@ -12,22 +12,13 @@ import time
 from typing import Any
 
 from backends import backend_names
-from orchestrator.names import MAFT, DebateName
-
-BASE = "base"  # the untrained model: iteration 0 of every society
+from orchestrator.names import DebateName
+from orchestrator.societies import BASE, MAFT, SOCIETIES
 
 METHOD_LABELS = {"single": "single agent", "majority": "majority vote", "debate": "debate"}
-SOCIETY_LABELS = {
-    BASE: "base",
-    MAFT: "multiagent FT",
-    "star": "STaR",
-    "majority-ft": "majority FT",
-    "single-ft": "single-agent FT",
-    "no-summary": "multiagent FT, no summary",
-    "no-critic": "multiagent FT, no critic",
-}
+SOCIETY_LABELS = {name: spec.label for name, spec in SOCIETIES.items()}
 # Paper's Table 1 order: baselines first, then ours and its ablations; unknown societies follow by name.
-SOCIETY_ORDER = (BASE, "star", "majority-ft", "single-ft", MAFT, "no-summary", "no-critic")
+SOCIETY_ORDER = tuple(sorted(SOCIETIES, key=lambda name: SOCIETIES[name].paper_rank))
 METRIC_LABELS = {
     "consensus": "consensus (share of agents agreeing with the majority)",
     "embedding_dissimilarity": "embedding dissimilarity (1 − mean pairwise cosine)",
@@ -40,12 +31,9 @@ BACKEND_SECTIONS = frozenset(backend_names())
 
 # How plots draw each method and society.
 METHOD_COLORS = {"single": "#1f77b4", "majority": "#ff7f0e", "debate": "#2ca02c"}
-SOCIETY_COLORS = {BASE: "#7f7f7f", MAFT: "#1f77b4", "star": "#d62728", "majority-ft": "#9467bd",
-                  "single-ft": "#8c564b", "no-summary": "#e377c2", "no-critic": "#17becf"}
-SOCIETY_LINES: dict[str, Any] = {MAFT: "-", "star": "--", "majority-ft": ":", "single-ft": "-.",
-                                 "no-summary": (0, (5, 1)), "no-critic": (0, (3, 1, 1, 1))}
-SOCIETY_MARKERS = {BASE: "o", MAFT: "o", "star": "s", "majority-ft": "^", "single-ft": "v", "no-summary": "D",
-                   "no-critic": "P"}
+SOCIETY_COLORS = {name: spec.color for name, spec in SOCIETIES.items()}
+SOCIETY_LINES: dict[str, Any] = {name: spec.line for name, spec in SOCIETIES.items() if spec.kind != "base"}
+SOCIETY_MARKERS = {name: spec.marker for name, spec in SOCIETIES.items()}
 
 
 def society_name(society: str) -> str:

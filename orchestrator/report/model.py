@@ -14,15 +14,7 @@ import matplotlib
 
 from orchestrator.costs import cost_summary
 from orchestrator.report.comparison import Cell, Comparison, ComparisonRow, build_comparison
-from orchestrator.report.labels import (
-    BACKEND_SECTIONS,
-    BASE,
-    MAFT,
-    society_name,
-    society_rank,
-    usd,
-    when_minutes,
-)
+from orchestrator.report.labels import BACKEND_SECTIONS, society_name, society_rank, usd, when_minutes
 from orchestrator.report.plots import PLOT_RC, Plot, accuracy_plot, cost_plot, diversity_plot
 from orchestrator.report.samples import Sample, eval_debate_names, pick_samples
 from orchestrator.report.series import (
@@ -35,6 +27,7 @@ from orchestrator.report.series import (
     numbers_table,
     table_series,
 )
+from orchestrator.societies import BASE, MAFT
 from orchestrator.store import DatasetRow, EvaluationRow, JobRow, RunRow, Store, UsageRow
 
 

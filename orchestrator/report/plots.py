@@ -16,7 +16,6 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from orchestrator.report.labels import (
-    BASE,
     METHOD_COLORS,
     METRIC_LABELS,
     SOCIETY_COLORS,
@@ -26,6 +25,7 @@ from orchestrator.report.labels import (
     society_name,
 )
 from orchestrator.report.series import Series
+from orchestrator.societies import BASE
 from orchestrator.store import UsageRow
 
 EXTRA_COLORS = ("#9467bd", "#8c564b", "#e377c2", "#17becf", "#bcbd22", "#7f7f7f")

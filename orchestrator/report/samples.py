@@ -9,7 +9,8 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 from orchestrator.debate import readable_answer, truncated
-from orchestrator.report.labels import MAFT, debate_society, parse_eval_debate
+from orchestrator.report.labels import debate_society, parse_eval_debate
+from orchestrator.societies import MAFT
 from orchestrator.store import DebateRow, ProblemRow, ResponseRow, Store
 
 SAMPLES_PER_KIND = 3

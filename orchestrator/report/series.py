@@ -6,15 +6,8 @@ from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from orchestrator.report.labels import (
-    BASE,
-    MAFT,
-    METHOD_LABELS,
-    method_rank,
-    parse_eval_debate,
-    society_name,
-    society_rank,
-)
+from orchestrator.report.labels import METHOD_LABELS, method_rank, parse_eval_debate, society_name, society_rank
+from orchestrator.societies import BASE, MAFT
 from orchestrator.store import DebateRow, DiversityRow, EvaluationRow
 
 

@@ -12,8 +12,6 @@ from rich.text import Text
 
 from orchestrator.report.data import EVENTS_SHOWN
 from orchestrator.report.labels import (
-    BASE,
-    MAFT,
     METHOD_LABELS,
     acc_text,
     method_name,
@@ -22,6 +20,7 @@ from orchestrator.report.labels import (
     table_rank,
     usd,
 )
+from orchestrator.societies import BASE, MAFT
 
 
 def runs_table(rows: list[dict[str, Any]]) -> Table:

@@ -1,0 +1,73 @@
+"""The societies a run can train and evaluate, in one registry that `--baselines`, the pipeline, the cost estimate
+and the report all read: adding a baseline or an ablation is one entry here plus the code that trains it.
+
+A society's `name` is a key of rows already on disk (debate names, job keys, evaluations), so it must never
+change; everything else here (labels, plot styles, help text) is presentation and may.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict
+
+SocietyKind = Literal["base", "multiagent", "single-model", "ablation"]
+
+
+class SocietySpec(BaseModel):
+    """One society: how it is trained (its kind and the multiagent settings an ablation changes), how the report
+    names and draws it, and what `--help` says of it."""
+
+    model_config = ConfigDict(frozen=True)
+
+    name: str
+    kind: SocietyKind
+    label: str
+    help: str = ""  # --baselines' description; empty for the two that are not baselines (base, maft)
+    paper_rank: int  # the paper's Table 1 order: baselines first, then ours and its ablations
+    summarize: bool | None = None  # an ablation's summary setting; None: the run's own
+    train_critics: bool = True  # False: an ablation that finetunes only the generators
+    trained_roles: Literal["first-generator", "generators", "all"] = "all"  # what the cost estimate scales by
+    color: str
+    line: Any = "-"  # a matplotlib line style
+    marker: str = "o"
+
+
+BASE = "base"  # the untrained model: iteration 0 of every society
+MAFT = "maft"  # the multiagent society: its debates and jobs carry no society prefix
+STAR = "star"
+MAJORITY_FT = "majority-ft"
+SINGLE_FT = "single-ft"
+NO_SUMMARY = "no-summary"
+NO_CRITIC = "no-critic"
+
+# In the terminal comparison's order (the report's other tables follow paper_rank).
+SOCIETIES: dict[str, SocietySpec] = {s.name: s for s in (
+    SocietySpec(name=BASE, kind="base", label="base", paper_rank=0, color="#7f7f7f"),
+    SocietySpec(name=MAFT, kind="multiagent", label="multiagent FT", paper_rank=4, color="#1f77b4"),
+    SocietySpec(name=STAR, kind="single-model", label="STaR", paper_rank=1, color="#d62728", line="--",
+                marker="s", trained_roles="first-generator",
+                help="STaR (ground-truth filtered answers, rationalized when wrong)"),
+    SocietySpec(name=MAJORITY_FT, kind="single-model", label="majority FT", paper_rank=2, color="#9467bd",
+                line=":", marker="^", trained_roles="generators",
+                help="one model on answers that agree with a majority of N samples"),
+    SocietySpec(name=SINGLE_FT, kind="single-model", label="single-agent FT", paper_rank=3, color="#8c564b",
+                line="-.", marker="v", help="one model on every debate answer that agrees with the majority"),
+    SocietySpec(name=NO_SUMMARY, kind="ablation", label="multiagent FT, no summary", paper_rank=5,
+                color="#e377c2", line=(0, (5, 1)), marker="D", summarize=False,
+                help="multiagent FT with concatenated answers"),
+    SocietySpec(name=NO_CRITIC, kind="ablation", label="multiagent FT, no critic", paper_rank=6, color="#17becf",
+                line=(0, (3, 1, 1, 1)), marker="P", train_critics=False, trained_roles="generators",
+                help="multiagent FT with only generators finetuned"),
+)}
+
+# the societies `--baselines` may ask for beside the multiagent one: the paper's baselines, then its ablations;
+# each one's debates and jobs carry its name as a prefix
+BASELINES = tuple(sorted((s.name for s in SOCIETIES.values() if s.kind in ("single-model", "ablation")),
+                         key=lambda name: SOCIETIES[name].paper_rank))
+ABLATIONS = tuple(name for name in BASELINES if SOCIETIES[name].kind == "ablation")
+
+
+def baselines_help() -> str:
+    """`--baselines`' description of each choice, from the registry."""
+    return "; ".join(f"{s.name}: {s.help}" for name in BASELINES if (s := SOCIETIES[name]).help) + "."
