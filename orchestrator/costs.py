@@ -329,8 +329,11 @@ class Ledger:
 
 def _stage(debate: str) -> str:
     """A response's ledger stage: "evaluation" for every society's held-out debates (the base society's, each
-    finetuned society's, and zero-shot transfer), "debate" for the ones that make training data."""
+    finetuned society's, and zero-shot transfer), "ask" / "solve" for the user's own questions put to a society,
+    "debate" for the ones that make training data."""
     name = DebateName.parse(debate)
+    if name is not None and name.is_use:
+        return name.stage
     return "evaluation" if name is not None and name.is_evaluation else "debate"
 
 

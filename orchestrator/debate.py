@@ -334,7 +334,7 @@ class DebateRunner:
                     debate=self.name,
                     problem_id=problem.id,
                     final_answer=vote.final,
-                    correct=int(self.task.is_correct(vote.final, problem)),
+                    correct=int(self.task.is_correct(vote.final, problem)) if problem.graded else None,
                     votes=json.dumps(finals),
                     consensus=vote.consensus,
                 )

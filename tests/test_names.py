@@ -21,6 +21,9 @@ from orchestrator.names import DebateName, JobKey, attempt_key
     ("transfer/data/x.jsonl/eval-1", {"stage": "eval", "iteration": 1, "transfer": "data/x.jsonl"}),
     ("transfer/data/x.jsonl/star/eval-1", {"stage": "eval", "iteration": 1, "society": "star",
                                           "transfer": "data/x.jsonl"}),
+    # the user's own questions put to a society (`ask`, `solve`): the input's digest names the debate
+    ("ask-0/0123456789abcdef", {"stage": "ask", "iteration": 0, "input": "0123456789abcdef"}),
+    ("solve-2/fedcba9876543210", {"stage": "solve", "iteration": 2, "input": "fedcba9876543210"}),
 ])
 def test_debate_names_are_composed_and_parsed_back_byte_for_byte(name, parts):
     composed = DebateName(**parts)
@@ -28,7 +31,9 @@ def test_debate_names_are_composed_and_parsed_back_byte_for_byte(name, parts):
     assert DebateName.parse(name) == composed
 
 
-@pytest.mark.parametrize("name", ["rationale", "star/eval", "eval-x", "transfer/eval-1/", "a/b/eval-1", ""])
+@pytest.mark.parametrize("name", ["rationale", "star/eval", "eval-x", "transfer/eval-1/", "a/b/eval-1", "",
+                                  "ask-1", "solve-1/xyz", "eval-1/0123456789abcdef",
+                                  "transfer/gsm8k/ask-1/0123456789abcdef"])
 def test_names_no_part_of_the_pipeline_composes_parse_to_none(name):
     assert DebateName.parse(name) is None
 
@@ -36,6 +41,18 @@ def test_names_no_part_of_the_pipeline_composes_parse_to_none(name):
 def test_only_held_out_debates_are_evaluations():
     assert [DebateName.parse(n).is_evaluation for n in ("eval-0", "transfer/gsm8k/star/eval-1", "star/train-1",
                                                          "star/rationale-1")] == [True, True, False, False]
+
+
+def test_ask_and_solve_debates_are_their_own_ledger_stage_and_always_carry_their_input():
+    from orchestrator.costs import _stage
+
+    assert [_stage(n) for n in ("ask-1/0123456789abcdef", "solve-0/0123456789abcdef", "eval-1", "train-1")] == \
+        ["ask", "solve", "evaluation", "debate"]
+    assert not DebateName.parse("solve-1/0123456789abcdef").is_evaluation
+    with pytest.raises(ValueError):
+        DebateName(stage="solve", iteration=1)  # no input: two files would share one debate
+    with pytest.raises(ValueError):
+        DebateName(stage="eval", iteration=1, input="0123456789abcdef")
 
 
 def test_job_keys_keep_the_stored_spelling():

@@ -48,8 +48,13 @@ class Problem(BaseModel):
 
     id: str
     question: str
-    answer: str  # the ground-truth final answer, as a string the task's grader understands
+    answer: str  # the ground-truth final answer, as a string the task's grader understands; "" when it has none
     meta: dict[str, Any] = Field(default_factory=dict)
+
+    @property
+    def graded(self) -> bool:
+        """A question put to a society without an answer (`orchestrator ask`, `solve`) is never graded."""
+        return self.answer != ""
 
 
 class Task(ABC):
@@ -75,4 +80,4 @@ class Task(ABC):
         """Whether two extracted answers mean the same thing (symmetric); used for voting."""
 
     def is_correct(self, predicted: str | None, problem: Problem) -> bool:
-        return predicted is not None and self.equivalent(problem.answer, predicted)
+        return predicted is not None and problem.graded and self.equivalent(problem.answer, predicted)

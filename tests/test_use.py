@@ -1,0 +1,249 @@
+"""`orchestrator ask` and `orchestrator solve` on a finished run, through the real CLI in a subprocess.
+
+The run is the openai backend against the fake OpenAI server on 127.0.0.1 (module-scoped: one finished run of
+3 agents, 2 rounds, 1 iteration, made once), so every chat the commands send is counted by the server:
+`chat_bodies` by request content, `repeated_chats()` for a request answered twice. Each test works on its own copy
+of the run's database. Requests go one at a time (`concurrency = 1`), so a process killed right after storing a
+reply has no other request in flight: a resumed `solve` must then send nothing twice, not "at most a few".
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import sqlite3
+import subprocess
+import sys
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from foundation import crashpoints
+from orchestrator.names import DebateName
+from orchestrator.use import input_digest
+from tests.fake_openai import API_KEY, FakeOpenAI
+
+REPO = Path(__file__).resolve().parents[1]
+RUN = "use"
+AGENTS, ROUNDS = 3, 2
+PER_QUESTION = AGENTS * ROUNDS + AGENTS * (ROUNDS - 1)  # answers, plus one summary per agent in each later round
+KILLED = -signal.SIGKILL
+
+
+def cli(workdir: Path, *args: str, crash_at: str | None = None) -> subprocess.CompletedProcess[str]:
+    """`orchestrator ARGS --db m.db` in `workdir` (so no `.env` of the checkout is read), wide so rich wraps
+    nothing, optionally armed to die by SIGKILL at a crash point."""
+    env = {k: v for k, v in os.environ.items() if k not in (crashpoints.ENV_VAR, crashpoints.TRACE_VAR)}
+    env.update(OPENAI_API_KEY=API_KEY, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", COLUMNS="250",
+               PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")])))
+    if crash_at is not None:
+        env[crashpoints.ENV_VAR] = crash_at
+    command = [sys.executable, "-m", "orchestrator", *args, "--db", str(workdir / "m.db")]
+    return subprocess.run(command, cwd=workdir, env=env, capture_output=True, text=True, timeout=300)
+
+
+def output(proc: subprocess.CompletedProcess[str]) -> str:
+    return f"exit {proc.returncode}\n--- stdout\n{proc.stdout[-4000:]}\n--- stderr\n{proc.stderr[-3000:]}"
+
+
+class Finished:
+    """The finished run and the fake server that served it (still serving)."""
+
+    def __init__(self, fake: FakeOpenAI, folder: Path) -> None:
+        self.fake = fake
+        self.folder = folder
+
+    def copy(self, to: Path) -> Path:
+        """A workdir of its own holding a copy of the run's database."""
+        to.mkdir(parents=True, exist_ok=True)
+        source, target = sqlite3.connect(self.folder / "m.db"), sqlite3.connect(to / "m.db")
+        try:
+            source.backup(target)
+        finally:
+            source.close()
+            target.close()
+        return to
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Finished]:
+    folder = tmp_path_factory.mktemp("finished")
+    with FakeOpenAI(base_accuracy=0.8, finetune_bonus=0.05) as fake:
+        (folder / "run.toml").write_text(
+            f'backend = "openai"\nmodel = "gpt-4.1-mini-2025-04-14"\ntask = "arithmetic:easy"\nagents = {AGENTS}\n'
+            f"rounds = {ROUNDS}\niterations = 1\ntrain_size = 30\neval_size = 4\ncritic_mix = 0.0\nseed = 0\n\n"
+            f'[openai]\nbase_url = "{fake.base_url}"\npoll_interval = 0.01\nconcurrency = 1\nn_epochs = 1\n\n'
+            '[diversity]\nembeddings = "off"\n', encoding="utf-8")
+        proc = cli(folder, "run", "--config", str(folder / "run.toml"), "--name", RUN, "--quiet")
+        assert proc.returncode == 0, output(proc)
+        yield Finished(fake, folder)
+
+
+def chats(fake: FakeOpenAI) -> int:
+    return sum(fake.chat_bodies.values())
+
+
+def ledger(workdir: Path, stage: str) -> list[str]:
+    db = sqlite3.connect(workdir / "m.db")
+    try:
+        return [r[0] for r in db.execute("select ref from usage where run_id = ? and stage = ?", [RUN, stage])]
+    finally:
+        db.close()
+
+
+def responses(workdir: Path) -> int:
+    db = sqlite3.connect(workdir / "m.db")
+    try:
+        return int(db.execute("select count(*) from responses").fetchone()[0])
+    finally:
+        db.close()
+
+
+# ask ------------------------------------------------------------------------------------------------------------
+
+ROW = re.compile(r"^│\s*(\d+)\s*│\s*(.+?)\s*│")
+
+
+def last_round_answers(stdout: str) -> list[str]:
+    """The answer cell of each agent's row in the last round's table, as printed."""
+    rounds = re.split(r"^round \d+ · \w+\s*$", stdout, flags=re.M)
+    assert len(rounds) == ROUNDS + 1, stdout
+    rows = [ROW.match(line) for line in rounds[-1].splitlines()]
+    answers = [m[2] for m in rows if m]
+    assert len(answers) == AGENTS, stdout
+    return answers
+
+
+def test_ask_prints_every_round_and_the_majority_of_the_last_as_its_final_answer(finished, tmp_path):
+    work = finished.copy(tmp_path)
+    before = chats(finished.fake)
+    proc = cli(work, "ask", RUN, "7+8", "--quiet")
+    assert proc.returncode == 0, output(proc)
+    lines = proc.stdout.splitlines()
+    assert "multiagent FT, iteration 1" in lines[0]
+    answers = last_round_answers(proc.stdout)
+    final = re.search(r"^final answer: (.+)$", proc.stdout, re.M)
+    assert final is not None and lines[-2].startswith("final answer:"), proc.stdout
+    counts = Counter(a for a in answers if not a.startswith("no answer"))
+    top = max(counts.values())
+    assert final[1] in {a for a, n in counts.items() if n == top}, proc.stdout  # the printed round's majority
+    vote = re.search(r"^vote \(last round\): (.+)$", proc.stdout, re.M)
+    assert vote is not None and f"{final[1]} × {top}" in vote[1], proc.stdout
+    assert re.search(rf"^agreement: {top}/{AGENTS} = ", proc.stdout, re.M), proc.stdout
+    assert "ft:gpt-4.1-mini" in proc.stdout  # the finetuned agents answered, not the base model
+    # every generation of the debate went to the server once and into the ledger under "ask"
+    assert chats(finished.fake) - before == PER_QUESTION
+    assert len(ledger(work, "ask")) == PER_QUESTION
+    assert f"{PER_QUESTION} generations" in lines[-1]
+
+    again = cli(work, "ask", RUN, "7+8", "--quiet")  # the same question: answered from the store, free
+    assert again.returncode == 0, output(again)
+    assert chats(finished.fake) - before == PER_QUESTION
+    assert re.search(r"^final answer: (.+)$", again.stdout, re.M)[1] == final[1]
+    assert len(ledger(work, "ask")) == PER_QUESTION
+
+    base = cli(work, "ask", RUN, "7+8", "--society", "base", "--rounds", "1", "--quiet")
+    assert base.returncode == 0, output(base)
+    assert "the base society" in base.stdout.splitlines()[0] and "ft:" not in base.stdout
+    assert chats(finished.fake) - before == PER_QUESTION + AGENTS  # one round, no summaries
+
+
+def test_ask_holds_the_runs_budget_and_refuses_unknown_societies(finished, tmp_path):
+    work = finished.copy(tmp_path)
+    before = chats(finished.fake)
+    broke = cli(work, "ask", RUN, "2+2", "--max-cost", "0.000001", "--quiet")
+    assert broke.returncode == 1, output(broke)
+    assert "budget" in broke.stdout and f"orchestrator ask {RUN}" in broke.stdout
+    for society in ("7", "first"):
+        refused = cli(work, "ask", RUN, "2+2", "--society", society)
+        assert refused.returncode == 2, output(refused)
+        assert len(refused.stderr.strip().splitlines()) == 1 and "base, 1" in refused.stderr
+    assert chats(finished.fake) == before and ledger(work, "ask") == []
+
+
+# solve ----------------------------------------------------------------------------------------------------------
+
+QUESTIONS = [{"question": "3+4", "id": "a"}, {"question": "10+9"}, {"question": "12+0", "id": 7},
+             {"question": "5+5", "id": "d"}, {"question": "1+19"}, {"question": "20+20", "id": "f"}]
+IDS = ["a", 2, 7, "d", 5, "f"]  # an id as given, else the line number
+
+
+def test_solve_killed_mid_file_resumes_asking_nothing_twice_and_writes_each_id_once(finished, tmp_path):
+    work = finished.copy(tmp_path)
+    questions = work / "questions.jsonl"
+    questions.write_text("".join(json.dumps(q) + "\n" for q in QUESTIONS), encoding="utf-8")
+    answers = work / "answers.jsonl"
+    name = DebateName(stage="solve", iteration=1, input=input_digest("solve", questions.read_bytes(), ROUNDS))
+    command = ("solve", RUN, "--input", str(questions), "--output", str(answers), "--quiet")
+    before, repeated = chats(finished.fake), finished.fake.repeated_chats()
+
+    # killed in round 2's summaries, after 25 of the file's 54 generations were stored
+    killed = cli(work, *command, crash_at=f"debate.{name}.stored#25")
+    assert killed.returncode == KILLED, output(killed)
+    assert not answers.exists()
+    assert chats(finished.fake) - before == 25
+
+    done = cli(work, *command)
+    assert done.returncode == 0, output(done)
+    assert chats(finished.fake) - before == len(QUESTIONS) * PER_QUESTION  # each generation asked once
+    assert finished.fake.repeated_chats() == repeated
+    lines = [json.loads(line) for line in answers.read_text(encoding="utf-8").splitlines()]
+    assert [line["id"] for line in lines] == IDS  # each id once, in input order
+    for line in lines:
+        assert set(line) == {"id", "answer", "votes", "agreement", "society"}
+        assert line["society"] == f"{RUN}@1"
+        assert sum(line["votes"].values()) <= AGENTS
+        if line["answer"] is not None:
+            assert line["votes"][line["answer"]] == max(line["votes"].values())
+            assert line["agreement"] == pytest.approx(line["votes"][line["answer"]] / AGENTS)
+    refs = ledger(work, "solve")
+    assert len(refs) == len(set(refs)) == len(QUESTIONS) * PER_QUESTION  # every generation paid for once
+
+    text = answers.read_text(encoding="utf-8")
+    again = cli(work, *command)  # all stored: nothing asked, the same file
+    assert again.returncode == 0, output(again)
+    assert chats(finished.fake) - before == len(QUESTIONS) * PER_QUESTION
+    assert answers.read_text(encoding="utf-8") == text
+
+    cost = cli(work, "cost", RUN, "--json")
+    assert cost.returncode == 0, output(cost)
+    assert "solve" in {s["stage"] for s in json.loads(cost.stdout)["by_stage"]}
+
+
+@pytest.mark.parametrize(("content", "fragments"), [
+    ('{"question": "1+1"}\n{"question": "2+2"\n', ("line 2", "not valid JSON", "one JSON object per line")),
+    ('{"question": "1+1"}\n{"id": "x"}\n', ("line 2", "no 'question'")),
+    ('{"question": "1+1", "id": "x"}\n\n{"question": "2+2", "id": "x"}\n', ("line 3", "repeats id 'x'", "line 1")),
+    ('["1+1"]\n', ("line 1", "not a JSON object")),
+    ('{"question": "1+1", "id": [1]}\n', ("line 1", "id [1]")),
+    ("", ("has no questions",)),
+    ("\n\n", ("has no questions",)),
+])
+def test_a_broken_input_file_is_one_line_and_exit_2_with_nothing_asked(finished, tmp_path, content, fragments):
+    work = finished.copy(tmp_path)
+    stored, before = responses(work), chats(finished.fake)
+    questions = work / "questions.jsonl"
+    questions.write_text(content, encoding="utf-8")
+    answers = work / "answers.jsonl"
+    proc = cli(work, "solve", RUN, "--input", str(questions), "--output", str(answers))
+    assert proc.returncode == 2, output(proc)
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+    assert not answers.exists() and responses(work) == stored and chats(finished.fake) == before
+
+
+def test_solve_refuses_a_missing_input_and_an_output_that_is_the_input(finished, tmp_path):
+    work = finished.copy(tmp_path)
+    missing = cli(work, "solve", RUN, "--input", str(work / "none.jsonl"), "--output", str(work / "out.jsonl"))
+    assert missing.returncode == 2 and "does not exist" in missing.stderr, output(missing)
+    questions = work / "q.jsonl"
+    questions.write_text('{"question": "1+1"}\n', encoding="utf-8")
+    same = cli(work, "solve", RUN, "--input", str(questions), "--output", str(questions))
+    assert same.returncode == 2 and "is the input file" in same.stderr, output(same)
+    assert questions.read_text(encoding="utf-8") == '{"question": "1+1"}\n'
