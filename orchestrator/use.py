@@ -210,6 +210,7 @@ def debate_view(outcome: DebateOutcome, chosen: Chosen, equivalent: Callable[[st
         table.add_column("agent", justify="right")
         table.add_column("answer")
         table.add_column("reply", overflow="fold", max_width=100)
+        table.add_column("model", style="dim", overflow="fold", max_width=40)
         for n, transcript in enumerate(outcome.agents):
             reply = transcript.messages[2 * rnd - 1].content if len(transcript.messages) >= 2 * rnd else ""
             cut = transcript.cut[rnd - 1] if len(transcript.cut) >= rnd else False
@@ -218,7 +219,7 @@ def debate_view(outcome: DebateOutcome, chosen: Chosen, equivalent: Callable[[st
             shown = shown if len(shown) <= REPLY_CHARS else shown[:REPLY_CHARS].rstrip() + " …"
             model = chosen.society.model(n, "generator" if rnd == 1 else "critic")
             table.add_row(f"{n + 1}", Text("no answer (cut)" if cut else "no answer") if answer is None
-                          else Text(answer), Text(f"[{_short_model(model)}] ", style="dim") + Text(shown))
+                          else Text(answer), Text(shown), Text(_short_model(model)))
         parts.append(table)
     finals = [a.answers[-1] for a in outcome.agents]
     counts = tally(finals, equivalent)

@@ -247,3 +247,37 @@ def test_solve_refuses_a_missing_input_and_an_output_that_is_the_input(finished,
     same = cli(work, "solve", RUN, "--input", str(questions), "--output", str(questions))
     assert same.returncode == 2 and "is the input file" in same.stderr, output(same)
     assert questions.read_text(encoding="utf-8") == '{"question": "1+1"}\n'
+
+
+def test_ask_on_the_local_backend_debates_with_the_runs_adapters(tmp_path):
+    """The tiny random model of the crash tests (taught to end with "The answer is N."), a local run of one
+    iteration, then `ask`: the finetuned agents (LoRA adapters in the run's folder) answer, and the final answer is
+    the printed last round's majority."""
+    from tests.test_crash import build_answering_model, local_settings, write_config
+
+    model = build_answering_model(tmp_path / "model")
+    work = tmp_path / "work"
+    write_config(work, local_settings(model, iterations=1))
+    proc = cli(work, "run", "--config", str(work / "run.toml"), "--name", RUN, "--quiet")
+    assert proc.returncode == 0, output(proc)
+    db = sqlite3.connect(work / "m.db")
+    trained = db.execute("select count(*) from jobs where run_id = ? and status = 'succeeded'", [RUN]).fetchone()[0]
+    db.close()
+    assert trained > 0  # some agent really has an adapter
+
+    asked = cli(work, "ask", RUN, "4+3", "--quiet")
+    assert asked.returncode == 0, output(asked)
+    assert "multiagent FT, iteration 1" in asked.stdout.splitlines()[0]
+    answers = last_round_answers(asked.stdout)
+    counts = Counter(a for a in answers if not a.startswith("no answer"))
+    final = re.search(r"^final answer: (.+)$", asked.stdout, re.M)
+    assert final is not None, asked.stdout
+    if counts:
+        top = max(counts.values())
+        assert final[1] in {a for a, n in counts.items() if n == top}, asked.stdout
+    else:
+        assert final[1].startswith("none"), asked.stdout
+    db = sqlite3.connect(work / "m.db")
+    stored = db.execute("select count(*) from responses where debate like 'ask-1/%'").fetchone()[0]
+    db.close()
+    assert stored == PER_QUESTION
