@@ -13,6 +13,8 @@ from typing import Any, Literal, Protocol, runtime_checkable
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from foundation.added_later import OmitsAddedDefaults, added_later
+
 Role = Literal["system", "user", "assistant"]
 JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 TERMINAL_STATUSES: frozenset[str] = frozenset({"succeeded", "failed", "cancelled"})
@@ -60,8 +62,15 @@ class ChatResult(BaseModel):
     billing: Literal["standard", "batch"] = "standard"  # batch results are priced at the batch rate
 
 
-class TrainingParams(BaseModel):
-    """Hyper-parameters of one finetune. Hosted backends map what they support and ignore LoRA-only fields."""
+Objective = Literal["sft", "dpo", "sft-then-dpo"]
+
+
+class TrainingParams(OmitsAddedDefaults):
+    """Hyper-parameters of one finetune. Hosted backends map what they support and ignore LoRA-only fields.
+
+    `objective` picks what the models learn from a debate: "sft" its agreeing answers (the paper's MAFT), "dpo"
+    per-agent preference pairs by DPO + NLL (`beta`, `nll_weight`: see `DpoParams`), "sft-then-dpo" both in turn.
+    Added after runs were stored, so they are left out of a dump (and a run's identity) at their defaults."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -73,6 +82,26 @@ class TrainingParams(BaseModel):
     lora_dropout: float = Field(0.05, ge=0.0, lt=1.0)
     max_length: int = Field(512, ge=16, le=131072)
     target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
+    objective: Objective = added_later("sft")
+    beta: float = added_later(0.1, gt=0, le=100)
+    nll_weight: float = added_later(1.0, ge=0, le=100)
+
+    def dpo(self) -> DpoParams:
+        return DpoParams(beta=self.beta, nll_weight=self.nll_weight)
+
+
+class DpoParams(BaseModel):
+    """The preference stage's own settings; epochs and batch size are the run's [training] ones.
+
+    `nll_weight` is the length-normalised NLL on the chosen answer of Iterative RPO (Pang et al., arXiv
+    2404.19733, where plain DPO without it fell below SFT on GSM8K); `learning_rate` None takes the run's.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    beta: float = Field(0.1, gt=0, le=100)
+    nll_weight: float = Field(1.0, ge=0, le=100)
+    learning_rate: float | None = Field(None, gt=0, le=1.0)
 
 
 class FinetuneSpec(BaseModel):
@@ -84,6 +113,10 @@ class FinetuneSpec(BaseModel):
     suffix: str
     params: TrainingParams = Field(default_factory=TrainingParams)
     seed: int = 0
+    # what this job learns: "dpo" reads only `preference_file`, "sft-then-dpo" both files in one local job
+    objective: Objective = "sft"
+    preference_file: Path | None = None
+    dpo: DpoParams | None = None
 
 
 class JobEvent(BaseModel):

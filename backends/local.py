@@ -33,12 +33,12 @@ from backends.base import (
     ResultCallback,
     ScoreRequest,
 )
+from backends.local_dpo import train_adapter
 from backends.local_generate import generate_chats
 from backends.local_model import load_model, resolve_device
 from backends.local_pool import AdapterPool, adapter_dir, adapter_name_for
 from backends.local_score import score_requests
 from backends.local_settings import DEFAULT_MODEL, LocalConfig
-from backends.local_train import train_lora
 from backends.settings import BackendSetup
 from foundation.crashpoints import crashpoint
 from foundation.errors import UserError
@@ -187,7 +187,7 @@ class LocalBackend:
             init_from = None if pool.is_base(spec.base_model) else adapter_dir(spec.base_model)
             if init_from is not None:
                 on_event(f"continuing from adapter {init_from}")
-            outcome = train_lora(
+            outcome = train_adapter(
                 pool,
                 spec,
                 staging,
@@ -195,6 +195,9 @@ class LocalBackend:
                 init_from=init_from,
                 on_event=on_event,
                 show_progress=self.show_progress,
+                objective=spec.objective,
+                preference_file=spec.preference_file,
+                dpo=spec.dpo,
             )
         except Exception as exc:  # the job records the failure; the pipeline reads it through poll()
             pool.forget(name)
@@ -214,6 +217,8 @@ class LocalBackend:
             seconds_per_step=round(outcome.seconds / max(1, outcome.steps), 4),
             tokens_per_second=round(outcome.trained_tokens / max(outcome.seconds, 1e-9), 1),
             step_losses=outcome.step_losses,
+            objective=spec.objective,
+            stats=outcome.stats,  # what the objective measured (DPO: pairs, margin, reward accuracy)
         )
         on_event(f"trained {outcome.trained_tokens} tokens in {outcome.seconds:.1f} s "
                  f"({record['tokens_per_second']:.0f} tokens/s)")

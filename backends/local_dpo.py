@@ -36,7 +36,7 @@ import torch
 from peft import PeftModel
 from transformers import PreTrainedTokenizerBase, PrinterCallback, Trainer, set_seed
 
-from backends.base import ChatMessage, FinetuneSpec
+from backends.base import ChatMessage, DpoParams, FinetuneSpec, Objective
 from backends.local_pool import AdapterPool
 from backends.local_train import (
     IGNORE_INDEX,
@@ -51,7 +51,7 @@ from backends.local_train import (
     lora_config,
     train_lora,
 )
-from backends.preference_data import DpoParams, Objective, PreferenceLine, read_preference_file
+from backends.preference_data import PreferenceLine, read_preference_file
 from foundation.errors import UserError
 
 

@@ -24,26 +24,12 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from backends.base import ChatMessage
+from backends.base import ChatMessage, DpoParams, Objective
 from foundation.errors import UserError
 
-Objective = Literal["sft", "dpo", "sft-then-dpo"]
 PairKind = Literal["generator", "correction", "anti-sycophancy"]
 PairRole = Literal["generator", "critic"]
-
-
-class DpoParams(BaseModel):
-    """The preference stage's own settings; epochs and batch size are the run's [training] ones.
-
-    `nll_weight` is the length-normalised NLL on the chosen answer of Iterative RPO (Pang et al., arXiv
-    2404.19733, where plain DPO without it fell below SFT on GSM8K); `learning_rate` None takes the run's.
-    """
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    beta: float = Field(0.1, gt=0, le=100)
-    nll_weight: float = Field(1.0, ge=0, le=100)
-    learning_rate: float | None = Field(None, gt=0, le=1.0)
+__all__ = ["DpoParams", "Objective"]  # defined beside FinetuneSpec, which carries them; named here too
 
 
 def _prompt_ends_with_user(messages: list[ChatMessage]) -> list[ChatMessage]:

@@ -21,6 +21,7 @@ from backends import DEFAULT_BACKEND, backend_entries, backend_entry, backend_na
 from backends.base import TrainingParams
 from backends.local_settings import DEFAULT_MODEL
 from backends.settings import BackendSettings, operational, operational_fields
+from foundation.added_later import OmitsAddedDefaults, added_later
 from foundation.errors import UserError
 from orchestrator.tasks import task_defaults
 
@@ -48,6 +49,21 @@ class DiversityConfig(BaseModel):
     critic_nll: bool = True  # where the backend can score text (local): the held-out critics' NLL
 
 
+class PreferenceConfig(BaseModel):
+    """How preference pairs are built when `[training] objective` is not "sft" (`orchestrator.preference`):
+    `extra_samples` round-1 samples at temperature 1 per agent whose answer agrees with a strict majority (the
+    rejected side of its generator pair, when one disagrees); `min_margin` is the vote margin a pair needs on a
+    backend that cannot weight pairs (None: 1/N, a 2-to-1 split for N = 3). The local trainer weights pairs."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    extra_samples: int = Field(4, ge=0, le=64)
+    min_margin: float | None = Field(None, gt=0.0, le=1.0)
+
+
+PREFERENCE_BACKENDS = ("local",)  # the backends whose finetunes take preference pairs (`FinetuneSpec.objective`)
+
+
 def _default_training(max_length: int = 512) -> TrainingParams:
     # Small sets of short answers: a few more epochs and a higher rate than the paper's 7B settings.
     return TrainingParams(epochs=3, batch_size=8, learning_rate=3e-4, max_length=max_length)
@@ -60,7 +76,7 @@ else:
     BackendName = Literal[backend_names()]
 
 
-class _RunChoices(BaseModel):
+class _RunChoices(OmitsAddedDefaults):
     """The run's own choices, which come before the backends' sections in a config (see `RunConfig`)."""
 
     model_config = ConfigDict(extra="forbid")
@@ -87,7 +103,7 @@ class _RunChoices(BaseModel):
 def _backend_sections() -> dict[str, Any]:
     """One field per registered backend, named after it and typed by its settings model: `[local]` in TOML,
     `config.local` in code, validated (and its errors located) as any nested model."""
-    taken = set(_RunChoices.model_fields) | {"diversity"}
+    taken = set(_RunChoices.model_fields) | {"diversity", "preference"}
     clash = [e.name for e in backend_entries() if e.name in taken]
     if clash:
         raise RuntimeError(f"backend names {clash} are run config fields: a backend needs a name of its own")
@@ -112,6 +128,7 @@ class RunConfig(_WithBackendSections):
     the run's choices, then one section per registered backend, then `diversity`."""
 
     diversity: DiversityConfig = operational(default_factory=DiversityConfig)  # measured after the fact
+    preference: PreferenceConfig = added_later(default_factory=PreferenceConfig)  # pairs for objective dpo
 
     @model_validator(mode="before")
     @classmethod
@@ -140,6 +157,10 @@ class RunConfig(_WithBackendSections):
         if not backend_entry(self.backend).runs_bundled_model and self.model == DEFAULT_MODEL:
             raise ValueError(f"the {self.backend} backend needs a model it serves: pass --model, e.g. "
                              "gpt-4.1-mini-2025-04-14 (the bundled SmolLM2 runs only on the local backend)")
+        if self.training.objective != "sft" and self.backend not in PREFERENCE_BACKENDS:
+            raise ValueError(f"[training] objective {self.training.objective!r} runs on the "
+                             f"{', '.join(PREFERENCE_BACKENDS)} backend only so far: use objective \"sft\" on "
+                             f"{self.backend}")
         problem = self.backend_settings().problem()
         if problem is not None:
             raise ValueError(problem)

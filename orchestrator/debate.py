@@ -175,12 +175,19 @@ class DebateRunner:
     def ask(self, items: Sequence[tuple[Problem, str, list[ChatMessage]]], kind: str, what: str) -> list[ResponseRow]:
         """Single questions outside a debate (e.g. STaR's rationalizations): (problem, model, messages) each,
         stored, reused and costed like debate answers."""
+        return self.ask_as([(problem, 0, model, messages, kind) for problem, model, messages in items], what)
+
+    def ask_as(self, items: Sequence[tuple[Problem, int, str, list[ChatMessage], str]],
+               what: str) -> list[ResponseRow]:
+        """As `ask`, each as its own agent and kind, (problem, agent, model, messages, kind), keyed
+        `{problem}/r1/a{agent}/{kind}` and sampled by this runner's settings (e.g. DPO's extra round-1 samples of
+        agent n at temperature 1, kinds extra0, extra1, ...)."""
         stored = self.store.get_responses(self.run_id, self.name)
         pending = [
-            _Pending(request=self._request(self._key(problem.id, 1, 0, kind), model, messages,
+            _Pending(request=self._request(self._key(problem.id, 1, agent, kind), model, messages,
                                            self.settings.generation.max_tokens),
-                     problem_id=problem.id, round=1, agent=0, kind=kind)
-            for problem, model, messages in items
+                     problem_id=problem.id, round=1, agent=agent, kind=kind)
+            for problem, agent, model, messages, kind in items
         ]
         done = self._execute(pending, stored, what)
         return [done[p.request.key] for p in pending]

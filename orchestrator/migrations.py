@@ -255,6 +255,14 @@ def m009_single_agent_answers(db: sqlite_utils.Database) -> None:
     db.table("evaluations").add_column("answers", int)
 
 
+def m010_dataset_preference_pairs(db: sqlite_utils.Database) -> None:
+    """Datasets of a run with a preference objective (dpo, sft-then-dpo) record their pair file and its pair
+    counts per kind; SFT sets, and every earlier one: null."""
+    for column, kind in (("pairs_path", str), ("pairs_sha256", str), ("n_pairs", int), ("n_pairs_generator", int),
+                         ("n_pairs_correction", int), ("n_pairs_anti_sycophancy", int), ("pairs_weight", float)):
+        db.table("datasets").add_column(column, kind)
+
+
 MIGRATIONS: list[Migration] = [
     m001_initial,
     m002_costs_and_backend_state,
@@ -265,6 +273,7 @@ MIGRATIONS: list[Migration] = [
     m007_truncated_answers,
     m008_dataset_too_long,
     m009_single_agent_answers,
+    m010_dataset_preference_pairs,
 ]
 
 

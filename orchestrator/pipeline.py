@@ -26,17 +26,26 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
-from backends.base import BASE_MODEL_ID, Backend, FinetuneSpec, ReportsRetries
+from backends.base import BASE_MODEL_ID, Backend, FinetuneSpec, Objective, ReportsRetries
 from foundation.crashpoints import crashpoint
 from foundation.errors import UserError
 from orchestrator.baselines import SINGLE_MODEL_METHODS
 from orchestrator.config import RunConfig
 from orchestrator.costs import Ledger
-from orchestrator.debate import DebateOutcome, DebateRunner, DebateSettings, Society
+from orchestrator.debate import DebateOutcome, DebateRunner, DebateSettings, Society, readable_answer
 from orchestrator.evaluate import DiversityMeter, evaluate
 from orchestrator.finetune import FinetunePlan, run_jobs
 from orchestrator.interrupts import StopRequested, never
 from orchestrator.names import DebateName, DebateStage, JobKey
+from orchestrator.preference import (
+    ExtraSample,
+    PreferencePair,
+    build_agent_pairs,
+    by_slot,
+    count_pairs,
+    extra_sample_slots,
+    write_local_jsonl,
+)
 from orchestrator.progress import RetryColumn
 from orchestrator.societies import ABLATIONS, MAFT, SOCIETIES
 from orchestrator.store import AgentRow, DatasetRow, JobRow, ProblemRow, RunRow, RunStatus, Store
@@ -207,7 +216,8 @@ class Pipeline:
         if finished is None:
             self.console.rule(f"[bold]{label}iteration {iteration}/{total}: debate on {len(train)} training problems")
             outcomes = self.debate(variant.debate("train", iteration), train, previous, iteration, settings)
-            datasets = self._datasets(variant, iteration, outcomes)
+            pairs = self._preference_pairs(variant, iteration, outcomes, previous)
+            datasets = self._datasets(variant, iteration, outcomes, pairs)
             crashpoint("pipeline.datasets_written")  # files and rows written, no job started
             self.console.rule(f"[bold]{label}iteration {iteration}/{total}: finetuning {len(datasets)} models")
             starts = {(d.agent, d.role): previous.model(d.agent, d.role) for d in datasets}
@@ -310,9 +320,55 @@ class Pipeline:
         where = self.workdir / "datasets" / ("" if society == MAFT else society) / f"iteration-{iteration}"
         return where / f"agent-{agent + 1}-{role}.jsonl"
 
-    def _datasets(self, variant: Variant, iteration: int, outcomes: list[DebateOutcome]) -> list[DatasetRow]:
-        """Build and record every agent's sets; deterministic, so rebuilding after a crash gives the same files."""
+    def _preference_pairs(self, variant: Variant, iteration: int, outcomes: list[DebateOutcome],
+                          society: Society) -> list[PreferencePair] | None:
+        """Every agent's preference pairs from the training debate (None under objective sft: none are built).
+
+        First the extra round-1 samples at temperature 1, only where they can become a generator pair's rejected
+        side (`extra_sample_slots`), asked as agent n of the training debate and stored like its answers
+        (`{problem}/r1/a{n}/extra{k}`), so a resumed run asks none of them twice."""
+        if self.config.training.objective == "sft":
+            return None
+        equivalent = self.task.equivalent
+        slots = extra_sample_slots(outcomes, equivalent)
+        count = self.config.preference.extra_samples
+        extra: dict[tuple[str, int], list[ExtraSample]] = {}
+        if slots and count:
+            by_id = {o.problem.id: o for o in outcomes}
+            settings = self.settings(summarize=variant.summarize)
+            settings = settings.model_copy(update={
+                "generation": settings.generation.model_copy(update={"temperature": 1.0})})
+            items = [(by_id[pid].problem, agent, society.generators[agent], by_id[pid].agents[agent].messages[:1],
+                      f"extra{k}") for pid, agent in slots for k in range(count)]
+            with self._progress() as progress:
+                runner = self.runner(variant.debate("train", iteration), iteration, settings, progress)
+                rows = runner.ask_as(items, f"{len(items)} extra round-1 samples for preference pairs")
+            for (problem, agent, *_), row in zip(items, rows, strict=True):
+                extra.setdefault((problem.id, agent), []).append(
+                    ExtraSample(text=row.text, answer=readable_answer(row)))
+        return [pair for agent in range(self.config.agents)
+                for pair in build_agent_pairs(outcomes, agent, equivalent, extra=extra)]
+
+    def pairs_path(self, society: str, iteration: int, agent: int, role: str) -> Path:
+        return self.dataset_path(society, iteration, agent, role).with_suffix(".pairs.jsonl")
+
+    def _with_pairs(self, row: DatasetRow, pairs: Sequence[PreferencePair]) -> DatasetRow:
+        """`row` with its (agent, role)'s pair file written (our trainer's format, weights included) and counted."""
+        path = self.pairs_path(row.society, row.iteration, row.agent, row.role)
+        counts = {c.kind: c for c in count_pairs(pairs, self.config.agents) if c.agent == row.agent}
+        return row.model_copy(update={
+            "pairs_path": str(path), "pairs_sha256": write_local_jsonl(path, pairs), "n_pairs": len(pairs),
+            "n_pairs_generator": counts["generator"].pairs, "n_pairs_correction": counts["correction"].pairs,
+            "n_pairs_anti_sycophancy": counts["anti-sycophancy"].pairs,
+            "pairs_weight": round(sum(c.weight for c in counts.values()), 9),
+        })
+
+    def _datasets(self, variant: Variant, iteration: int, outcomes: list[DebateOutcome],
+                  pairs: Sequence[PreferencePair] | None = None) -> list[DatasetRow]:
+        """Build and record every agent's sets; deterministic, so rebuilding after a crash gives the same files.
+        With `pairs` (a preference objective) each set also gets its (agent, role)'s pair file."""
         rows: list[DatasetRow] = []
+        slots: dict[tuple[int, str], list[PreferencePair]] = {slot: v for slot, v in by_slot(pairs or []).items()}
         for agent in range(self.config.agents):
             rng = random.Random(f"{self.config.seed}:critic-mix:{iteration}:{agent}")
             data = build_agent_data(outcomes, agent, self.task.equivalent, w=self.config.critic_mix, rng=rng,
@@ -321,7 +377,7 @@ class Pipeline:
             for role, examples in roles if variant.train_critics else roles[:1]:
                 path = self.dataset_path(variant.society, iteration, agent, role)
                 critic = role == "critic"
-                rows.append(self.write_dataset(examples, DatasetRow(
+                row = self.write_dataset(examples, DatasetRow(
                     run_id=self.run_row.id, society=variant.society, iteration=iteration, agent=agent, role=role,
                     path=str(path), sha256="", n_examples=len(examples),
                     n_generation=0 if critic else len(examples),
@@ -331,7 +387,8 @@ class Pipeline:
                     n_critic_pos_available=data.critic_pos_available if critic else 0,
                     problem_ids=json.dumps([e.problem_id for e in examples]),
                     n_too_long=data.critic_too_long if critic else data.generator_too_long,
-                )))
+                ))
+                rows.append(row if pairs is None else self._with_pairs(row, slots.get((agent, role), [])))
         self.store.save_datasets(rows)
         return rows
 
@@ -379,11 +436,10 @@ class Pipeline:
             job = JobRow(key=job_key, run_id=self.run_row.id, society=society, iteration=iteration, agent=ds.agent,
                          role=ds.role, backend=self.config.backend, base_model_id=start_from,
                          dataset_sha256=ds.sha256)
-            if ds.n_examples < max(1, self.info.min_training_examples):
+            objective, why = self._objective(ds)
+            if why is not None:
                 # Too little agreed with the majority: this model stays as it was rather than training on
                 # nothing, or on a file the provider would refuse.
-                why = (f"{ds.n_examples} examples, the {self.info.name} backend needs at least "
-                       f"{self.info.min_training_examples}" if ds.n_examples else "no training examples")
                 if self.store.get_job(job_key) is None:
                     self.store.save_job(job.model_copy(update={"status": "skipped", "error": why}))
                 self.console.print(f"{society} agent {ds.agent + 1} {ds.role}: {why}; it keeps its model")
@@ -393,6 +449,10 @@ class Pipeline:
             seed = job_seed(self.config.seed, iteration, ds.agent, ds.role)
             spec = FinetuneSpec(key=job_key, base_model=start_from, training_file=Path(ds.path), suffix=suffix,
                                 params=self.config.training, seed=seed)
+            if objective != "sft":
+                spec = spec.model_copy(update={"objective": objective, "preference_file": Path(str(ds.pairs_path)),
+                                               "dpo": self.config.training.dpo()})
+                job = job.model_copy(update={"dataset_sha256": _combined_sha(objective, ds)})
             plans.append(FinetunePlan(job=job, spec=spec, epochs_estimate=self.info.training_epochs))
         results = run_jobs(plans, self.backend, self.store, ledger=self.ledger,
                            max_active=self.info.max_concurrent_jobs, poll_interval=self.poll_interval,
@@ -404,6 +464,24 @@ class Pipeline:
                 raise RuntimeError(f"job {plan.job.key} succeeded without a model id")
             trained[(plan.job.agent, plan.job.role)] = (model_id, plan.job.key)
         return trained
+
+    def _objective(self, ds: DatasetRow) -> tuple[Objective, str | None]:
+        """What a set's job learns, and why it is not sent (None: it is). A set without pairs (objective sft, a
+        baseline's) trains by SFT; under sft-then-dpo a slot with only one of the two trains by that one."""
+        least = max(1, self.info.min_training_examples)
+        enough_sft = ds.n_examples >= least
+        if ds.n_pairs is None:
+            wanted: Objective = "sft"
+        elif self.config.training.objective == "sft-then-dpo":
+            wanted = "sft-then-dpo" if enough_sft and ds.n_pairs else "dpo" if ds.n_pairs else "sft"
+        else:
+            wanted = self.config.training.objective
+        if wanted == "dpo":
+            return wanted, None if ds.n_pairs else "no preference pairs"
+        if enough_sft:
+            return wanted, None
+        return wanted, (f"{ds.n_examples} examples, the {self.info.name} backend needs at least "
+                        f"{self.info.min_training_examples}" if ds.n_examples else "no training examples")
 
     def evaluate(self, society: str, iteration: int, outcomes: list[DebateOutcome], models: Society,
                  task: Task | None = None) -> None:
@@ -420,6 +498,13 @@ class Pipeline:
             self._diversity = DiversityMeter(self.config.diversity, self.backend, self.run_row.id, self.console,
                                              ledger=self.ledger)
         return self._diversity
+
+
+def _combined_sha(objective: Objective, ds: DatasetRow) -> str:
+    """The data a preference job trains on: the pair file's sha256 (dpo), or both files' in turn (sft-then-dpo)."""
+    if objective == "dpo":
+        return str(ds.pairs_sha256)
+    return hashlib.sha256(f"{ds.sha256}:{ds.pairs_sha256}".encode()).hexdigest()
 
 
 def _read_verified(path: Path, sha256: str) -> bytes:

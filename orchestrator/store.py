@@ -18,6 +18,7 @@ from typing import Any, Literal, TypeVar
 import sqlite_utils
 from pydantic import BaseModel, Field
 
+from foundation.added_later import OmitsAddedDefaults, added_later
 from foundation.crashpoints import crashpoint
 from foundation.errors import UserError
 from orchestrator.migrations import migrate
@@ -103,7 +104,7 @@ class DebateRow(BaseModel):
     created_at: float = Field(default_factory=_now)
 
 
-class DatasetRow(BaseModel):
+class DatasetRow(OmitsAddedDefaults):
     run_id: str
     society: str = MAFT
     iteration: int
@@ -120,6 +121,14 @@ class DatasetRow(BaseModel):
     problem_ids: str = "[]"
     n_too_long: int = 0  # examples dropped as longer than max_length (never trained on cut)
     created_at: float = Field(default_factory=_now)
+    # preference pairs (objective dpo / sft-then-dpo; None: none were built), `orchestrator.preference`
+    pairs_path: str | None = added_later(None)
+    pairs_sha256: str | None = added_later(None)
+    n_pairs: int | None = added_later(None)
+    n_pairs_generator: int | None = added_later(None)
+    n_pairs_correction: int | None = added_later(None)
+    n_pairs_anti_sycophancy: int | None = added_later(None)
+    pairs_weight: float | None = added_later(None)  # summed vote-margin weights: the pairs' effective size
 
 
 class JobRow(BaseModel):

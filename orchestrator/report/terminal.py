@@ -78,8 +78,12 @@ def datasets_table(datasets: list[dict[str, Any]]) -> Table:
     table.caption = ("critic sets mix D^C− (wrong, then corrected) and D^C+ (right throughout): used/available; "
                      + ("too long: dropped as longer than max_length, never trained on cut" if too_long else
                         "no example was longer than max_length"))
+    pairs = any(d.get("n_pairs") is not None for d in datasets)  # a preference objective: its pairs per kind
+    if pairs:
+        table.caption += ("; pairs: DPO pairs (generator; critics: correction / anti-sycophancy), weight: their "
+                          "summed vote margins")
     columns = ("society",) * societies + ("iteration", "agent", "role", "examples", "D^C−", "D^C+") + (
-        "too long",) * too_long + ("sha256",)
+        "too long",) * too_long + ("pairs", "correction", "anti-syc.", "weight") * pairs + ("sha256",)
     for col in columns:
         table.add_column(col, justify="left" if col in ("society", "role", "sha256") else "right")
     for d in datasets:
@@ -90,9 +94,18 @@ def datasets_table(datasets: list[dict[str, Any]]) -> Table:
             f"{d['n_critic_neg']}/{d['n_critic_neg_available']}" if critic else "",
             f"{d['n_critic_pos']}/{d['n_critic_pos_available']}" if critic else "",
             *[str(d.get("n_too_long", 0))] * too_long,
+            *(_pair_cells(d) if pairs else ()),
             d["sha256"][:12],
         )
     return table
+
+
+def _pair_cells(d: dict[str, Any]) -> tuple[str, ...]:
+    if d.get("n_pairs") is None:
+        return ("",) * 4
+    critic = d["role"] == "critic"
+    return (str(d["n_pairs"]), str(d.get("n_pairs_correction") or 0) if critic else "",
+            str(d.get("n_pairs_anti_sycophancy") or 0) if critic else "", f"{d.get('pairs_weight') or 0:.2f}")
 
 
 def agents_table(agents: list[dict[str, Any]]) -> Table:
