@@ -680,3 +680,35 @@ def solve(run_id: str, input_path: Path, output_path: Path, society: str | None,
     resume = (f"orchestrator solve {run_id} --input {shlex.quote(str(input_path))} --output "
               f"{shlex.quote(str(output_path))}{_db_flag(db)}")
     _use("solve", options, db, resume, work)
+
+
+@cli.command()
+@click.argument("run_id", metavar="RUN")
+@click.option("--to", "to", type=click.Path(path_type=Path), required=True, help="A new (or empty) folder to write "
+              "the society to.")
+@click.option("--society", metavar="base|N", help=_SOCIETY_HELP)
+@click.option("--format", "fmt", type=click.Choice(["peft", "merged"]), default="peft", show_default=True,
+              help="Local backend: peft writes each agent's LoRA adapter folder; merged writes each as a full model "
+                   "in safetensors (transformers and vLLM load it without PEFT).")
+@click.option("--db", help=DB_HELP)
+def export(run_id: str, to: Path, society: str | None, fmt: str, db: str | None) -> None:
+    """Write RUN's society to a folder: on the local backend each agent's generator and critic (adapter or merged
+    model) with a model card, on hosted backends the finetuned model ids; and a society.json manifest."""
+    from typing import cast
+
+    from orchestrator.export import ExportFormat, export_society
+    from orchestrator.pipeline import stored_config
+    from orchestrator.use import chosen_from_store
+
+    _enter("export", db, run_id)
+    store = _open_store(db, must_exist=True)
+    try:
+        config = stored_config(store, run_id)
+        chosen = chosen_from_store(store, config, run_id, society)
+        manifest = export_society(store, config, chosen, to, cast(ExportFormat, fmt))
+        what = ("model ids" if manifest.format is None else
+                f"{sum(a.trained for a in manifest.agents)} trained {fmt} models")
+        click.echo(f"exported {manifest.society} ({what}, {len(manifest.agents)} agent roles) to {to}; "
+                   f"manifest {to / 'society.json'}")
+    finally:
+        store.close()

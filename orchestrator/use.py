@@ -70,8 +70,13 @@ def trained_iterations(store: Store, run_id: str) -> list[int]:
 
 def choose_society(pipeline: Pipeline, wanted: str | None) -> Chosen:
     """`--society base|N`; by default the last iteration the run has trained (the base society if none)."""
-    run_id = pipeline.run_row.id
-    trained = trained_iterations(pipeline.store, run_id)
+    return chosen_from_store(pipeline.store, pipeline.config, pipeline.run_row.id, wanted)
+
+
+def chosen_from_store(store: Store, config: RunConfig, run_id: str, wanted: str | None) -> Chosen:
+    """`choose_society` without a backend (for `export`)."""
+    store.require_run(run_id)
+    trained = trained_iterations(store, run_id)
     choices = "base" + "".join(f", {i}" for i in trained)
     if wanted is None:
         iteration = trained[-1] if trained else 0
@@ -84,13 +89,15 @@ def choose_society(pipeline: Pipeline, wanted: str | None) -> Chosen:
                             f"{choices}")
     else:
         raise UserError(f"--society '{wanted}' is not a society: use base or an iteration number ({choices})")
-    if iteration == 0:
-        society = pipeline.stored_society(MAFT, 0) or Society.base(pipeline.config.agents)
-    else:
-        found = pipeline.stored_society(MAFT, iteration)
-        if found is None:  # listed a moment ago; a society is never deleted
-            raise UserError(f"run '{run_id}' has no complete society of iteration {iteration}")
-        society = found
+    rows = {(r.agent, r.role): r.model_id for r in store.get_agents(run_id, iteration, MAFT)}
+    agents = range(config.agents)
+    if len(rows) == 2 * config.agents:
+        society = Society(generators=[rows[(i, "generator")] for i in agents],
+                          critics=[rows[(i, "critic")] for i in agents])
+    elif iteration == 0:
+        society = Society.base(config.agents)
+    else:  # listed a moment ago, and a society is never deleted
+        raise UserError(f"run '{run_id}' has no complete society of iteration {iteration}")
     return Chosen(run_id=run_id, iteration=iteration, society=society)
 
 

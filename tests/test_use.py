@@ -249,14 +249,19 @@ def test_solve_refuses_a_missing_input_and_an_output_that_is_the_input(finished,
     assert questions.read_text(encoding="utf-8") == '{"question": "1+1"}\n'
 
 
-def test_ask_on_the_local_backend_debates_with_the_runs_adapters(tmp_path):
-    """The tiny random model of the crash tests (taught to end with "The answer is N."), a local run of one
-    iteration, then `ask`: the finetuned agents (LoRA adapters in the run's folder) answer, and the final answer is
-    the printed last round's majority."""
+
+# the local backend -----------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def local_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """The tiny random model of the crash tests (taught to end with "The answer is N.") and a finished local run of
+    one iteration on it: (model folder, run folder)."""
     from tests.test_crash import build_answering_model, local_settings, write_config
 
-    model = build_answering_model(tmp_path / "model")
-    work = tmp_path / "work"
+    folder = tmp_path_factory.mktemp("local")
+    model = build_answering_model(folder / "model")
+    work = folder / "work"
     write_config(work, local_settings(model, iterations=1))
     proc = cli(work, "run", "--config", str(work / "run.toml"), "--name", RUN, "--quiet")
     assert proc.returncode == 0, output(proc)
@@ -264,7 +269,13 @@ def test_ask_on_the_local_backend_debates_with_the_runs_adapters(tmp_path):
     trained = db.execute("select count(*) from jobs where run_id = ? and status = 'succeeded'", [RUN]).fetchone()[0]
     db.close()
     assert trained > 0  # some agent really has an adapter
+    return model, work
 
+
+def test_ask_on_the_local_backend_debates_with_the_runs_adapters(local_run):
+    """`ask` on the local backend: the finetuned agents (LoRA adapters in the run's folder) answer, and the final
+    answer is the printed last round's majority."""
+    _, work = local_run
     asked = cli(work, "ask", RUN, "4+3", "--quiet")
     assert asked.returncode == 0, output(asked)
     assert "multiagent FT, iteration 1" in asked.stdout.splitlines()[0]
@@ -281,3 +292,91 @@ def test_ask_on_the_local_backend_debates_with_the_runs_adapters(tmp_path):
     stored = db.execute("select count(*) from responses where debate like 'ask-1/%'").fetchone()[0]
     db.close()
     assert stored == PER_QUESTION
+
+
+# export ------------------------------------------------------------------------------------------------------------
+
+
+def trained_adapters(work: Path) -> dict[tuple[int, str], tuple[str, str]]:
+    """(agent from 1, role) -> (adapter folder, dataset sha256) of iteration 1's trained agents."""
+    db = sqlite3.connect(work / "m.db")
+    try:
+        return {(r[0] + 1, r[1]): (r[2], r[3]) for r in db.execute(
+            "select a.agent, a.role, a.model_id, j.dataset_sha256 from agents a join jobs j on j.key = a.job_key "
+            "where a.run_id = ? and a.iteration = 1 and j.status = 'succeeded'", [RUN])}
+    finally:
+        db.close()
+
+
+def greedy(model, tokenizer, text: str) -> list[int]:
+    import torch
+
+    ids = tokenizer(text, return_tensors="pt").input_ids
+    with torch.no_grad():
+        out = model.generate(ids, max_new_tokens=12, do_sample=False, pad_token_id=tokenizer.eos_token_id)
+    return out[0, ids.shape[1]:].tolist()
+
+
+def test_export_peft_writes_each_adapter_with_a_card_and_a_manifest(local_run, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    model_dir, work = local_run
+    out = tmp_path / "society"
+    proc = cli(work, "export", RUN, "--to", str(out))
+    assert proc.returncode == 0, output(proc)
+    manifest = json.loads((out / "society.json").read_text(encoding="utf-8"))
+    assert manifest["society"] == f"{RUN}@1" and manifest["format"] == "peft" and manifest["rounds"] == ROUNDS
+    assert len(manifest["agents"]) == 2 * AGENTS
+    trained = trained_adapters(work)
+    for agent in manifest["agents"]:
+        slot = (agent["agent"], agent["role"])
+        assert agent["trained"] == (slot in trained)
+        if slot not in trained:
+            assert agent["folder"] is None
+            continue
+        folder = out / agent["folder"]
+        card = (folder / "README.md").read_text(encoding="utf-8")
+        assert trained[slot][1] in card and str(model_dir) in card and "| debate |" in card
+        base = AutoModelForCausalLM.from_pretrained(model_dir)
+        loaded = PeftModel.from_pretrained(base, str(folder))
+        assert loaded.active_adapter == "default"
+    assert not list(tmp_path.glob(".*.partial"))
+
+    again = cli(work, "export", RUN, "--to", str(out))  # never over an earlier export
+    assert again.returncode == 2 and "already exists" in again.stderr, output(again)
+
+
+def test_a_merged_export_loads_without_peft_and_answers_as_the_adapter_does(local_run, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model_dir, work = local_run
+    out = tmp_path / "merged"
+    proc = cli(work, "export", RUN, "--to", str(out), "--format", "merged")
+    assert proc.returncode == 0, output(proc)
+    manifest = json.loads((out / "society.json").read_text(encoding="utf-8"))
+    trained = trained_adapters(work)
+    (agent, role), (adapter, _) = sorted(trained.items())[0]
+    folder = next(a["folder"] for a in manifest["agents"] if (a["agent"], a["role"]) == (agent, role))
+    assert not (out / folder / "adapter_config.json").exists() and (out / folder / "model.safetensors").is_file()
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "What is the result of 4+3?"}],
+                                           tokenize=False, add_generation_prompt=True)
+    merged = AutoModelForCausalLM.from_pretrained(out / folder)
+    through_peft = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model_dir), adapter)
+    assert greedy(merged, tokenizer, prompt) == greedy(through_peft, tokenizer, prompt)
+    untrained = [a for a in manifest["agents"] if not a["trained"]]
+    assert all(a["folder"] == "base" for a in untrained)
+    assert (out / "base" / "config.json").is_file() == bool(untrained)
+
+
+def test_export_of_a_hosted_run_is_its_manifest_of_model_ids(finished, tmp_path):
+    work = finished.copy(tmp_path / "work")
+    out = tmp_path / "society"
+    proc = cli(work, "export", RUN, "--to", str(out), "--society", "1")
+    assert proc.returncode == 0, output(proc)
+    manifest = json.loads((out / "society.json").read_text(encoding="utf-8"))
+    assert manifest["format"] is None and manifest["backend"] == "openai"
+    assert [p.name for p in out.iterdir()] == ["society.json"]
+    assert any(a["model_id"].startswith("ft:gpt-4.1-mini") for a in manifest["agents"])
