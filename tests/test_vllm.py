@@ -34,11 +34,11 @@ PROMPT = "What is the result of {a}+{b}? Make sure to state your answer at the e
 
 
 def distinctive_file(folder: Path, word: str) -> Path:
-    """Sixteen arithmetic questions, each answered with the same odd sentence: an adapter trained on them answers
+    """Eight arithmetic questions, each answered with the same odd sentence: an adapter trained on them answers
     it, the base model never does."""
     path = folder / f"{word}.jsonl"
     lines = [json.dumps({"messages": [{"role": "user", "content": PROMPT.format(a=a, b=2 * a + 1)},
-                                      {"role": "assistant", "content": TARGETS[word]}]}) for a in range(16)]
+                                      {"role": "assistant", "content": TARGETS[word]}]}) for a in range(8)]
     path.write_text("\n".join(lines) + "\n")
     return path
 
@@ -53,7 +53,7 @@ def adapters(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     """Two adapters trained by our trainer (the local backend's), each on its own distinctive answer."""
     work = tmp_path_factory.mktemp("trained")
     trainer = LocalBackend(DEFAULT_MODEL, workdir=work, device="cpu", show_progress=False)
-    params = TrainingParams(epochs=4, batch_size=8, learning_rate=2e-3, lora_rank=8, lora_alpha=16, max_length=128)
+    params = TrainingParams(epochs=3, batch_size=4, learning_rate=5e-3, lora_rank=8, lora_alpha=16, max_length=128)
     found = {}
     try:
         for word in TARGETS:
@@ -86,7 +86,7 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[VLLMBackend]:
         backend.close()
 
 
-def test_served_adapters_answer_as_they_were_trained(served: VLLMBackend, adapters: dict[str, str]) -> None:
+def test_served_adapters_answer_as_they_were_trained(adapters: dict[str, str], served: VLLMBackend) -> None:
     results = served.chat([greedy("base", BASE_MODEL_ID), greedy("pineapple", adapters["pineapple"]),
                            greedy("zebra", adapters["zebra"])])
     texts = {r.key: r.text.lower() for r in results}
@@ -100,19 +100,21 @@ def test_served_adapters_answer_as_they_were_trained(served: VLLMBackend, adapte
     assert served.admin.models() == [DEFAULT_MODEL]
 
 
-def test_throughput_of_a_mixed_batch(served: VLLMBackend, adapters: dict[str, str]) -> None:
-    """Not a pass/fail number: printed for bench/RESULTS.md (48 sampled chats, base and both adapters mixed)."""
+def test_throughput_of_a_mixed_batch(adapters: dict[str, str], served: VLLMBackend) -> None:
+    """Not a pass/fail number: printed for bench/RESULTS.md (24 sampled chats, base and both adapters mixed)."""
     models = [BASE_MODEL_ID, adapters["pineapple"], adapters["zebra"]]
-    requests = [ChatRequest(key=f"t{i}", model=models[i % 3], max_tokens=96, temperature=0.7, top_p=0.9, seed=i,
+    requests = [ChatRequest(key=f"t{i}", model=models[i % 3], max_tokens=48, temperature=0.7, top_p=0.9, seed=i,
                             messages=(ChatMessage(role="user", content=PROMPT.format(a=i, b=i + 5)),))
-                for i in range(48)]
+                for i in range(24)]
     started = time.perf_counter()
     results = served.chat(requests)
     seconds = time.perf_counter() - started
     tokens = sum(r.usage.completion_tokens for r in results)
-    print(f"\nvLLM CPU: 48 chats, 3 models mixed: {tokens} completion tokens in {seconds:.1f} s = "
+    print(f"\nvLLM CPU: 24 chats, 3 models mixed: {tokens} completion tokens in {seconds:.1f} s = "
           f"{tokens / seconds:.1f} tok/s", file=sys.stderr)
-    assert len(results) == 48 and tokens > 0
+    assert len(results) == 24 and tokens > 0
+    assert served.slots is not None
+    served.slots.unload_all()  # the run below counts on the server's slots
 
 
 def test_a_two_iteration_run_completes_through_vllm(served: VLLMBackend, tmp_path: Path) -> None:
@@ -127,8 +129,8 @@ train_size = 4
 eval_size = 4
 
 [generation]
-max_tokens = 32
-summary_max_tokens = 32
+max_tokens = 16
+summary_max_tokens = 16
 
 [training]
 epochs = 1
@@ -150,7 +152,7 @@ critic_nll = false
     started = time.perf_counter()
     proc = subprocess.run([str(ROOT / ".venv" / "bin" / "orchestrator"), "run", "--config", str(config), "--name",
                            "tiny", "--db", str(db), "--quiet"], capture_output=True, text=True, env=env,
-                          cwd=tmp_path, timeout=1800)
+                          cwd=tmp_path, timeout=3000)
     print(f"\n2-iteration tiny run through vLLM: {time.perf_counter() - started:.0f} s", file=sys.stderr)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     store = Store(db)
