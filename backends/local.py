@@ -39,6 +39,7 @@ from backends.local_model import load_model, resolve_device
 from backends.local_pool import AdapterPool, adapter_dir, adapter_name_for
 from backends.local_score import score_requests
 from backends.local_settings import DEFAULT_MODEL, LocalConfig
+from backends.local_train import train_lora
 from backends.settings import BackendSetup
 from foundation.crashpoints import crashpoint
 from foundation.errors import UserError
@@ -187,18 +188,14 @@ class LocalBackend:
             init_from = None if pool.is_base(spec.base_model) else adapter_dir(spec.base_model)
             if init_from is not None:
                 on_event(f"continuing from adapter {init_from}")
-            outcome = train_adapter(
-                pool,
-                spec,
-                staging,
-                adapter_name=name,
-                init_from=init_from,
-                on_event=on_event,
-                show_progress=self.show_progress,
-                objective=spec.objective,
-                preference_file=spec.preference_file,
-                dpo=spec.dpo,
-            )
+            if spec.objective == "sft":  # what `train_adapter` would call too; tests stop a job at this seam
+                outcome = train_lora(pool, spec, staging, adapter_name=name, init_from=init_from, on_event=on_event,
+                                     show_progress=self.show_progress)
+            else:
+                outcome = train_adapter(pool, spec, staging, adapter_name=name, init_from=init_from,
+                                        on_event=on_event, show_progress=self.show_progress,
+                                        objective=spec.objective, preference_file=spec.preference_file,
+                                        dpo=spec.dpo)
         except Exception as exc:  # the job records the failure; the pipeline reads it through poll()
             pool.forget(name)
             error = str(exc) if isinstance(exc, UserError) else f"{type(exc).__name__}: {exc}"

@@ -205,24 +205,35 @@ class ScriptedChatLocalTraining(ScriptedBackend):
         return self.local.poll(job)
 
 
-def test_a_dpo_run_trains_its_adapters_by_dpo_on_the_local_backend(tmp_path: Path) -> None:
+@pytest.mark.parametrize("objective", ["dpo", "sft-then-dpo"])
+def test_a_preference_run_trains_its_adapters_by_dpo_on_the_local_backend(tmp_path: Path, objective: str) -> None:
     model = build_tiny_model(tmp_path / "tiny")
     local = LocalBackend(str(model), workdir=tmp_path / "work" / "r", device="cpu", show_progress=False)
     backend = ScriptedChatLocalTraining(local)
-    training = {"objective": "dpo", "epochs": 1, "batch_size": 4, "learning_rate": 1e-3, "lora_rank": 4,
+    training = {"objective": objective, "epochs": 1, "batch_size": 4, "learning_rate": 1e-3, "lora_rank": 4,
                 "max_length": 256}
     store = run_once(tmp_path, backend, train_size=6, eval_size=2, training=training,
                      preference={"extra_samples": 1})
-    jobs = [j for j in store.get_jobs("r") if j.status == "succeeded"]
-    assert jobs, "no slot had pairs: the scripted debate should give some"
+    jobs = [j for j in store.get_jobs("r") if j.status == "succeeded" and j.iteration == 1]
+    datasets = {(d.agent, d.role): d for d in store.get_datasets("r", 1)}
+    assert [j for j in jobs if datasets[(j.agent, j.role)].n_pairs], "no slot had pairs: the debate should give some"
+    both = 0
     for job in jobs:
-        dataset = next(d for d in store.get_datasets("r", 1) if (d.agent, d.role) == (job.agent, job.role))
+        dataset = datasets[(job.agent, job.role)]
         record = json.loads((local.adapter_path(job.key) / "job.json").read_text())
-        assert record["objective"] == "dpo"
+        if objective == "sft-then-dpo" and not dataset.n_pairs:  # SFT data only: plain SFT
+            assert record["objective"] == "sft" and "dpo_pairs" not in record["stats"]
+            continue
+        assert record["objective"] == (objective if dataset.n_examples else "dpo")
         assert record["stats"]["dpo_pairs"] == dataset.n_pairs
+        if record["objective"] == "sft-then-dpo":
+            both += 1
+            assert record["stats"]["sft_examples"] == dataset.n_examples
+            assert record["examples"] == dataset.n_examples + dataset.n_pairs
         assert 0.0 <= record["stats"]["dpo_reward_accuracy"] <= 1.0
         events = [e.message for e in store.get_job_events(job.key)]
         assert any(m.startswith("loaded ") and "preference pairs" in m for m in events)
         assert any(m.startswith("dpo margin") for m in events)
         assert (local.adapter_path(job.key) / "adapter_model.safetensors").exists()
+    assert both or objective == "dpo"  # sft-then-dpo: one job ran both stages on some slot
     assert store.get_run("r").status == "finished"
