@@ -37,12 +37,14 @@ def generate_chats(
     on_result: ResultCallback | None = None,
     engine: Engine = "refill",
     adapters: AdapterMode = "gathered",
+    fused: bool = True,
 ) -> list[ChatResult]:
     """Answer every request; results come back in input order, `on_result` fires as each row finishes.
 
     `engine="static"` is the earlier static-chunk decode through PEFT (`local_static`), also the fallback for
     models and adapters the refill engine does not cover. `adapters="merged"` decodes each adapter's rows on
-    merged weights instead of one mixed batch.
+    merged weights instead of one mixed batch. `fused=False` decodes through transformers' own forward instead of
+    `local_llama`'s fused step (for measuring it).
     """
     rows = [_make_row(pool, i, request) for i, request in enumerate(requests)]
     results: list[ChatResult | None] = [None] * len(rows)
@@ -63,12 +65,13 @@ def generate_chats(
         with torch.inference_mode():
             decode_static(pool, pending, finish, batch_size=batch_size, stop_ids=_stop_ids(pool), pad_id=_pad_id(pool))
     else:
-        _decode_refill(pool, pending, finish, names, batch_size, adapters)
+        _decode_refill(pool, pending, finish, names, batch_size, adapters, fused)
     return [r for r in results if r is not None]
 
 
 def _decode_refill(
-    pool: AdapterPool, rows: list[Row], finish: Finish, names: list[str], batch_size: int, adapters: AdapterMode
+    pool: AdapterPool, rows: list[Row], finish: Finish, names: list[str], batch_size: int, adapters: AdapterMode,
+    fused: bool,
 ) -> None:
     """Rows in prompt-length order (identical prompts adjacent, so they are prefilled once), on the pool's
     generation weights, with the adapters gathered into one mixed batch or merged one adapter at a time."""
@@ -78,14 +81,14 @@ def _decode_refill(
     with pool.generation_weights() as master, torch.inference_mode():
         if adapters == "gathered":
             with gathered_adapters(model, names, pool.generation_dtype) as row_adapters:
-                step = HFStep(model, rows=row_adapters, master=master, base_row=PEFT_BASE_ROW)
+                step = HFStep(model, rows=row_adapters, master=master, base_row=PEFT_BASE_ROW, fused=fused)
                 decode(step, queue, finish, slots=batch_size, stop_ids=stop_ids, pad_id=pad_id)
             return
         for name in [PEFT_BASE_ROW, *names]:
             group = [r for r in queue if r.adapter == name]
             if group:
                 with merged_adapter(model, None if name == PEFT_BASE_ROW else name, master):
-                    step = HFStep(model, rows=None, master=master, base_row=PEFT_BASE_ROW)
+                    step = HFStep(model, rows=None, master=master, base_row=PEFT_BASE_ROW, fused=fused)
                     decode(step, group, finish, slots=batch_size, stop_ids=stop_ids, pad_id=pad_id)
 
 

@@ -4,6 +4,11 @@ The decoder runs as transformers builds it (with the LoRA layers swapped as `loc
 layer is applied here, to the last position only and with float32 weights, so logits and sampling stay in
 float32 when the rest of the model runs in bfloat16. That split is only done for architectures whose logits
 are exactly `lm_head(norm(h))`; any other model gets its own full forward and its logits cast to float32.
+
+A decode step (one new token per row) of a plain Llama runs through `LlamaDecode` instead: the same arithmetic
+as transformers' forward in a third of the tensor operations and none of its per-module Python (bench/
+RESULTS.md: small ops and dispatch were a sixth of a long decode), with the projections that share an input
+fused into one matmul and each gathered adapter's A matrix appended to it.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from transformers.cache_utils import get_layer_types_and_kwargs
 
 from backends.local_cache import RowCache
 from backends.local_engine import Row
+from backends.local_llama import LlamaDecode, supported
 from backends.local_lora import Master, RowAdapters
 
 # Architectures whose logits are the output layer applied to the decoder's last hidden state, nothing more
@@ -35,7 +41,11 @@ def full_attention_only(model: PreTrainedModel) -> bool:
 class HFStep:
     """`StepModel` over a transformers model; `rows` (gathered adapters) is told each batch's adapters."""
 
-    def __init__(self, model: PreTrainedModel, *, rows: RowAdapters | None, master: Master | None, base_row: str):
+    def __init__(
+        self, model: PreTrainedModel, *, rows: RowAdapters | None, master: Master | None, base_row: str,
+        fused: bool = True,
+    ):
+        """`fused=False` keeps transformers' own forward for decode steps too (the bench's "before" row)."""
         self._model = model
         self._rows = rows
         self._base_row = base_row
@@ -55,6 +65,8 @@ class HFStep:
             self._decoder = model.get_decoder()
             weight = master(head.weight) if master is not None else head.weight
             self._head = weight.float()
+        self._fast: LlamaDecode | None = None
+        self._fast_supported = fused and self._head is not None and supported(model)
 
     def logits(
         self,
@@ -65,6 +77,11 @@ class HFStep:
         cache: RowCache,
     ) -> torch.Tensor:
         self._set_rows(rows)
+        if input_ids.shape[1] == 1 and self._fast_supported and self._head is not None:
+            if self._fast is None:  # built on the first decode step: a call that only prefills never pays for it
+                self._fast = LlamaDecode(self._model, self._rows)
+            hidden = self._fast.hidden(input_ids, mask, positions, cache)
+            return nn.functional.linear(hidden.to(self._head.dtype), self._head)
         inputs: dict[str, Any] = {
             "input_ids": input_ids,
             "attention_mask": mask,

@@ -16,6 +16,7 @@ printed beside the numbers.
 
     python bench/local_generation.py                          # bundled SmolLM2-135M-Instruct, both workloads
     python bench/local_generation.py --workload long --naive-prompts 12
+    python bench/local_generation.py --workload long --unfused   # + the engine on transformers' own decode step
     python bench/local_generation.py --smoke                  # a tiny random model, seconds: the script works
 """
 
@@ -216,7 +217,8 @@ def report(workload: Workload, timings: list[Timing], flops_per_token: float, ra
               f"{t.load:>15}")
     by = {t.label.split(" ")[0]: t for t in timings}
     pairs = [("engine", "static"), ("engine", "naive"), ("static", "naive"), ("engine-bf16", "engine"),
-             ("engine-bf16", "naive"), ("merged", "engine")]
+             ("engine-bf16", "naive"), ("merged", "engine"),
+             ("engine", "unfused")]
     for a, b in pairs:
         if a in by and b in by:
             print(f"speed-up: {a} / {b} = {by[a].rate / by[b].rate:.2f}x")
@@ -230,6 +232,7 @@ def measure(
     slots: int,
     merged: bool,
     adapters: int,
+    unfused: bool = False,
 ) -> tuple[list[Timing], int]:
     """Every path on the same requests, one after the other; the naive loop on `sample`."""
     for b in (backend, low):
@@ -239,6 +242,9 @@ def measure(
     engine, results = timed("engine (refill, gathered, fp32)",
                             partial(generate_chats, pool, requests, batch_size=slots))
     timings = [engine]
+    if unfused:
+        timings.append(timed("unfused (refill, transformers' step, fp32)",
+                             partial(generate_chats, pool, requests, batch_size=slots, fused=False))[0])
     timings.append(timed("static (today's path, fp32)",
                          partial(generate_chats, pool, requests, batch_size=slots, engine="static"))[0])
     if merged:
@@ -265,6 +271,8 @@ def main() -> None:
     parser.add_argument("--temperature", type=float, default=0.7)
     parser.add_argument("--no-bf16", action="store_true", help="skip the bfloat16 rows")
     parser.add_argument("--merged", action="store_true", help="also time merged-adapter decoding")
+    parser.add_argument("--unfused", action="store_true",
+                        help="also time the engine with transformers' own decode step (before local_llama)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--accuracy-problems", type=int, default=90, help="per dtype, for the accuracy check")
     parser.add_argument("--smoke", action="store_true", help="a tiny random model and workload (seconds)")
@@ -313,7 +321,8 @@ def main() -> None:
         for workload in workloads:
             requests = make_requests(workload, adapters, args.temperature, args.seed)
             sample = spread(requests, args.naive_prompts or naive_default[workload.name])
-            timings, stopped = measure(backend, low, requests, sample, args.batch_size, args.merged, args.adapters)
+            timings, stopped = measure(backend, low, requests, sample, args.batch_size, args.merged, args.adapters,
+                                     args.unfused)
             print(f"\n{len(requests)} chats; engine: {stopped} stopped before max_tokens")
             report(workload, timings, flops_per_token, rates)
 

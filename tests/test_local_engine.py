@@ -275,6 +275,33 @@ def test_gathered_and_merged_adapters_give_pefts_logits(backend: LocalBackend, m
     assert (plain - reference[adapted[0]]).abs().max() > 1e-2
 
 
+def test_the_fused_decode_step_gives_transformers_logits(backend: LocalBackend, models: list[str]) -> None:
+    """`LlamaDecode` (one token per row, fused projections, gathered adapters) against transformers' own forward
+    on the same cache, with rows of every adapter and some left padding."""
+    from backends.local_cache import RowCache
+
+    pool = backend.pool
+    model = pool.loaded.model
+    _, rows = peft_logits(pool, mixed(models, "d"))
+    names = sorted({r.adapter for r in rows} - {"__base__"})
+    config = model.config
+    torch.manual_seed(0)
+    kv = torch.randn(len(rows), config.num_key_value_heads, 9, config.hidden_size // config.num_attention_heads)
+    mask = torch.ones(len(rows), 10, dtype=torch.bool)
+    mask[::2, :4] = False
+    ids = torch.arange(len(rows))[:, None] + 5
+    out = []
+    with torch.inference_mode(), gathered_adapters(model, names, torch.float32) as adapters:
+        for fast in (False, True):
+            step = HFStep(model, rows=adapters, master=None, base_row="__base__", fused=fast)
+            cache = RowCache(step.num_layers, room=2)
+            for layer in cache.roomy():
+                layer.update(kv, kv)
+            out.append(step.logits(rows, ids, mask[:, None, None, :], torch.full((len(rows), 1), 9), cache))
+            assert (step._fast is not None) == fast
+    assert (out[0] - out[1]).abs().max() < 1e-4
+
+
 def test_merged_adapter_decoding_restores_the_base_weights_bitwise(
     backend: LocalBackend, models: list[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
