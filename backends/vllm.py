@@ -244,12 +244,8 @@ class VLLMBackend:
                             backoff_max=s.backoff_max, timeout=s.timeout, billed=False)
 
     def _sends_seeds(self) -> bool:
-        """Per-request seeds, unless `[vllm] request_seeds` says drop, or (auto) the server is ours and this
-        machine has no GPU (vLLM's CPU build refuses them; its global `--seed` is used instead)."""
-        choice = self.settings.request_seeds
-        if choice != "auto":
-            return choice == "send"
-        return bool(self.settings.base_url) or torch.cuda.is_available()
+        """Per-request seeds unless `[vllm] request_seeds = "drop"` (then only the server's global `--seed`)."""
+        return self.settings.request_seeds == "send"
 
     def _is_base(self, model_id: str) -> bool:
         return model_id in (BASE_MODEL_ID, self.model)

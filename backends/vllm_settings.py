@@ -38,10 +38,10 @@ class VLLMConfig(BackendSettings):
     max_model_len: int | None = operational(None, ge=16)  # None: the model's own context length
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # the served weights' (vLLM's --dtype)
     seed: int = 0  # the server's global sampling seed
-    # auto: send each request's seed except to a server started here on a machine without a GPU (vLLM's CPU build
-    # refuses per-request seeds: "CPU Generator does not use offset"); drop: never send them (sampled answers
-    # then depend on the order the server takes requests in, so they are not reproducible one by one)
-    request_seeds: Literal["auto", "send", "drop"] = "auto"
+    # send: each request's seed (vLLM's CPU build 0.32.0 takes them through the server too: sampled answers were
+    # the same, batched and in another order, 2026-12-03); drop: none, the server's global `seed` alone, so a sampled
+    # answer depends on the order the server takes requests in (for a server that refuses per-request seeds)
+    request_seeds: Literal["send", "drop"] = "send"
     server_args: list[str] = operational(default_factory=list)  # more `vllm serve` flags, e.g. ["--enforce-eager"]
     startup_timeout: float = operational(900.0, gt=0)  # seconds the server may take to answer /health
     concurrency: int = operational(64, ge=1, le=4096)

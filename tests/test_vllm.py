@@ -139,7 +139,7 @@ lora_rank = 8
 
 [vllm]
 base_url = "{served.admin.root}"
-request_seeds = "drop"
+request_seeds = "drop"  # the path without per-request seeds (the default, "send", is in test_vllm_backend)
 max_loras = 4
 max_lora_rank = 8
 

@@ -337,7 +337,7 @@ def test_chat_serves_each_agent_under_its_adapters_name_and_unloads_finished_one
         asked = [json.loads(r.text)["model"] for r in results]
         assert [r.key for r in results] == ["k1", "k2", "k3", "k4"]
         assert asked == [MODEL, served_name(a), served_name(b), MODEL]
-        assert {json.loads(r.text)["seed"] for r in results} == {None}  # the CPU build refuses per-request seeds
+        assert {json.loads(r.text)["seed"] for r in results} == {None}  # "drop": only the server's global seed
         assert set(fake_vllm.adapters) == {served_name(a), served_name(b)}
 
         backend.chat([request("k5", str(c))])  # two slots: the adapter used longest ago makes room
@@ -356,8 +356,8 @@ def test_chat_serves_each_agent_under_its_adapters_name_and_unloads_finished_one
     assert fake_vllm.adapters == {}  # the user's server keeps nothing of ours
 
 
-def test_seeds_are_sent_when_asked(fake_vllm: FakeVLLM, tmp_path: Path) -> None:
-    backend = backend_on(fake_vllm, tmp_path, request_seeds="send")
+def test_seeds_are_sent_by_default(fake_vllm: FakeVLLM, tmp_path: Path) -> None:
+    backend = backend_on(fake_vllm, tmp_path)
     try:
         assert json.loads(backend.chat([request("k", BASE_MODEL_ID, seed=11)])[0].text)["seed"] == 11
     finally:
