@@ -238,6 +238,15 @@ class ChecksServer(Protocol):
 
 
 @runtime_checkable
+class ChecksSociety(Protocol):
+    """A backend with a fixed number of model slots (a vLLM server's `max_loras`): `check_society` says, before
+    the run is recorded, whether a society of N agents (2N finetuned models) fits, as a one-line UserError naming
+    the setting to change; going past the slots would evict models silently."""
+
+    def check_society(self, agents: int) -> None: ...
+
+
+@runtime_checkable
 class ReportsRetries(Protocol):
     """A backend that retries remote calls: what the progress bar shows of it ("retrying 3 · 429s 41"; "" while
     nothing has gone wrong), so a user can see a fault storm happening."""

@@ -227,7 +227,7 @@ def _run(store: Store, config: RunConfig, request: RunRequest) -> None:
 
 def _run_locked(store: Store, config: RunConfig, request: RunRequest, stop: GracefulStop, console: Console) -> None:
     from backends import create_backend
-    from backends.base import ChecksServer, NeedsCredentials
+    from backends.base import ChecksServer, ChecksSociety, NeedsCredentials
     from orchestrator.pipeline import Pipeline, open_run
     from orchestrator.report.data import report_data
     from orchestrator.report.terminal import accuracy_table, comparison_table, datasets_table
@@ -246,6 +246,8 @@ def _run_locked(store: Store, config: RunConfig, request: RunRequest, stop: Grac
             backend_obj.check_credentials()
         if isinstance(backend_obj, ChecksServer):  # a chat-only server, an unknown model: said before any spend
             backend_obj.check_server(finetuning=not more_only or bool(request.baselines))
+        if isinstance(backend_obj, ChecksSociety):  # a society that would not fit the server's model slots
+            backend_obj.check_society(config.agents)
         run_row = open_run(store, config, run_id, must_exist=request.must_exist)
     except BaseException:
         backend_obj.close()

@@ -382,3 +382,26 @@ def test_a_server_without_the_model_or_not_answering_is_refused_before_the_run(
     gone = backend_on(fake_vllm, tmp_path)
     with pytest.raises(UserError, match="no vLLM server answers at"):
         gone.check_server(finetuning=False)
+
+
+def test_the_cli_refuses_a_society_too_large_for_the_servers_slots_before_the_run(
+    fake_vllm: FakeVLLM, tmp_path: Path
+) -> None:
+    """3 agents need 6 adapters; a server with 4 slots would evict some mid-run: one line, exit 2, no run."""
+    from click.testing import CliRunner
+
+    from orchestrator.cli import cli
+    from orchestrator.store import Store
+
+    config = tmp_path / "run.toml"
+    config.write_text(f'[vllm]\nstart = false\nbase_url = "{fake_vllm.origin}"\nmax_loras = 4\n', encoding="utf-8")
+    db = tmp_path / "maft.db"
+    result = CliRunner().invoke(cli, ["run", "--backend", "vllm", "--config", str(config), "--db", str(db),
+                                      "--workdir", str(tmp_path / "work")])
+    # main() prints a UserError as its one line and exits 2 (tests/test_cli.py); here it reaches the runner
+    assert isinstance(result.exception, UserError), result.output
+    assert "set [vllm] max_loras = 6 or more" in str(result.exception) and "\n" not in str(result.exception)
+    assert fake_vllm.bodies == []  # nothing was asked
+    store = Store(db)
+    assert store.db["runs"].count == 0
+    store.close()
