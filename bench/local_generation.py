@@ -303,8 +303,13 @@ def main() -> None:
               f"torch {torch.__version__} ({torch.get_num_threads()} threads), transformers "
               f"{transformers.__version__}, bf16 matmul instructions: {cpu_has_fast_bf16()}")
         print(f"date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, load average {load_average()}")
-        rates = {"float32": matmul_rate(torch.float32), "bfloat16": matmul_rate(torch.bfloat16)}
-        print(f"matmul 2048^2: float32 {rates['float32']:.0f} GFLOP/s, bfloat16 {rates['bfloat16']:.0f} GFLOP/s")
+        # bfloat16 only where its rows run: on a CPU without bf16 matmul instructions (AVX2 only) torch's bf16
+        # matmul runs at about 1 GFLOP/s, and timing a 2048^2 one takes minutes
+        size = 512 if args.smoke else 2048
+        rates = {"float32": matmul_rate(torch.float32, size)}
+        if bf16:
+            rates["bfloat16"] = matmul_rate(torch.bfloat16, size)
+        print(f"matmul {size}^2: " + ", ".join(f"{k} {v:.0f} GFLOP/s" for k, v in rates.items()))
         adapters = make_adapters(model, Path(tmp), args.adapters, args.rank, args.adapter_std, args.seed)
         backend = LocalBackend(model, workdir=Path(tmp), device="auto", dtype="float32",
                                batch_size=args.batch_size, show_progress=False)
@@ -315,8 +320,7 @@ def main() -> None:
         print(f"model {args.model if not args.smoke else 'tiny random Llama'}: {params / 1e6:.1f} M parameters, "
               f"{flops_per_token / 1e9:.3f} GFLOP per token; {args.adapters} LoRA adapters r={args.rank}; "
               f"{args.batch_size} slots; device {backend.pool.loaded.device}")
-        print(f"compute bound: float32 {rates['float32'] * 1e9 / flops_per_token:.0f} tok/s, bfloat16 "
-              f"{rates['bfloat16'] * 1e9 / flops_per_token:.0f} tok/s")
+        print("compute bound: " + ", ".join(f"{k} {v * 1e9 / flops_per_token:.0f} tok/s" for k, v in rates.items()))
 
         for workload in workloads:
             requests = make_requests(workload, adapters, args.temperature, args.seed)
@@ -347,7 +351,8 @@ def main() -> None:
                     line.append(f"{label} {right}/{total} = {100 * right / total:.1f} %")
             mode = "greedy" if temperature == 0 else f"temperature {temperature}"
             print(f"accuracy, base model, arithmetic:easy, {mode}: " + ", ".join(line))
-        print(f"load average at the end {load_average()}; matmul float32 {matmul_rate(torch.float32):.0f} GFLOP/s")
+        print(f"load average at the end {load_average()}; matmul float32 {matmul_rate(torch.float32, size):.0f} "
+              "GFLOP/s")
 
 
 if __name__ == "__main__":

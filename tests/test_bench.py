@@ -28,5 +28,6 @@ def test_openai_concurrency_bench_runs() -> None:
 
 @pytest.mark.slow
 def test_local_generation_bench_runs() -> None:
-    out = bench("local_generation.py", "--prompts", "3", "--max-tokens", "8", "--accuracy-problems", "6")
+    out = bench("local_generation.py", "--workload", "short", "--prompts", "3", "--max-tokens", "8",
+                "--naive-prompts", "3", "--accuracy-problems", "3", "--no-bf16")
     assert "naive and batched texts equal: 3/3" in out and "speed-up:" in out
