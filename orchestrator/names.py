@@ -14,8 +14,8 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from orchestrator.societies import BASELINES, MAFT
 
-DebateStage = Literal["train", "eval", "rationale", "ask", "solve"]
-USE_STAGES = ("ask", "solve")  # a finished society put to the user's own questions (`orchestrator ask` / `solve`)
+DebateStage = Literal["train", "eval", "rationale", "ask", "solve", "serve"]
+USE_STAGES = ("ask", "solve", "serve")  # a finished society put to the user's own questions (ask / solve / serve)
 
 # [transfer/TASK/][SOCIETY/]STAGE-ITERATION; the society is one of BASELINES, so a task named by a path with "/"
 # in it (a JSONL file) is read whole rather than split into a task and a society
@@ -26,7 +26,7 @@ _DEBATE = re.compile(
 # [SOCIETY/]ask-ITERATION/INPUT, [SOCIETY/]solve-ITERATION/INPUT: INPUT is a digest of what was asked and how
 _USE = re.compile(
     r"(?:(?P<society>" + "|".join(map(re.escape, BASELINES)) + r")/)?"
-    r"(?P<stage>ask|solve)-(?P<iteration>\d+)/(?P<input>[0-9a-f]{16})"
+    r"(?P<stage>ask|solve|serve)-(?P<iteration>\d+)/(?P<input>[0-9a-f]{16})"
 )
 
 
