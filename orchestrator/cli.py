@@ -9,7 +9,7 @@ import sqlite3
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import click
 from pydantic import BaseModel, ConfigDict
@@ -269,15 +269,8 @@ def _run_locked(store: Store, config: RunConfig, request: RunRequest, stop: Grac
             pipeline.run_more(request.baselines, request.transfer)
         else:
             pipeline.run(request.baselines)
-    except (KeyboardInterrupt, StopRequested) as exc:
-        where = "at a safe point" if isinstance(exc, StopRequested) else "at once"
-        # soft_wrap: the resume command must stay on one line, whatever the terminal's width
-        console.print(f"[yellow]stopped {where}: everything finished so far is stored; continue with `{resume_cmd}`",
-                      soft_wrap=True)
-        sys.exit(130)
-    except RunStopped as exc:
-        console.print(f"[red]stopped: {exc}; then `{resume_cmd}`", soft_wrap=True)
-        sys.exit(1)
+    except (KeyboardInterrupt, StopRequested, RunStopped) as exc:
+        _stopped(exc, console, "everything finished so far is stored", resume_cmd)
     except (OSError, sqlite3.OperationalError) as exc:
         if not _disk_full(exc):
             raise
@@ -294,6 +287,18 @@ def _run_locked(store: Store, config: RunConfig, request: RunRequest, stop: Grac
     spent = store.total_cost(run_id)
     console.print(f"finished in {time.monotonic() - started:.0f} s" + (f" · ${spent:.4f} spent" if spent else "")
                   + f" · `orchestrator report {run_id}{_db_flag(db)}` shows it again")
+
+
+def _stopped(exc: BaseException, console: Console, kept: str, resume: str) -> NoReturn:
+    """How every command that runs paid work ends when stopped: Ctrl-C or a safe-point stop exit 130, a budget or
+    a failed job (RunStopped) exits 1, each with what is kept and the command that continues."""
+    if isinstance(exc, RunStopped):
+        console.print(f"[red]stopped: {exc}; then `{resume}`", soft_wrap=True)
+        sys.exit(1)
+    where = "at a safe point" if isinstance(exc, StopRequested) else "at once"
+    # soft_wrap: the resume command must stay on one line, whatever the terminal's width
+    console.print(f"[yellow]stopped {where}: {kept}; continue with `{resume}`", soft_wrap=True)
+    sys.exit(130)
 
 
 def _disk_full(exc: BaseException) -> bool:
@@ -589,14 +594,8 @@ def _use(command: str, options: Any, db: str | None, resume: str, work: Any) -> 
             chosen = choose_society(pipeline, options.society)
             try:
                 work(pipeline, chosen, rounds, console)
-            except (KeyboardInterrupt, StopRequested) as exc:
-                where = "at a safe point" if isinstance(exc, StopRequested) else "at once"
-                console.print(f"[yellow]stopped {where}: every reply so far is stored; continue with `{resume}`",
-                              soft_wrap=True)
-                sys.exit(130)
-            except RunStopped as exc:
-                console.print(f"[red]stopped: {exc}; then `{resume}`", soft_wrap=True)
-                sys.exit(1)
+            except (KeyboardInterrupt, StopRequested, RunStopped) as exc:
+                _stopped(exc, console, "every reply so far is stored", resume)
     finally:
         store.close()
 

@@ -25,8 +25,6 @@ for N = 3 is the 2-to-1 split every strict-majority pair already has; raise it t
 
 from __future__ import annotations
 
-import hashlib
-import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 
@@ -35,6 +33,7 @@ from pydantic import BaseModel, Field
 from backends.base import ChatMessage
 from backends.preference_data import HostedPreferenceLine, PairKind, PairRole, PreferenceLine
 from orchestrator.debate import AgentTranscript, DebateOutcome
+from orchestrator.training_data import write_atomically
 from orchestrator.voting import agrees
 
 Equivalent = Callable[[str, str], bool]
@@ -257,13 +256,4 @@ def write_hosted_jsonl(path: Path, pairs: Sequence[PreferencePair]) -> str:
 
 
 def _write(path: Path, lines: Sequence[str]) -> str:
-    """Atomic, as training_data.write_jsonl: a crash never leaves half a file under the final name."""
-    data = "".join(line + "\n" for line in lines).encode("utf-8")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-    return hashlib.sha256(data).hexdigest()
+    return write_atomically(path, "".join(line + "\n" for line in lines).encode("utf-8"))

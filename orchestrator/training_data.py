@@ -170,7 +170,12 @@ def agreeing_examples(
 def write_jsonl(path: Path, examples: Sequence[Example], prefix: bytes = b"") -> str:
     """Write atomically (a crash never leaves half a file under the final name), after `prefix` (lines of an
     earlier file); return the sha256."""
-    data = prefix + "".join(e.to_json() + "\n" for e in examples).encode("utf-8")
+    return write_atomically(path, prefix + "".join(e.to_json() + "\n" for e in examples).encode("utf-8"))
+
+
+def write_atomically(path: Path, data: bytes) -> str:
+    """Write `data` under a temporary name, fsync, then rename: a crash never leaves half a file under the final
+    name. Returns the sha256 the dataset rows record."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".tmp")
     with open(tmp, "wb") as fh:

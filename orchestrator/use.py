@@ -31,8 +31,9 @@ from orchestrator.config import RunConfig
 from orchestrator.costs import Ledger, run_pricing
 from orchestrator.debate import DebateOutcome, Society
 from orchestrator.interrupts import never
-from orchestrator.names import MAFT, DebateName
+from orchestrator.names import DebateName
 from orchestrator.pipeline import Pipeline
+from orchestrator.societies import MAFT
 from orchestrator.store import Store, StoreState
 from orchestrator.tasks import Problem
 
