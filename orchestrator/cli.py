@@ -575,7 +575,7 @@ _USE_MAX_COST_HELP = ("Budget for the run as a whole, as `run` and `eval` hold i
 
 
 def _use(command: str, options: Any, db: str | None, resume: str, work: Any) -> None:
-    """`ask` and `solve`: open the run and its society (lock, backend, ledger), call `work(pipeline, chosen,
+    """`ask`, `solve` and `serve`: open the run and its society (lock, backend, ledger), call `work(pipeline, chosen,
     rounds, console)`, and end as `run` ends: a budget stop is exit 1, Ctrl-C 130, each with the command that
     continues. (`options` is a `use.UseOptions`; typed loosely so that `--help` imports nothing heavy.)"""
     from orchestrator.pipeline import stored_config
@@ -588,7 +588,7 @@ def _use(command: str, options: Any, db: str | None, resume: str, work: Any) -> 
     try:
         config = stored_config(store, run_id)
         rounds = rounds_for(config, options.rounds)
-        # one `ask` or `solve` of a run at a time: two at once would pay for the same replies twice
+        # one `ask`, `solve` or `serve` of a run at a time: two at once would pay for the same replies twice
         with RunLock(store.path, f"{run_id}.use"), GracefulStop() as stop, \
                 open_society(store, config, options, console, stop.check) as pipeline:
             chosen = choose_society(pipeline, options.society)
@@ -713,3 +713,56 @@ def export(run_id: str, to: Path, society: str | None, fmt: str, db: str | None)
                    f"manifest {to / 'society.json'}")
     finally:
         store.close()
+
+
+@cli.command()
+@click.argument("run_id", metavar="RUN")
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to listen on: loopback by default; 0.0.0.0 lets other machines in (give --api-key).")
+@click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True,
+              help="Port to listen on (0: one the system chooses, printed at start).")
+@click.option("--api-key", envvar="MAFT_API_KEY", metavar="KEY",
+              help="Clients must send 'Authorization: Bearer KEY' (env MAFT_API_KEY). [default: no key asked]")
+@click.option("--rounds", type=int, help="M: debate rounds. [default: the run's]")
+@click.option("--batch-window", type=click.FloatRange(0, 60), default=0.05, show_default=True, metavar="SECONDS",
+              help="How long a first question waits for others to share its debate (the local engine batches them).")
+@click.option("--db", help=DB_HELP)
+@click.option("--workdir", type=click.Path(path_type=Path), help="The run's folder, where a local run keeps its "
+              "adapters. [default: maft-runs/RUN beside the database]")
+@click.option("--max-cost", type=float, metavar="USD", help=_USE_MAX_COST_HELP + " A request that would pass it "
+              "gets HTTP 429 (insufficient_quota); the server keeps serving.")
+@click.option("--prices", type=click.Path(path_type=Path), help="TOML file of prices replacing the packaged ones.")
+def serve(run_id: str, host: str, port: int, api_key: str | None, rounds: int | None, batch_window: float,
+          db: str | None, workdir: Path | None, max_cost: float | None, prices: Path | None) -> None:
+    """Serve RUN's societies as an OpenAI-compatible API: point any OpenAI client's base_url at
+    http://HOST:PORT/v1.
+
+    GET /v1/models lists RUN (the last trained iteration), RUN@base, RUN@1, ...; POST /v1/chat/completions debates
+    the last user message with that society and answers with the chain of an agent that holds the majority's
+    answer, usage summing every token of the debate, and the votes and agreement in an extra `maft` field.
+    Questions that arrive together are debated together. Each costs what `ask` costs, under stage "serve" in the
+    cost ledger; a question asked before is answered from the store, free. Ctrl-C stops."""
+    from orchestrator.serve import Debates, Listening, create_app, served_societies
+    from orchestrator.use import UseOptions
+
+    if api_key is not None and not api_key.strip():
+        raise UserError("--api-key (or MAFT_API_KEY) is empty: give the key clients must send, or leave it unset")
+    options = UseOptions(run_id=run_id, rounds=rounds, workdir=workdir, max_cost=max_cost, prices=prices, quiet=True)
+
+    def work(pipeline: Any, chosen: Any, m: int, console: Console) -> None:
+        debates = Debates(served_societies(pipeline.store, pipeline), m, window=batch_window)
+        with Listening(create_app(debates, api_key), host, port) as http:
+            shown = f"[{host}]" if ":" in host else host
+            console.print(f"serving run [bold]{run_id}[/] ({', '.join(debates.societies)}) · "
+                          f"{pipeline.config.agents} agents × {m} rounds · {pipeline.config.backend} on "
+                          f"http://{shown}:{http.port}/v1 · Ctrl-C stops", highlight=False, soft_wrap=True)
+            if api_key is None and host not in ("127.0.0.1", "localhost", "::1"):
+                console.print(f"[yellow]warning: {host} is reachable from other machines and no --api-key is set: "
+                              "anyone who reaches it spends this run's budget", soft_wrap=True)
+            sys.stdout.flush()
+            try:
+                debates.serve_forever(pipeline, http.alive)
+            except StopRequested:  # Ctrl-C: how a server is meant to stop
+                console.print("stopped serving; every reply is stored", highlight=False)
+
+    _use("serve", options, db, f"orchestrator serve {run_id}{_db_flag(db)}", work)

@@ -15,7 +15,7 @@ import re
 import sys
 import time
 import traceback
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -49,13 +49,26 @@ def debug_requested(environ: Mapping[str, str]) -> bool:
     return (environ.get(DEBUG_VARIABLE) or "").strip().lower() not in ("", "0", "false", "no")
 
 
-def secrets_scrubber(environ: Mapping[str, str] | None = None, dotenv: Path | None = None) -> Scrubber:
-    """A scrubber of every secret-looking variable of the environment and `./.env` (plus credential shapes)."""
+def secrets_scrubber(environ: Mapping[str, str] | None = None, dotenv: Path | None = None,
+                     extra: Iterable[str] = ()) -> Scrubber:
+    """A scrubber of every secret-looking variable of the environment and `./.env` and of `extra` (plus
+    credential shapes)."""
     try:
         env = read_environment(environ, dotenv)
     except UserError:  # a broken .env: the environment alone
         env = dict(environ if environ is not None else os.environ)
-    return Scrubber(value for name, value in env.items() if _SECRET_NAME.search(name) and value)
+    return Scrubber([*(value for name, value in env.items() if _SECRET_NAME.search(name) and value), *extra])
+
+
+def argv_secrets(argv: Sequence[str]) -> list[str]:
+    """The values of secret-named flags on the command line (`--api-key KEY`, `--api-key=KEY`): the log's
+    header repeats the command line, and a key given as a flag is as secret as one in the environment."""
+    found = []
+    for i, arg in enumerate(argv):
+        flag, equals, value = arg.partition("=")
+        if flag.startswith("--") and _SECRET_NAME.search(flag):
+            found.append(value if equals else (argv[i + 1] if i + 1 < len(argv) else ""))
+    return [v for v in found if v]
 
 
 def write_log(context: CommandContext, exc: BaseException, argv: list[str], scrubber: Scrubber) -> Path | None:
@@ -103,6 +116,6 @@ def ending(exc: BaseException, context: CommandContext, argv: list[str], scrubbe
 def finish(exc: BaseException, context: CommandContext, argv: list[str] | None = None) -> int:
     """Print the line for `exc` on stderr and return the exit status."""
     args = list(sys.argv[1:] if argv is None else argv)
-    line, status = ending(exc, context, args, secrets_scrubber())
+    line, status = ending(exc, context, args, secrets_scrubber(extra=argv_secrets(args)))
     click.echo(line, err=True)
     return status

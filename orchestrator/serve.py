@@ -24,6 +24,7 @@ import asyncio
 import hashlib
 import json
 import queue
+import socket
 import sys
 import threading
 import time
@@ -41,6 +42,7 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from foundation.errors import RunStopped, UserError
+from orchestrator.interrupts import StopRequested
 from orchestrator.names import DebateName
 from orchestrator.pipeline import Pipeline
 from orchestrator.store import ResponseRow, Store
@@ -161,6 +163,11 @@ class ApiError(Exception):
         return JSONResponse(self.body.model_dump(), status_code=self.status)
 
 
+def stopping() -> ApiError:
+    """What a client waiting when the server stops is answered."""
+    return ApiError(503, "the server is stopping", "server_error", code="server_stopping")
+
+
 # the societies ---------------------------------------------------------------------------------------------------
 
 
@@ -230,44 +237,50 @@ class Debates:
                 self._debate(pipeline, batch)
                 pipeline.checkpoint()
         finally:
-            self._fail_waiting(ApiError(503, "the server is stopping", "server_error", code="server_stopping"))
+            self._fail_waiting()
 
-    def _fail_waiting(self, error: ApiError) -> None:
+    def _fail_waiting(self) -> None:
         while True:
             try:
                 job = self._jobs.get_nowait()
             except queue.Empty:
                 return
             if not job.future.done():
-                job.future.set_exception(error)
+                job.future.set_exception(stopping())
 
     def _debate(self, pipeline: Pipeline, batch: list[_Job]) -> None:
         """One debate per society in the batch, all its questions at once."""
         by_model: dict[str, list[_Job]] = {}
         for job in batch:
             by_model.setdefault(self.societies[job.model].name, []).append(job)
-        for jobs in by_model.values():
-            done: Sequence[ChatCompletion | ApiError]
-            try:
-                done = self._debate_society(pipeline, self.societies[jobs[0].model], jobs)
-            except RunStopped as exc:  # over --max-cost: this batch is refused, the server keeps serving
-                done = [ApiError(429, f"refused: {exc}", "insufficient_quota", code="insufficient_quota")
-                        for _ in jobs]
-            except UserError as exc:
-                done = [ApiError(400, str(exc)) for _ in jobs]
-            except Exception as exc:
-                print(f"serve: a debate failed: {exc!r}", file=sys.stderr, flush=True)
-                done = [ApiError(500, f"the debate failed: {exc}", "server_error") for _ in jobs]
-            except BaseException:  # Ctrl-C in the middle of a debate: answer the waiting clients, then stop
-                for job in jobs:
-                    job.future.set_exception(ApiError(503, "the server is stopping", "server_error",
-                                                      code="server_stopping"))
-                raise
-            for job, result in zip(jobs, done, strict=True):
-                if isinstance(result, ApiError):
-                    job.future.set_exception(result)
-                else:
-                    job.future.set_result(result.model_copy(update={"model": job.model}))
+        try:
+            for jobs in by_model.values():
+                self._answer(pipeline, jobs)
+        except BaseException:  # Ctrl-C (at a safe point, or a second one at once): answer every client, then stop
+            for job in batch:
+                if not job.future.done():
+                    job.future.set_exception(stopping())
+            raise
+
+    def _answer(self, pipeline: Pipeline, jobs: list[_Job]) -> None:
+        """Debate one society's questions and settle their futures; a failure fails this batch, not the server."""
+        done: Sequence[ChatCompletion | ApiError]
+        try:
+            done = self._debate_society(pipeline, self.societies[jobs[0].model], jobs)
+        except StopRequested:
+            raise
+        except RunStopped as exc:  # over --max-cost: this batch is refused, the server keeps serving
+            done = [ApiError(429, f"refused: {exc}", "insufficient_quota", code="insufficient_quota") for _ in jobs]
+        except UserError as exc:
+            done = [ApiError(400, str(exc)) for _ in jobs]
+        except Exception as exc:
+            print(f"serve: a debate failed: {exc!r}", file=sys.stderr, flush=True)
+            done = [ApiError(500, f"the debate failed: {exc}", "server_error") for _ in jobs]
+        for job, result in zip(jobs, done, strict=True):
+            if isinstance(result, ApiError):
+                job.future.set_exception(result)
+            else:
+                job.future.set_result(result.model_copy(update={"model": job.model}))
 
     def _debate_society(self, pipeline: Pipeline, chosen: Chosen, jobs: list[_Job]) -> list[ChatCompletion]:
         ids = [question_id(j.question) for j in jobs]
@@ -388,28 +401,46 @@ def read_request(raw: bytes, models: Mapping[str, Chosen]) -> ChatCompletionRequ
 
 
 class Listening:
-    """uvicorn serving `app` in a thread of its own (the main thread debates), started and stopped here."""
+    """uvicorn serving `app` in a thread of its own (the main thread debates), started and stopped here. The
+    socket is bound here, before uvicorn starts, so a taken port is one clear error (not uvicorn's log and an exit
+    in its thread), and `--port 0` learns the port the system chose."""
 
     def __init__(self, app: Starlette, host: str, port: int) -> None:
         import uvicorn
 
-        self.host, self.port = host, port
+        self.host, self.port_asked = host, port
         self.server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning",
                                                     access_log=False, lifespan="off"))
-        self.thread = threading.Thread(target=self.server.run, name="serve-http", daemon=True)
+        self.sock: socket.socket | None = None
+        self.thread: threading.Thread | None = None
 
     def __enter__(self) -> Listening:
+        try:
+            family = socket.getaddrinfo(self.host, self.port_asked, type=socket.SOCK_STREAM)[0][0]
+            self.sock = socket.create_server((self.host, self.port_asked), family=family)
+        except OSError as exc:
+            raise UserError(f"cannot listen on {self.host}:{self.port_asked}: {exc.strerror or exc}; choose another "
+                            "--port or --host") from None
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, name="serve-http",
+                                       daemon=True)
         self.thread.start()
         while not self.server.started:
-            if not self.thread.is_alive():  # uvicorn could not bind (it has logged why)
-                raise UserError(f"cannot listen on {self.host}:{self.port}: the address is taken or not this "
-                                "machine's; choose another --port or --host")
+            if not self.thread.is_alive():
+                raise RuntimeError("the HTTP server stopped while starting")
             time.sleep(0.02)
         return self
 
+    @property
+    def port(self) -> int:
+        """The port listened on: the one asked for, or the one the system chose for `--port 0`."""
+        return int(self.sock.getsockname()[1]) if self.sock is not None else self.port_asked
+
     def alive(self) -> bool:
-        return self.thread.is_alive()
+        return self.thread is not None and self.thread.is_alive()
 
     def __exit__(self, *exc: object) -> None:
         self.server.should_exit = True
-        self.thread.join(timeout=10)
+        if self.thread is not None:
+            self.thread.join(timeout=10)
+        if self.sock is not None:
+            self.sock.close()

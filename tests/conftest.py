@@ -8,6 +8,7 @@ import pytest
 
 from tests.fake_openai import FakeOpenAI
 from tests.fake_together import FakeTogether
+from tests.finished_run import Finished, finished_run
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -38,3 +39,10 @@ def fake_together(request: pytest.FixtureRequest) -> Iterator[FakeTogether]:
     marker = request.node.get_closest_marker("fake_together")
     with FakeTogether(**(marker.kwargs if marker else {})) as fake:
         yield fake
+
+
+@pytest.fixture(scope="session")
+def finished(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Finished]:
+    """One finished openai run on the fake server, made once for test_use and test_serve (each test copies its
+    database with `finished.copy(tmp_path)`)."""
+    yield from finished_run(tmp_path_factory.mktemp("finished"))
