@@ -159,6 +159,14 @@ class BackendInfo(BaseModel):
     min_training_examples: int = 1  # the provider refuses smaller files (OpenAI: 10)
     full_finetune: bool = False  # full finetuning rather than LoRA, where the provider prices them apart
     embedding_model: str | None = None  # the model `embed` uses when given none (SupportsEmbeddings); None: no endpoint
+    # What a finetune can learn (`TrainingParams.objective`): every backend trains "sft"; the preference objectives
+    # only where the provider has a preference method. `weighted_pairs`: the pairs' vote-margin weights scale the
+    # loss in our trainer's format (a hosted provider sets False: the pairs under `[preference] min_margin` are
+    # dropped and the providers' format is written); `one_turn_pairs`: the provider takes only prompts with one user
+    # turn (OpenAI's DPO), so the critics' pairs are dropped
+    objectives: tuple[Objective, ...] = ("sft",)
+    weighted_pairs: bool = True
+    one_turn_pairs: bool = False
 
 
 @runtime_checkable

@@ -97,6 +97,7 @@ class LocalBackend:
             supports_batch=False,
             pricing_source="local compute: no per-token price",
             training_epochs=self.training_epochs,
+            objectives=("sft", "dpo", "sft-then-dpo"),  # our trainer's DPO + NLL, weighted per pair
         )
 
     def chat(self, requests: Sequence[ChatRequest], on_result: ResultCallback | None = None) -> list[ChatResult]:

@@ -86,6 +86,10 @@ class OpenAIBackend(HostedBackend[OpenAIConfig, OpenAI, OpenAIJobs]):
             training_epochs=epochs if isinstance(epochs, int) else AUTO_EPOCHS_ESTIMATE,
             min_training_examples=MIN_EXAMPLES,
             embedding_model=DEFAULT_EMBEDDING_MODEL,
+            # method "dpo" on one-turn prompts only, and no NLL term: DPO only after an SFT job ("sft-then-dpo")
+            objectives=("sft", "sft-then-dpo"),
+            weighted_pairs=False,
+            one_turn_pairs=True,
         )
 
     def check_server(self, *, finetuning: bool) -> None:

@@ -84,6 +84,9 @@ class TogetherBackend(HostedBackend[TogetherConfig, Together, TogetherJobs]):
             training_epochs=self.settings.n_epochs,
             min_training_examples=MIN_EXAMPLES,
             full_finetune=not self.settings.lora,
+            # training_method="dpo" (rpo_alpha its NLL term), and an SFT job then a DPO job from its checkpoint
+            objectives=("sft", "dpo", "sft-then-dpo"),
+            weighted_pairs=False,
         )
 
     def chat(self, requests: Sequence[ChatRequest], on_result: ResultCallback | None = None) -> list[ChatResult]:

@@ -130,6 +130,7 @@ class VLLMBackend:
             pricing_source="local compute: no per-token price",
             billed=False,
             training_epochs=self.training.epochs,
+            objectives=("sft", "dpo", "sft-then-dpo"),  # the local backend's trainer, in this process
         )
 
     def check_server(self, *, finetuning: bool) -> None:

@@ -228,6 +228,7 @@ def _run(store: Store, config: RunConfig, request: RunRequest) -> None:
 def _run_locked(store: Store, config: RunConfig, request: RunRequest, stop: GracefulStop, console: Console) -> None:
     from backends import create_backend
     from backends.base import ChecksServer, ChecksSociety, NeedsCredentials
+    from orchestrator.config import objective_problem
     from orchestrator.pipeline import Pipeline, open_run
     from orchestrator.report.data import report_data
     from orchestrator.report.terminal import accuracy_table, comparison_table, datasets_table
@@ -242,6 +243,8 @@ def _run_locked(store: Store, config: RunConfig, request: RunRequest, stop: Grac
         # recorded: nothing is left behind but the message.
         info = backend_obj.describe()
         pricing = run_pricing(info, request.prices, max_cost=max_cost, console=console)
+        if (problem := objective_problem(config.training.objective, info)) is not None:  # no such method: asks nobody
+            raise UserError(problem)
         if isinstance(backend_obj, NeedsCredentials):
             backend_obj.check_credentials()
         if isinstance(backend_obj, ChecksServer):  # a chat-only server, an unknown model: said before any spend

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, Literal, TypeAlias, cast
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, model_validator
 
 from backends import DEFAULT_BACKEND, backend_entries, backend_entry, backend_names
-from backends.base import TrainingParams
+from backends.base import BackendInfo, Objective, TrainingParams
 from backends.local_settings import DEFAULT_MODEL
 from backends.settings import BackendSettings, operational, operational_fields
 from foundation.added_later import OmitsAddedDefaults, added_later
@@ -61,7 +61,14 @@ class PreferenceConfig(BaseModel):
     min_margin: float | None = Field(None, gt=0.0, le=1.0)
 
 
-PREFERENCE_BACKENDS = ("local",)  # the backends whose finetunes take preference pairs (`FinetuneSpec.objective`)
+def objective_problem(objective: Objective, info: BackendInfo) -> str | None:
+    """Why a backend cannot train `[training] objective` (None: it can), said from its capability
+    (`BackendInfo.objectives`) before the run is recorded, naming what does work."""
+    if objective in info.objectives:
+        return None
+    works = " or ".join(f'"{o}"' for o in info.objectives)
+    return (f"[training] objective \"{objective}\" does not run on the {info.name} backend: use objective {works} "
+            "there, or a backend that trains it (local and vllm train all three)")
 
 
 def _default_training(max_length: int = 512) -> TrainingParams:
@@ -157,10 +164,6 @@ class RunConfig(_WithBackendSections):
         if not backend_entry(self.backend).runs_bundled_model and self.model == DEFAULT_MODEL:
             raise ValueError(f"the {self.backend} backend needs a model it serves: pass --model, e.g. "
                              "gpt-4.1-mini-2025-04-14 (the bundled SmolLM2 runs only on the local backend)")
-        if self.training.objective != "sft" and self.backend not in PREFERENCE_BACKENDS:
-            raise ValueError(f"[training] objective {self.training.objective!r} runs on the "
-                             f"{', '.join(PREFERENCE_BACKENDS)} backend only so far: use objective \"sft\" on "
-                             f"{self.backend}")
         problem = self.backend_settings().problem()
         if problem is not None:
             raise ValueError(problem)

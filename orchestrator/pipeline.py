@@ -43,7 +43,10 @@ from orchestrator.preference import (
     build_agent_pairs,
     by_slot,
     count_pairs,
+    default_min_margin,
     extra_sample_slots,
+    keep_margin,
+    write_hosted_jsonl,
     write_local_jsonl,
 )
 from orchestrator.progress import RetryColumn
@@ -352,12 +355,27 @@ class Pipeline:
     def pairs_path(self, society: str, iteration: int, agent: int, role: str) -> Path:
         return self.dataset_path(society, iteration, agent, role).with_suffix(".pairs.jsonl")
 
+    def sendable_pairs(self, pairs: Sequence[PreferencePair]) -> list[PreferencePair]:
+        """The pairs the backend is given: all of them where it weights pairs (local); else those with at least
+        `[preference] min_margin` (default 1/N), and on a one-turn-only provider (OpenAI) only those whose prompt
+        has one user turn (generator pairs: a critic's prompt holds its earlier rounds)."""
+        if self.info.weighted_pairs:
+            return list(pairs)
+        kept = keep_margin(pairs, self.config.preference.min_margin or default_min_margin(self.config.agents))
+        if self.info.one_turn_pairs:
+            kept = [p for p in kept if sum(m.role == "user" for m in p.messages) == 1]
+        return kept
+
     def _with_pairs(self, row: DatasetRow, pairs: Sequence[PreferencePair]) -> DatasetRow:
-        """`row` with its (agent, role)'s pair file written (our trainer's format, weights included) and counted."""
+        """`row` with its (agent, role)'s pair file written and counted: our trainer's format, weights included,
+        where the backend weights pairs; else the providers' format with only the pairs it is sent, so the counts
+        are what is sent."""
         path = self.pairs_path(row.society, row.iteration, row.agent, row.role)
+        pairs = self.sendable_pairs(pairs)
+        write = write_local_jsonl if self.info.weighted_pairs else write_hosted_jsonl
         counts = {c.kind: c for c in count_pairs(pairs, self.config.agents) if c.agent == row.agent}
         return row.model_copy(update={
-            "pairs_path": str(path), "pairs_sha256": write_local_jsonl(path, pairs), "n_pairs": len(pairs),
+            "pairs_path": str(path), "pairs_sha256": write(path, pairs), "n_pairs": len(pairs),
             "n_pairs_generator": counts["generator"].pairs, "n_pairs_correction": counts["correction"].pairs,
             "n_pairs_anti_sycophancy": counts["anti-sycophancy"].pairs,
             "pairs_weight": round(sum(c.weight for c in counts.values()), 9),

@@ -180,9 +180,16 @@ def test_objective_sft_is_todays_run(tmp_path: Path) -> None:
 
 
 def test_a_preference_objective_on_a_backend_without_it_is_refused() -> None:
-    with pytest.raises(ValueError, match="local backend only"):
-        RunConfig.model_validate({**SMALL, "backend": "openai", "model": "gpt-4.1-mini-2025-04-14",
-                                  "training": {"objective": "dpo"}})
+    # by the backend's capability (BackendInfo.objectives), checked by `run` before the run is recorded
+    # (tests/test_hosted_dpo.py drives the CLI): the config itself is valid on any backend
+    from orchestrator.config import objective_problem
+
+    RunConfig.model_validate({**SMALL, "backend": "openai", "model": "gpt-4.1-mini-2025-04-14",
+                              "training": {"objective": "dpo"}})
+    problem = objective_problem("dpo", BackendInfo(name="openai", base_model="m", objectives=("sft", "sft-then-dpo")))
+    assert problem is not None and '"sft" or "sft-then-dpo"' in problem
+    assert objective_problem("dpo", BackendInfo(name="local", base_model="m",
+                                                objectives=("sft", "dpo", "sft-then-dpo"))) is None
 
 
 class ScriptedChatLocalTraining(ScriptedBackend):
