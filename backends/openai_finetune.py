@@ -6,6 +6,13 @@ Three things cost money or a day here, so each is guarded:
 - a second upload of the same data: files are de-duplicated by content sha256 through BackendState;
 - a second job for the same key after a crash between "create" and "store the id": the intent is recorded before
   the call, every job carries `metadata.maft_key`, and a retried start finds the job the server already has.
+
+Preference finetuning (developers.openai.com/api/docs/guides/direct-preference-optimization): `method` type "dpo"
+on a pair file, "one-turn conversations" only (one user message; the pipeline drops the critics' pairs), with no
+NLL term, so only "sft-then-dpo" is offered: an SFT job, then a DPO job on its `ft:` model (`HostedJobs` chains
+them). OpenAI nests the hyperparameters (`{"type": "dpo", "dpo": {"hyperparameters": {"beta": ...}}}`); Azure
+OpenAI's fine_tuning API (api-version query) takes them flat (`{"type": "dpo", "dpo": {"beta": ...}}`). OpenAI
+is winding its finetuning platform down: it takes no new users, and existing ones "for the coming months".
 """
 
 from __future__ import annotations
@@ -20,13 +27,14 @@ import openai
 from openai import OpenAI
 from pydantic import BaseModel, ConfigDict
 
-from backends.base import BackendState, FinetuneSpec, JobEvent, JobRef, JobState, JobStatus
+from backends.base import BackendState, DpoParams, FinetuneSpec, JobEvent, JobRef, JobState, JobStatus
 from backends.hosted.chat_files import ChatFileRules, FileCheck, TokenCounter, load_token_counter, validate_chat_file
 from backends.hosted.clients import HostedClients
 from backends.hosted.errors import error_code, error_message
 from backends.hosted.jobs import HostedJobs
 from backends.hosted.names import key_digest, scan
 from backends.hosted.names import sanitize_suffix as shared_sanitize_suffix
+from backends.hosted.preference_files import PreferenceRules, validate_preference_file
 from backends.hosted.records import PreparedJob, upload_once
 from backends.hosted.retry import RetryPolicy
 from backends.openai_settings import OpenAIConfig
@@ -44,6 +52,10 @@ OPENAI_RULES = ChatFileRules(
     min_examples=MIN_EXAMPLES,
     max_example_tokens=DEFAULT_MAX_EXAMPLE_TOKENS,
 )
+# "Currently, we only train on one-turn conversations for each example" (the DPO guide); tools are allowed in `input`
+OPENAI_PREFERENCE_RULES = PreferenceRules(provider="OpenAI", input_keys=("messages", "tools", "parallel_tool_calls"),
+                                          one_turn=True, min_examples=MIN_EXAMPLES,
+                                          max_example_tokens=DEFAULT_MAX_EXAMPLE_TOKENS)
 _STATUS: Mapping[str, JobStatus] = MappingProxyType({
     "validating_files": "queued",
     "queued": "queued",
@@ -86,9 +98,26 @@ class Supervised(BaseModel):
     hyperparameters: Hyperparameters
 
 
+class DpoHyperparameters(Hyperparameters):
+    beta: float | Literal["auto"]
+
+
+class Dpo(BaseModel):
+    hyperparameters: DpoHyperparameters
+
+
+class AzureDpo(BaseModel):
+    """Azure OpenAI's DPO method: its hyperparameters directly under `dpo` (no `hyperparameters` level)."""
+
+    beta: float
+
+
 class Method(BaseModel):
-    type: Literal["supervised"] = "supervised"
-    supervised: Supervised
+    """`method`: "supervised" (SFT) or "dpo"; only the one named by `type` is set (and sent)."""
+
+    type: Literal["supervised", "dpo"] = "supervised"
+    supervised: Supervised | None = None
+    dpo: Dpo | AzureDpo | None = None
 
 
 class JobCreate(BaseModel):
@@ -189,6 +218,10 @@ class OpenAIJobs(HostedJobs[OpenAI, OpenAIConfig]):
     def check(self, path: Path) -> FileCheck:
         return validate_training_file(path, counter=self.counter, max_example_tokens=self.max_example_tokens)
 
+    def check_pairs(self, path: Path) -> FileCheck:
+        rules = replace(OPENAI_PREFERENCE_RULES, max_example_tokens=self.max_example_tokens)
+        return validate_preference_file(path, rules, counter=self.counter)
+
     def upload(self, path: Path, sha256: str) -> str:
         """The id of an uploaded copy of this content: reused when the server still has it, else uploaded.
 
@@ -220,9 +253,13 @@ class OpenAIJobs(HostedJobs[OpenAI, OpenAIConfig]):
     # -- jobs
 
     def _prepare(self, spec: FinetuneSpec) -> PreparedJob:
-        check = self.check(spec.training_file)
+        dpo = spec.objective == "dpo"
+        if dpo and spec.preference_file is None:
+            raise UserError(f"finetune {spec.key!r} is dpo without a preference file")
+        path = spec.preference_file if dpo and spec.preference_file is not None else spec.training_file
+        check = self.check_pairs(path) if dpo else self.check(path)
         model = self.resolve_model(spec.base_model)
-        file_id = self.upload(spec.training_file, check.sha256)
+        file_id = self.upload(path, check.sha256)
         mkey = maft_key(spec.key)
         body = self._body(spec, model, file_id, mkey, check.sha256)
         return PreparedJob(file_id=file_id, maft_key=mkey, find=lambda: self._find(mkey, check.sha256),
@@ -232,8 +269,14 @@ class OpenAIJobs(HostedJobs[OpenAI, OpenAIConfig]):
         s = self.settings
         hyper = Hyperparameters(n_epochs=s.n_epochs, batch_size=s.batch_size,
                                 learning_rate_multiplier=s.learning_rate_multiplier)
+        method = Method(supervised=Supervised(hyperparameters=hyper))
+        if spec.objective == "dpo":
+            beta = (spec.dpo or DpoParams()).beta
+            shape: Dpo | AzureDpo = (AzureDpo(beta=beta) if s.api == "azure" else
+                                     Dpo(hyperparameters=DpoHyperparameters(**hyper.model_dump(), beta=beta)))
+            method = Method(type="dpo", dpo=shape)
         return JobCreate(model=model, training_file=file_id, suffix=sanitize_suffix(spec.suffix), seed=spec.seed,
-                         method=Method(supervised=Supervised(hyperparameters=hyper)),
+                         method=method,
                          metadata={"maft_key": mkey, "maft_file": file_sha[:32]})
 
     def _create(self, body: JobCreate, key: str) -> str:
@@ -241,7 +284,7 @@ class OpenAIJobs(HostedJobs[OpenAI, OpenAIConfig]):
         reached the server even though the answer did not reach us)."""
         doing = f"creating the finetuning job for {key!r}"
         return self.retry.create_once(
-            lambda: str(self.client.fine_tuning.jobs.create(**body.model_dump()).id),
+            lambda: str(self.client.fine_tuning.jobs.create(**body.model_dump(exclude_none=True)).id),
             lambda: self._find(body.metadata["maft_key"], body.metadata["maft_file"]), doing,
             refused=lambda exc: self._refused(exc, doing, body.model))
 

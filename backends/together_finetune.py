@@ -14,6 +14,15 @@ file with weights is uploaded as a copy that spells out every weight: 0 on syste
 
 Strategy `continue`: Together starts a job from an earlier job's checkpoint (`from_checkpoint=<job id>`), not from
 a model name, so every completed job's output name is remembered with its job id (`model:<output name>`).
+
+Preference objectives (docs.together.ai/docs/fine-tuning/preference-tuning): "dpo" is one job with
+`training_method="dpo"` on the pair file (checked with Together's rules first), `dpo_beta` = beta and `rpo_alpha`
+= nll_weight (the NLL term on the preferred output, Iterative RPO's). "sft-then-dpo" is two jobs under one key, as
+Together advises ("Do SFT first, then continue with DPO from that checkpoint"): the SFT job is the one the
+pipeline knows; what its second stage needs is recorded (`then-dpo:<key>`) before the first is started, and when a
+poll finds the SFT job completed, the DPO job is started `from_checkpoint` it, under its own key (`<key>/dpo`,
+`start_once`: found again, never started twice, after a crash). The key's polls then report the DPO job: its
+status, its model, and the trained tokens of both stages.
 """
 
 from __future__ import annotations
@@ -30,12 +39,22 @@ from typing import Any
 
 from together import Together
 
-from backends.base import BASE_MODEL_ID, BackendState, FinetuneSpec, JobEvent, JobRef, JobState, JobStatus
+from backends.base import (
+    BASE_MODEL_ID,
+    BackendState,
+    DpoParams,
+    FinetuneSpec,
+    JobEvent,
+    JobRef,
+    JobState,
+    JobStatus,
+)
 from backends.hosted.chat_files import ChatFileRules, FileCheck, validate_chat_file
 from backends.hosted.clients import HostedClients
 from backends.hosted.errors import error_message
 from backends.hosted.jobs import HostedJobs
 from backends.hosted.names import key_digest, sanitize_suffix
+from backends.hosted.preference_files import PreferenceRules, validate_preference_file
 from backends.hosted.records import PreparedJob, upload_once
 from backends.hosted.retry import RetryPolicy
 from backends.together_settings import TogetherConfig
@@ -53,6 +72,8 @@ TOGETHER_RULES = ChatFileRules(
     min_examples=MIN_EXAMPLES,
     alternate=True,
 )
+# "input.messages may hold several turns"; "Both outputs must contain exactly one message from the assistant role"
+TOGETHER_PREFERENCE_RULES = PreferenceRules(provider="Together", min_examples=MIN_EXAMPLES)
 _STATUS: Mapping[str, JobStatus] = MappingProxyType({
     "pending": "queued",
     "queued": "queued",
@@ -174,6 +195,9 @@ class TogetherJobs(HostedJobs[Together, TogetherConfig]):
     def check(self, path: Path) -> FileCheck:
         return validate_chat_file(path, TOGETHER_RULES)
 
+    def check_pairs(self, path: Path) -> FileCheck:
+        return validate_preference_file(path, TOGETHER_PREFERENCE_RULES)
+
     def upload(self, path: Path, check: FileCheck) -> str:
         """The id of an uploaded copy of what this file trains on: reused when the server still has it."""
         data = upload_copy(path, check)
@@ -193,9 +217,13 @@ class TogetherJobs(HostedJobs[Together, TogetherConfig]):
     # -- jobs
 
     def _prepare(self, spec: FinetuneSpec) -> PreparedJob:
-        check = self.check(spec.training_file)
+        dpo = spec.objective == "dpo"
+        if dpo and spec.preference_file is None:
+            raise UserError(f"finetune {spec.key!r} is dpo without a preference file")
+        path = spec.preference_file if dpo and spec.preference_file is not None else spec.training_file
+        check = self.check_pairs(path) if dpo else self.check(path)
         checkpoint = self._checkpoint(spec.base_model)
-        file_id = self.upload(spec.training_file, check)
+        file_id = self.upload(path, check)
         # for the bill, should Together not report its token count: our estimate of what one pass trains on
         self.state.put(f"estimate:{spec.key}", {"file_tokens": check.tokens, "counter": check.counter})
         marker = key_marker(spec.key)
@@ -234,6 +262,11 @@ class TogetherJobs(HostedJobs[Together, TogetherConfig]):
             "train_on_inputs": "auto",  # assistant turns only; weights, when present, say the rest
             "lora": s.lora,
         }
+        if spec.objective == "dpo":  # the SDK refuses train_on_inputs with DPO
+            dpo = spec.dpo or DpoParams()
+            del params["train_on_inputs"]
+            params |= {"training_method": "dpo", "dpo_beta": dpo.beta, "rpo_alpha": dpo.nll_weight,
+                       "learning_rate": dpo.learning_rate or s.learning_rate}
         if s.lora:
             params |= {"lora_r": s.lora_r, "lora_alpha": s.lora_alpha}
         if checkpoint is None:

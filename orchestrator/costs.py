@@ -19,7 +19,7 @@ from typing import Any
 from pydantic import BaseModel, Field, ValidationError
 from rich.console import Console
 
-from backends.base import BASE_MODEL_ID, BackendInfo, ChatRequest, ChatResult, EmbeddingResult
+from backends.base import BASE_MODEL_ID, BackendInfo, ChatRequest, ChatResult, EmbeddingResult, FinetuneSpec
 from foundation.errors import RunStopped, UserError
 from orchestrator.names import DebateName, attempt_key
 from orchestrator.store import JobRow, ResponseRow, Store, UsageRow
@@ -38,6 +38,9 @@ class ModelPrice(BaseModel):
     output: float = Field(ge=0)
     training: float = Field(0.0, ge=0)  # LoRA where the provider distinguishes
     training_full: float | None = Field(None, ge=0)
+    # preference (DPO) training tokens, where the provider prices them apart; none: at `training` / `training_full`
+    training_dpo: float | None = Field(None, ge=0)
+    training_dpo_full: float | None = Field(None, ge=0)
     ft_input: float | None = Field(None, ge=0)
     ft_cached_input: float | None = Field(None, ge=0)
     ft_output: float | None = Field(None, ge=0)
@@ -52,6 +55,8 @@ class SizeTier(BaseModel):
     output: float = Field(ge=0)
     training: float | None = Field(None, ge=0)  # LoRA; none: the provider does not finetune models this large
     training_full: float | None = Field(None, ge=0)
+    training_dpo: float | None = Field(None, ge=0)  # DPO, LoRA and full; none: at the SFT rates
+    training_dpo_full: float | None = Field(None, ge=0)
     source: str
 
 
@@ -97,7 +102,9 @@ class PriceTable(BaseModel):
         for tier in sorted(self.tiers.get(family, []), key=lambda t: t.up_to_b):
             if size <= tier.up_to_b:
                 price = ModelPrice(input=tier.input, output=tier.output, training=tier.training or 0.0,
-                                   training_full=tier.training_full, source=f"{tier.source}; {size:g}B by its name")
+                                   training_full=tier.training_full, training_dpo=tier.training_dpo,
+                                   training_dpo_full=tier.training_dpo_full,
+                                   source=f"{tier.source}; {size:g}B by its name")
                 return f"{family} up to {tier.up_to_b:g}B", price
         return None
 
@@ -135,6 +142,18 @@ def split_model_id(model_id: str) -> tuple[str, bool]:
 
 def estimate_tokens(text: str) -> int:
     return math.ceil(len(text) / ESTIMATE_CHARS_PER_TOKEN)
+
+
+def finetune_tokens(spec: FinetuneSpec, epochs: int) -> tuple[int, int]:
+    """Estimated trained tokens of a finetune, and how many of them are its DPO stage's: the SFT file ("sft"),
+    the pair file ("dpo"), or both ("sft-then-dpo"), each `epochs` times."""
+
+    def tokens(path: Path | None) -> int:
+        return 0 if path is None else estimate_tokens(path.read_text(encoding="utf-8")) * epochs
+
+    sft = tokens(spec.training_file) if spec.objective != "dpo" else 0
+    dpo = tokens(spec.preference_file) if spec.objective != "sft" else 0
+    return sft + dpo, dpo
 
 
 def request_prompt_tokens(request: ChatRequest) -> int:
@@ -203,13 +222,17 @@ class Pricing:
         cost = ((prompt - cached) * rate_in + cached * rate_cached + completion * rate_out) / 1e6
         return cost * (self.table.batch_discount if batch and self.table else 1.0)
 
-    def training(self, model_id: str, trained_tokens: int) -> float:
+    def training(self, model_id: str, trained_tokens: int, dpo_tokens: int = 0) -> float:
+        """Dollars for `trained_tokens` (`dpo_tokens` of them by DPO, at the table's DPO rate where it has one)."""
         found = self._price(model_id)
         if found is None:
             return 0.0
         price = found[0]
         rate = price.training_full if self.full_finetune and price.training_full is not None else price.training
-        return trained_tokens * rate / 1e6
+        dpo = price.training_dpo_full if self.full_finetune else price.training_dpo
+        dpo_rate = rate if dpo is None else dpo
+        dpo_tokens = min(dpo_tokens, trained_tokens)
+        return ((trained_tokens - dpo_tokens) * rate + dpo_tokens * dpo_rate) / 1e6
 
     def embedding(self, model_id: str, prompt_tokens: int) -> float:
         """Embeddings bill their input tokens only (the table's `input`; `output` is 0 for them)."""
@@ -230,6 +253,7 @@ class Ledger:
         self.pricing = pricing
         self.max_cost = max_cost
         self.batch = batch
+        self._dpo_share: dict[str, float] = {}  # attempt key -> the share of its trained tokens trained by DPO
         for job in store.get_jobs(run_id):  # finetuned ids of earlier sessions are priced from their base
             if job.status == "succeeded" and job.model_id:
                 pricing.learn(job.model_id, job.base_model_id)
@@ -251,10 +275,12 @@ class Ledger:
         if self.max_cost is not None:
             self.check(self.pricing.requests_upper_bound(requests, self.batch), what)
 
-    def check_training(self, base_model: str, training_file: Path, epochs: int, what: str) -> None:
+    def check_training(self, spec: FinetuneSpec, epochs: int, what: str) -> None:
+        """Before a job starts: every file it trains on (the SFT file, the pair file, or both in turn under
+        sft-then-dpo), estimated, at their rates."""
         if self.max_cost is not None:
-            tokens = estimate_tokens(training_file.read_text(encoding="utf-8")) * epochs
-            self.check(self.pricing.training(base_model, tokens), what)
+            tokens, dpo_tokens = finetune_tokens(spec, epochs)
+            self.check(self.pricing.training(spec.base_model, tokens, dpo_tokens), what)
 
     def check_embedding(self, model: str, texts: Sequence[str], what: str) -> None:
         """Before a provider embeds `texts`: their estimated tokens (1 per 4 characters) at the model's price. A
@@ -304,20 +330,26 @@ class Ledger:
             price_source=self.pricing.source(row.model_id),
         )
 
-    def record_training_estimate(self, job: JobRow, training_file: Path, epochs: int) -> None:
+    def record_training_estimate(self, job: JobRow, spec: FinetuneSpec, epochs: int) -> None:
         """Before a job runs, the ledger holds its estimate (marked as one); the bill replaces it, keeping the
         estimate in `estimated_tokens` / `estimated_usd` for `orchestrator cost` to compare."""
-        tokens = estimate_tokens(training_file.read_text(encoding="utf-8")) * epochs
-        self._training_line(job, tokens, estimated=True)
+        tokens, dpo_tokens = finetune_tokens(spec, epochs)
+        if dpo_tokens:  # the provider bills the stages' tokens as one count: split like the estimate's
+            self._dpo_share[attempt_key(job.key, job.attempt)] = dpo_tokens / max(1, tokens)
+        self._training_line(job, tokens, estimated=True, dpo_tokens=dpo_tokens)
 
     def record_training(self, job: JobRow) -> None:
-        """The bill of an ended job, from the trained tokens the provider reports (none: nothing billed)."""
-        self._training_line(job, job.trained_tokens or 0, estimated=False)
+        """The bill of an ended job, from the trained tokens the provider reports (none: nothing billed). A
+        preference job's tokens are priced as split in its estimate (in this process; a job re-attached by a
+        resumed run is priced at the SFT rate)."""
+        tokens = job.trained_tokens or 0
+        share = self._dpo_share.get(attempt_key(job.key, job.attempt), 0.0)
+        self._training_line(job, tokens, estimated=False, dpo_tokens=round(tokens * share))
         if job.status == "succeeded" and job.model_id:
             self.pricing.learn(job.model_id, job.base_model_id)
 
-    def _training_line(self, job: JobRow, tokens: int, estimated: bool) -> None:
-        cost = self.pricing.training(job.base_model_id, tokens)
+    def _training_line(self, job: JobRow, tokens: int, estimated: bool, dpo_tokens: int = 0) -> None:
+        cost = self.pricing.training(job.base_model_id, tokens, dpo_tokens)
         self.store.record_usage([UsageRow(
             run_id=self.run_id, stage="training", iteration=job.iteration, agent=job.agent, role=job.role,
             model=job.base_model_id, ref=attempt_key(job.key, job.attempt), billing="training", trained_tokens=tokens,

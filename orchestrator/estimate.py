@@ -98,6 +98,13 @@ def _simulate(config: RunConfig, task: Task, pricing: Pricing, info: BackendInfo
     lines: list[UsageRow] = []
     for iteration in range(1, config.iterations + 1):
         outcomes = debate(f"train-{iteration}", iteration, train, society)
+        if config.training.objective != "sft" and config.preference.extra_samples:
+            # the extra round-1 samples of a preference objective, at most every agent of every problem
+            runner = DebateRunner(run_id=run.id, name=f"train-{iteration}", task=task, backend=backend, store=store,
+                                  settings=settings, iteration=iteration, ledger=ledger, reuse=False)
+            runner.ask_as([(o.problem, agent, society.generators[agent], o.agents[agent].messages[:1], f"extra{k}")
+                           for o in outcomes for agent in range(config.agents)
+                           for k in range(config.preference.extra_samples)], "extra samples")
         society = _train(outcomes, society, iteration, config, pricing, info, lines, run.id)
         debate(f"eval-{iteration}", iteration, held_out, society)
     usage = store.get_usage(run.id) + lines
@@ -105,25 +112,48 @@ def _simulate(config: RunConfig, task: Task, pricing: Pricing, info: BackendInfo
     return usage
 
 
+def _pair_tokens(outcomes: list[DebateOutcome], agent: int, role: str, info: BackendInfo) -> int:
+    """At most what agent n's pairs for one role hold: a generator pair per problem (round-1 prompt, chosen and
+    rejected answer), a critic pair per later round (its conversation so far and two answers); none for critics on
+    a one-turn-only provider (OpenAI), which is sent none."""
+    if role == "critic" and info.one_turn_pairs:
+        return 0
+    total = 0
+    for outcome in outcomes:
+        messages = outcome.agents[agent].messages
+        rounds = [0] if role == "generator" else range(1, len(messages) // 2)
+        for index in rounds:
+            context = messages[: 2 * index + 1]
+            answer = estimate_tokens(messages[2 * index + 1].content)
+            total += sum(estimate_tokens(m.content) for m in context) + 2 * answer
+    return total
+
+
 def _train(outcomes: list[DebateOutcome], society: Society, iteration: int, config: RunConfig, pricing: Pricing,
            info: BackendInfo, lines: list[UsageRow], run_id: str) -> Society:
-    """Every example kept: generators learn round 1, critics the whole conversation."""
+    """Every example kept: generators learn round 1, critics the whole conversation; under a preference objective
+    the pair files too (`_pair_tokens`), instead of (dpo) or after (sft-then-dpo) the SFT files, at the DPO rate."""
+    objective = config.training.objective
     new = Society(generators=[], critics=[])
     for agent in range(config.agents):
         for role, models in (("generator", society.generators), ("critic", society.critics)):
+            dpo = 0
             if role == "critic" and config.rounds == 1:
                 tokens = 0  # critics never speak, so they get no data
             else:
                 turns = 2 if role == "generator" else None  # generators learn round 1, critics all of it
                 text = (m.content for o in outcomes for m in o.agents[agent].messages[:turns])
                 tokens = info.training_epochs * sum(estimate_tokens(t) for t in text)
+                if objective != "sft":
+                    dpo = info.training_epochs * _pair_tokens(outcomes, agent, role, info)
+                    tokens = dpo + (0 if objective == "dpo" else tokens)
             if config.strategy == "accumulate":  # all of this agent's data so far: the last line's plus this
                 tokens += sum(r.trained_tokens for r in lines
                               if (r.iteration, r.agent, r.role) == (iteration - 1, agent, role))
             start = models[agent] if config.strategy == "continue" else "base"
             lines.append(UsageRow(run_id=run_id, stage="training", iteration=iteration, agent=agent, role=role,
                                   model=start, ref=f"{iteration}/{agent}/{role}", billing="training",
-                                  trained_tokens=tokens, cost_usd=pricing.training(start, tokens)))
+                                  trained_tokens=tokens, cost_usd=pricing.training(start, tokens, dpo)))
             finetuned = f"ft:{info.base_model}:dry-run:{role}-{agent}-{iteration}"
             (new.generators if role == "generator" else new.critics).append(finetuned)
     return new

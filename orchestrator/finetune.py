@@ -77,8 +77,8 @@ class _Runner:
         spec = plan.spec.model_copy(update={"key": attempt_key(plan.spec.key, attempt)})
         what = f"finetuning agent {job.agent + 1} {job.role} (iteration {job.iteration})"
         if self.ledger is not None:
-            self.ledger.check_training(spec.base_model, spec.training_file, plan.epochs_estimate, what)
-            self.ledger.record_training_estimate(job, spec.training_file, plan.epochs_estimate)
+            self.ledger.check_training(spec, plan.epochs_estimate, what)  # every stage's file (sft-then-dpo: both)
+            self.ledger.record_training_estimate(job, spec, plan.epochs_estimate)
         self.store.save_job(job)  # intent first: a crash from here on finds this row
         crashpoint("finetune.intent_stored")
         ref = self.backend.start_finetune(spec)

@@ -485,17 +485,24 @@ class Pipeline:
 
     def _objective(self, ds: DatasetRow) -> tuple[Objective, str | None]:
         """What a set's job learns, and why it is not sent (None: it is). A set without pairs (objective sft, a
-        baseline's) trains by SFT; under sft-then-dpo a slot with only one of the two trains by that one."""
+        baseline's) trains by SFT; under sft-then-dpo a slot with only one of the two trains by that one (by DPO
+        alone only where the backend has it: OpenAI's DPO has no NLL term). A provider's minimum file size
+        (`min_training_examples`) holds for the pair file too."""
         least = max(1, self.info.min_training_examples)
         enough_sft = ds.n_examples >= least
+        enough_pairs = (ds.n_pairs or 0) >= least
         if ds.n_pairs is None:
             wanted: Objective = "sft"
         elif self.config.training.objective == "sft-then-dpo":
-            wanted = "sft-then-dpo" if enough_sft and ds.n_pairs else "dpo" if ds.n_pairs else "sft"
+            alone = "dpo" in self.info.objectives
+            wanted = "sft-then-dpo" if enough_sft and enough_pairs else "dpo" if enough_pairs and alone else "sft"
         else:
             wanted = self.config.training.objective
         if wanted == "dpo":
-            return wanted, None if ds.n_pairs else "no preference pairs"
+            if enough_pairs:
+                return wanted, None
+            return wanted, (f"{ds.n_pairs} preference pairs, the {self.info.name} backend needs at least {least}"
+                            if ds.n_pairs else "no preference pairs")
         if enough_sft:
             return wanted, None
         return wanted, (f"{ds.n_examples} examples, the {self.info.name} backend needs at least "

@@ -108,7 +108,51 @@ def check_training_example(line: str) -> tuple[int, str | None]:
     return messages_tokens(messages), None
 
 
+PREFERENCE_KEYS = ("input", "preferred_output", "non_preferred_output")
+
+
+def check_preference_example(line: str) -> tuple[int, str | None]:
+    """Tokens of one line of a preference (DPO) file, and what is wrong with it: OpenAI's format (`input.messages`,
+    `preferred_output` and `non_preferred_output` each one assistant message) and its rule that "we only train on
+    one-turn conversations" (one user message, the outputs answering it)."""
+    try:
+        example = json.loads(line)
+    except json.JSONDecodeError:
+        return 0, "not valid JSON"
+    if not isinstance(example, dict) or any(k not in example for k in PREFERENCE_KEYS):
+        return 0, "a preference example needs 'input', 'preferred_output' and 'non_preferred_output'"
+    messages = example["input"].get("messages") if isinstance(example["input"], dict) else None
+    if not isinstance(messages, list) or not messages:
+        return 0, "'input.messages' must be a non-empty list"
+    for j, message in enumerate(messages, 1):
+        if not isinstance(message, dict) or message.get("role") not in TRAINING_ROLES:
+            return 0, f"input message {j} has an unrecognized role (expected one of {', '.join(TRAINING_ROLES)})"
+        if not isinstance(message.get("content"), str):
+            return 0, f"input message {j} has no string 'content'"
+    if sum(m["role"] == "user" for m in messages) != 1 or messages[-1]["role"] != "user":
+        return 0, ("only one-turn conversations are supported: 'input.messages' must hold exactly one user message, "
+                   "and end with it")
+    outputs = []
+    for name in PREFERENCE_KEYS[1:]:
+        output = example[name]
+        if (not isinstance(output, list) or len(output) != 1 or not isinstance(output[0], dict)
+                or output[0].get("role") != "assistant" or not isinstance(output[0].get("content"), str)):
+            return 0, f"'{name}' must be a list of exactly one assistant message"
+        outputs += output
+    return messages_tokens(messages + outputs), None
+
+
+def check_preference_file(data: bytes) -> tuple[int, int, str | None]:
+    """(examples, tokens, error message naming the line or None) for a preference JSONL file."""
+    return _check_lines(data, check_preference_example)
+
+
 def check_training_file(data: bytes) -> tuple[int, int, str | None]:
+    """(examples, tokens, error message naming the line or None) for a chat finetuning JSONL file."""
+    return _check_lines(data, check_training_example)
+
+
+def _check_lines(data: bytes, check: Any) -> tuple[int, int, str | None]:
     """(examples, tokens, error message naming the line or None) for a chat finetuning JSONL file."""
     try:
         lines = [line for line in data.decode("utf-8").splitlines() if line.strip()]
@@ -116,7 +160,7 @@ def check_training_file(data: bytes) -> tuple[int, int, str | None]:
         return 0, 0, "Invalid file format. The file is not UTF-8 text."
     tokens = 0
     for i, line in enumerate(lines, 1):
-        line_tokens, problem = check_training_example(line)
+        line_tokens, problem = check(line)
         if problem:
             return len(lines), 0, f"Invalid file format. Line {i}: {problem}."
         tokens += line_tokens
@@ -543,7 +587,8 @@ class FakeOpenAI(FakeLLMServer):
         if suffix is not None and (not isinstance(suffix, str) or len(suffix) > 64):
             raise ApiError(400, "'suffix' must be a string of at most 64 characters.", param="suffix")
         metadata = check_metadata(body.get("metadata"))
-        hyperparameters = job_hyperparameters(body)
+        legacy_azure = call.path.startswith("/openai/") and not call.path.startswith("/openai/v1/")
+        kind, hyperparameters = job_hyperparameters(body, azure=legacy_azure)
         with self._lock:
             if self.daily_job_limit is not None and len(self.jobs) >= self.daily_job_limit:
                 raise ApiError(
@@ -552,7 +597,7 @@ class FakeOpenAI(FakeLLMServer):
                     f"{self.daily_job_limit} fine-tuning requests per day.",
                     code="daily_rate_limit_exceeded",
                 )
-            job = self._new_job(body, base, training_file["id"], suffix, metadata, hyperparameters)
+            job = self._new_job(body, base, training_file["id"], suffix, metadata, hyperparameters, kind)
         return Reply.json(job)
 
     def _new_job(
@@ -563,6 +608,7 @@ class FakeOpenAI(FakeLLMServer):
         suffix: str | None,
         metadata: dict[str, str] | None,
         hyperparameters: dict[str, Any],
+        kind: str = "supervised",
     ) -> dict[str, Any]:
         job_id = self._new_id("ftjob-")
         seed = body.get("seed")
@@ -579,7 +625,7 @@ class FakeOpenAI(FakeLLMServer):
             "validation_file": body.get("validation_file"),
             "training_file": training_file,
             "hyperparameters": hyperparameters,
-            "method": {"type": "supervised", "supervised": {"hyperparameters": dict(hyperparameters)}},
+            "method": {"type": kind, kind: {"hyperparameters": dict(hyperparameters)}},
             "trained_tokens": None,
             "error": None,
             "user_provided_suffix": suffix,
@@ -668,7 +714,7 @@ class FakeOpenAI(FakeLLMServer):
                 return False
             job["status"] = "running"
             job["hyperparameters"] = resolved_hyperparameters(job["hyperparameters"])
-            job["method"]["supervised"]["hyperparameters"] = dict(job["hyperparameters"])
+            job["method"][job["method"]["type"]]["hyperparameters"] = dict(job["hyperparameters"])
             self._event(job["id"], "Fine-tuning job started")
         elif job["status"] == "running":
             self._finish_job(job, state)
@@ -680,13 +726,18 @@ class FakeOpenAI(FakeLLMServer):
             self._fail_job(job, "invalid_training_file", f"Training file {job['training_file']} was deleted.",
                            "training_file")
             return
-        _, _, problem = check_training_file(content)
+        _, _, problem = self._check_job_file(job, content)
         if problem:
             self._fail_job(job, "invalid_training_file", f"The job failed due to an invalid training file. {problem}",
                            "training_file")
             return
         job["status"] = "queued"
         self._event(job["id"], "Files validated, moving job to queued state")
+
+    @staticmethod
+    def _check_job_file(job: dict[str, Any], content: bytes) -> tuple[int, int, str | None]:
+        """A DPO job's file in the preference format, any other's in the chat format."""
+        return (check_preference_file if job["method"]["type"] == "dpo" else check_training_file)(content)
 
     def _fail_job(self, job: dict[str, Any], code: str, message: str, param: str | None) -> None:
         job["status"] = "failed"
@@ -696,7 +747,7 @@ class FakeOpenAI(FakeLLMServer):
 
     def _finish_job(self, job: dict[str, Any], state: _JobState) -> None:
         """Succeed: log the steps, register the new model, write the results file, bill the trained tokens."""
-        examples, tokens, _ = check_training_file(self.file_contents.get(job["training_file"], b""))
+        examples, tokens, _ = self._check_job_file(job, self.file_contents.get(job["training_file"], b""))
         epochs, batch_size = job["hyperparameters"]["n_epochs"], job["hyperparameters"]["batch_size"]
         total = max(1, math.ceil(examples / batch_size) * epochs)
         rng = random.Random(job["seed"])
@@ -894,28 +945,40 @@ def check_metadata(metadata: Any) -> dict[str, str] | None:
     return dict(metadata)
 
 
-def job_hyperparameters(body: dict[str, Any]) -> dict[str, Any]:
-    """Hyperparameters from `method.supervised.hyperparameters`, or the legacy top-level `hyperparameters`."""
+def job_hyperparameters(body: dict[str, Any], *, azure: bool = False) -> tuple[str, dict[str, Any]]:
+    """The method type and its hyperparameters: from `method.supervised.hyperparameters` (or the legacy top-level
+    `hyperparameters`), or `method.dpo.hyperparameters` (with `beta`). Azure's api-version API takes a DPO
+    method's hyperparameters flat, `method.dpo.beta` (and `l2_multiplier`), and refuses OpenAI's nesting."""
     method = body.get("method")
+    kind = "supervised"
     if method is not None:
-        if not isinstance(method, dict) or method.get("type") != "supervised":
-            raise ApiError(400, "The fake supports only method.type = 'supervised'.", param="method")
-        given = (method.get("supervised") or {}).get("hyperparameters") or {}
+        if not isinstance(method, dict) or method.get("type") not in ("supervised", "dpo"):
+            raise ApiError(400, "The fake supports only method.type 'supervised' and 'dpo'.", param="method")
+        kind = method["type"]
+        given = dict((method.get(kind) or {}).get("hyperparameters") or {})
+        if kind == "dpo" and azure:
+            flat = dict(method.get("dpo") or {})
+            if "hyperparameters" in flat:
+                raise ApiError(400, "Unknown parameter 'method.dpo.hyperparameters': give beta and l2_multiplier "
+                               "directly in method.dpo.", param="method.dpo.hyperparameters")
+            given = {k: v for k, v in flat.items() if k != "l2_multiplier"}
     else:
         given = body.get("hyperparameters") or {}
     hyperparameters = {"n_epochs": "auto", "batch_size": "auto", "learning_rate_multiplier": "auto"}
+    if kind == "dpo":
+        hyperparameters["beta"] = "auto"
     for name, value in given.items():
         if name not in hyperparameters:
             raise ApiError(400, f"Unknown hyperparameter {name!r}.", param=f"hyperparameters.{name}")
         if value != "auto" and (isinstance(value, bool) or not isinstance(value, int | float) or value <= 0):
             raise ApiError(400, f"Invalid value for {name}: {value!r}.", param=f"hyperparameters.{name}")
         hyperparameters[name] = value
-    return hyperparameters
+    return kind, hyperparameters
 
 
 def resolved_hyperparameters(hyperparameters: dict[str, Any]) -> dict[str, Any]:
     """What "auto" becomes once a job starts (OpenAI reports the chosen values from then on)."""
-    auto = {"n_epochs": AUTO_EPOCHS, "batch_size": 1, "learning_rate_multiplier": 2.0}
+    auto = {"n_epochs": AUTO_EPOCHS, "batch_size": 1, "learning_rate_multiplier": 2.0, "beta": 0.1}
     return {k: auto[k] if v == "auto" else v for k, v in hyperparameters.items()}
 
 

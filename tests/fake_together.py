@@ -121,6 +121,7 @@ class FileReport:
     tokens: int = 0
     has_weights: bool = False
     error: str | None = None
+    format: str = "CONVERSATION"  # or "PREFERENCE" (input / preferred_output / non_preferred_output)
 
 
 def message_problem(message: Any, j: int, expected: tuple[str, ...]) -> str | None:
@@ -162,12 +163,49 @@ def conversation_problem(example: Any) -> str | None:
     return None
 
 
+PREFERENCE_KEYS = ("input", "preferred_output", "non_preferred_output")
+
+
+def preference_problem(example: Any) -> str | None:
+    """What is wrong with one preference line (Together's rules: `input.messages` in the conversational format,
+    ending with a user turn; "Both outputs must contain exactly one message from the assistant role"), or None."""
+    missing = [k for k in PREFERENCE_KEYS if k not in example]
+    if missing:
+        return f"the preference format needs the fields {', '.join(PREFERENCE_KEYS)}; `{missing[0]}` is missing"
+    given = example["input"]
+    messages = given.get("messages") if isinstance(given, dict) else None
+    if not isinstance(messages, list) or not messages:
+        return "`input.messages` must be a non-empty list"
+    expected: tuple[str, ...] = ("system", "user", "assistant")
+    for j, message in enumerate(messages, 1):
+        if problem := message_problem(message, j, expected):
+            return f"in `input.messages`, {problem}"
+    if messages[-1]["role"] != "user":
+        return "the last message of `input.messages` must have role 'user'"
+    for name in PREFERENCE_KEYS[1:]:
+        output = example[name]
+        if (not isinstance(output, list) or len(output) != 1 or not isinstance(output[0], dict)
+                or output[0].get("role") != "assistant"):
+            return f"`{name}` must contain exactly one message from the assistant role"
+        content = output[0].get("content")
+        if not isinstance(content, str) or not content.strip():
+            return f"the message of `{name}` has empty or missing `content`"
+    return None
+
+
+def preference_tokens(example: dict[str, Any]) -> int:
+    """A pair's tokens: its prompt and both outputs (each is trained on: the reference and the policy see both)."""
+    return messages_tokens(example["input"]["messages"] + example["preferred_output"] + example["non_preferred_output"])
+
+
 def parse_line(line: str) -> tuple[Any, str | None]:
     """One JSONL line's example, and what is wrong with it (None when it is a good conversation)."""
     try:
         example = json.loads(line)
     except json.JSONDecodeError:
         return None, "it is not valid JSON"
+    if isinstance(example, dict) and "messages" not in example and "input" in example:
+        return example, preference_problem(example)
     return example, conversation_problem(example)
 
 
@@ -183,10 +221,18 @@ def check_training_file(data: bytes) -> FileReport:
         if not line.strip():
             continue
         example, problem = parse_line(line)
+        kind = "PREFERENCE" if isinstance(example, dict) and "messages" not in example and "input" in example \
+            else "CONVERSATION"
+        if not problem and report.examples and kind != report.format:
+            problem = f"the line is in the {kind.lower()} format, but the file began in the {report.format.lower()} one"
         if problem:
             report.error = f"Invalid format on line {i} of the input file: {problem}."
             return report
+        report.format = kind
         report.examples += 1
+        if kind == "PREFERENCE":
+            report.tokens += preference_tokens(example)
+            continue
         report.tokens += messages_tokens(example["messages"])
         report.has_weights |= any("weight" in m for m in example["messages"])
     if not report.examples:
@@ -511,7 +557,7 @@ class FakeTogether(FakeLLMServer):
         with self._lock:
             file.update(Processed=True, LineCount=report.examples, processing_status=status, validation_report={
                 "valid": report.error is None, "file_id": file["id"], "nlines": report.examples,
-                "dataset_format": "CONVERSATION", "dataset_has_message_weights": report.has_weights,
+                "dataset_format": report.format, "dataset_has_message_weights": report.has_weights,
                 "error": report.error, "error_type": "INVALID_FORMAT" if report.error else None,
             })
             return Reply.json(file)
@@ -673,8 +719,17 @@ class FakeTogether(FakeLLMServer):
             raise ApiError(400, f"learning_rate must be between 1e-08 and 1, got {learning_rate!r}.",
                            param="learning_rate")
         method = body.get("training_method") or {"method": "sft", "train_on_inputs": "auto"}
-        if method.get("method") != "sft":
-            raise ApiError(400, "The fake supports only training_method 'sft'.", param="training_method")
+        if method.get("method") not in ("sft", "dpo"):
+            raise ApiError(400, f"Unknown training_method {method.get('method')!r}: use 'sft' or 'dpo'.",
+                           param="training_method")
+        if method["method"] == "dpo":
+            beta, alpha = method.get("dpo_beta"), method.get("rpo_alpha")
+            if beta is not None and (not isinstance(beta, int | float) or beta <= 0):
+                raise ApiError(400, f"dpo_beta must be a positive number, got {beta!r}.", param="dpo_beta")
+            if alpha is not None and (not isinstance(alpha, int | float) or alpha < 0):
+                raise ApiError(400, f"rpo_alpha must be non-negative, got {alpha!r}.", param="rpo_alpha")
+            if "train_on_inputs" in method:
+                raise ApiError(400, "train_on_inputs is only supported for SFT training.", param="train_on_inputs")
         batch_size = self._batch_size(body.get("batch_size", "max"), limits, training_type["type"] == "Lora")
         tag = self._new_id("", 8, "0123456789abcdef")
         output = f"{USER}/{base.short_name}-{suffix}-{tag}" if suffix else f"{USER}/{base.short_name}-{tag}"
@@ -773,6 +828,10 @@ class FakeTogether(FakeLLMServer):
         """pending -> queued, or -> error naming the bad line of the training file."""
         content = self.file_contents.get(job["training_file"])
         report = check_training_file(content) if content is not None else FileReport(error="It was deleted.")
+        wanted = "PREFERENCE" if job["training_method"]["method"] == "dpo" else "CONVERSATION"
+        if not report.error and report.format != wanted:
+            report.error = (f"A {job['training_method']['method'].upper()} job needs a file in the "
+                            f"{wanted.lower()} format; this one is in the {report.format.lower()} format.")
         if report.error:
             self._fail_job(job, f"The training file {job['training_file']} failed validation. {report.error}")
             return

@@ -3,24 +3,28 @@
 The base owns the flow every provider's jobs follow: each call under the backend's one `RetryPolicy`, a refusal
 turned into an error that says what to do (`_refused`), a job started at most once per key (`start_once`), a
 poll that notices a job gone from the server, a cancel that is a no-op on a job that already ended, and the
-cursor that hands every job event over once. A provider supplies only its API calls and its payloads: the
-hooks below (`_prepare`, `_retrieve_job`, `_retrieve_file`, `_cancel_job`, `_state_of`, `_event_of`,
-`_refused`), in the spirit of a base request processor whose providers fill in what differs.
+cursor that hands every job event over once; and "sft-then-dpo" as two provider jobs under one key (an SFT job,
+then a DPO job on its result, started by the poll that finds the first done). A provider supplies only its API
+calls and its payloads: the hooks below (`_prepare`, `check`, `check_pairs`, `_retrieve_job`, `_retrieve_file`,
+`_cancel_job`, `_state_of`, `_event_of`, `_refused`), in the spirit of a base request processor whose providers
+fill in what differs.
 """
 
 from __future__ import annotations
 
+import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any, Generic, TypeVar
 
-from backends.base import BackendState, FinetuneSpec, JobEvent, JobRef, JobState
+from backends.base import BackendState, DpoParams, FinetuneSpec, JobEvent, JobRef, JobState
 from backends.hosted.chat_files import FileCheck
 from backends.hosted.clients import HostedClients
 from backends.hosted.names import scan, train_loss_in
 from backends.hosted.records import SEEN_EVENTS_KEPT, EventCursor, PreparedJob, start_once
 from backends.hosted.retry import RetryPolicy
+from foundation.errors import UserError
 
 ClientT = TypeVar("ClientT")
 SettingsT = TypeVar("SettingsT")
@@ -58,6 +62,10 @@ class HostedJobs(ABC, Generic[ClientT, SettingsT]):
     @abstractmethod
     def check(self, path: Path) -> FileCheck:
         """The provider's rules for a training file, checked locally (a UserError on the first broken one)."""
+
+    @abstractmethod
+    def check_pairs(self, path: Path) -> FileCheck:
+        """The provider's rules for a preference file, checked locally (a UserError on the first broken one)."""
 
     @abstractmethod
     def _prepare(self, spec: FinetuneSpec) -> PreparedJob:
@@ -107,11 +115,60 @@ class HostedJobs(ABC, Generic[ClientT, SettingsT]):
     # -- jobs
 
     def start(self, spec: FinetuneSpec) -> JobRef:
-        """The job for `spec.key`: the one an earlier call started, while the server still has it, else new."""
+        """The job for `spec.key` (the one an earlier call started, while the server still has it, else new); under
+        "sft-then-dpo" its first stage (SFT), with what the second needs recorded
+        first and the pair file checked, so that a bad pair file costs no SFT job."""
+        if spec.objective == "sft-then-dpo":
+            if spec.preference_file is None:
+                raise UserError(f"finetune {spec.key!r} is sft-then-dpo without a preference file")
+            self.check_pairs(spec.preference_file)
+            dpo = spec.dpo or DpoParams()
+            self.state.put(f"then-dpo:{spec.key}", {"preference_file": str(spec.preference_file),
+                                                    "suffix": spec.suffix, "seed": spec.seed,
+                                                    "dpo": dpo.model_dump()})
+        return self._start_one(spec)
+
+    def poll(self, job: JobRef) -> JobState:
+        """The job's state; for "sft-then-dpo", the SFT stage's until it completes, then the DPO stage's (started
+        here, once, from the SFT job's model or checkpoint, under the key `<key>/dpo`) with the trained tokens of
+        both. The SFT job's id is stored (the job row, `job:<key>`) before the DPO job is started, and the DPO job
+        is started by `start_once`, so a resumed run starts neither stage twice."""
+        plan = self.state.get(f"then-dpo:{job.key}")
+        first = self._poll_one(job)
+        if plan is None or first.status != "succeeded":
+            return first
+        stage = FinetuneSpec(key=f"{job.key}/dpo", base_model=str(first.model_id),
+                             training_file=Path(plan["preference_file"]), suffix=str(plan["suffix"]),
+                             seed=int(plan["seed"]), objective="dpo", preference_file=Path(plan["preference_file"]),
+                             dpo=DpoParams.model_validate(plan["dpo"]))
+        ref = self._start_one(stage)  # start_once: the job started by an earlier poll, while it lives
+        second = self._poll_one(ref)
+        trained = None
+        if second.trained_tokens is not None:
+            trained = (first.trained_tokens or 0) + second.trained_tokens
+        note = []
+        if (self.state.get(f"then-dpo-noted:{job.key}") or {}).get("job_id") != ref.provider_job_id:
+            note = [JobEvent(created_at=time.time(),
+                             message=f"SFT stage done ({first.model_id}); DPO stage: job {ref.provider_job_id}")]
+            self.state.put(f"then-dpo-noted:{job.key}", {"job_id": ref.provider_job_id})
+        return second.model_copy(update={
+            "events": [*first.events, *note, *second.events], "trained_tokens": trained,
+            "error": None if second.error is None else f"DPO stage (job {ref.provider_job_id}): {second.error}"})
+
+    def cancel(self, job: JobRef) -> None:
+        """Cancel the job, and the DPO stage of an "sft-then-dpo" job once it is started."""
+        self._cancel_one(job)
+        second = (self.state.get(f"then-dpo-noted:{job.key}") or {}).get("job_id")
+        if second:
+            self._cancel_one(JobRef(key=f"{job.key}/dpo", provider_job_id=str(second)))
+
+    def _start_one(self, spec: FinetuneSpec) -> JobRef:
+        """One provider job for `spec.key`: the one an earlier call started, while the server still has it, else
+        new."""
         job_id = start_once(self.state, spec.key, alive=self._alive, prepare=lambda: self._prepare(spec))
         return JobRef(key=spec.key, provider_job_id=job_id)
 
-    def poll(self, job: JobRef) -> JobState:
+    def _poll_one(self, job: JobRef) -> JobState:
         job_id = job.provider_job_id
         remote = self._call(f"polling job {job_id}", lambda: self._retrieve_job(job_id), missing_ok=True)
         if remote is None:
@@ -133,7 +190,7 @@ class HostedJobs(ABC, Generic[ClientT, SettingsT]):
         events = [self._event_of(e) for _, e in unique]
         return [e.model_copy(update={"message": scrub(e.message)}) for e in events], loss
 
-    def cancel(self, job: JobRef) -> None:
+    def _cancel_one(self, job: JobRef) -> None:
         """Cancel; a job that already ended (or is gone) needs nothing."""
         errors = self.clients.errors
         what = f"cancelling job {job.provider_job_id}"
