@@ -205,6 +205,8 @@ def test_sft_then_dpo_on_openai_makes_a_dpo_job_on_each_sft_model(tmp_path: Path
         assert job["method"]["dpo"]["hyperparameters"]["beta"] == 0.2
     agents = {a.model_id for a in store.get_agents("r", 1)}
     assert {j["fine_tuned_model"] for j in dpo} <= agents
+    trained = [u for u in store.get_usage("r") if u.billing == "training" and not u.estimated]
+    assert sum(u.trained_tokens for u in trained) == fake_openai.usage[MINI]["trained_tokens"]  # both stages
     store.close()
 
 
