@@ -91,8 +91,34 @@ class FileCheck(BaseModel):
     weighted: bool = False  # some message carries a `weight`
 
 
-def _fail(path: Path, where: str, rule: str) -> UserError:
-    return UserError(f"training file {path}, {where}: {rule}")
+def _fail(path: Path, where: str, rule: str, kind: str = "training") -> UserError:
+    return UserError(f"{kind} file {path}, {where}: {rule}")
+
+
+def read_utf8(path: Path, kind: str) -> tuple[bytes, str]:
+    """A JSONL file's bytes (for its sha256) and text; unreadable or not UTF-8 is a UserError naming the fix."""
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise UserError(f"{kind} file {path} cannot be read: {exc.strerror}") from None
+    try:
+        return data, data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise UserError(f"{kind} file {path} is not UTF-8 (byte {exc.start}): write it as UTF-8") from None
+
+
+def json_object_line(path: Path, number: int, line: str, kind: str, item: str) -> dict[str, Any]:
+    """One JSONL line as a JSON object; an empty line, bad JSON or another value is a UserError naming the line."""
+    where = f"line {number}"
+    if not line.strip():
+        raise _fail(path, where, f"empty line (every line must be one JSON {item})", kind)
+    try:
+        value = json.loads(line)
+    except json.JSONDecodeError as exc:
+        raise _fail(path, where, f"not valid JSON ({exc.msg} at column {exc.colno})", kind) from None
+    if not isinstance(value, dict):
+        raise _fail(path, where, "not a JSON object", kind)
+    return value
 
 
 def _check_message(path: Path, where: str, message: Any, rules: ChatFileRules) -> None:
@@ -139,14 +165,7 @@ def learned(message: dict[str, Any]) -> bool:
 def check_example(path: Path, number: int, line: str, counter: TokenCounter, rules: ChatFileRules) -> int:
     """Check one JSONL line against the provider's chat finetuning format; its token count when it passes."""
     where = f"line {number}"
-    if not line.strip():
-        raise _fail(path, where, "empty line (every line must be one JSON example)")
-    try:
-        example = json.loads(line)
-    except json.JSONDecodeError as exc:
-        raise _fail(path, where, f"not valid JSON ({exc.msg} at column {exc.colno})") from None
-    if not isinstance(example, dict):
-        raise _fail(path, where, "not a JSON object")
+    example = json_object_line(path, number, line, "training", "example")
     unknown = sorted(set(example) - set(rules.example_keys))
     if unknown:
         raise _fail(path, where, f"unknown key {unknown[0]!r} (allowed: {', '.join(rules.example_keys)})")
@@ -174,14 +193,7 @@ def check_example(path: Path, number: int, line: str, counter: TokenCounter, rul
 def validate_chat_file(path: Path, rules: ChatFileRules, *, counter: TokenCounter | None = None) -> FileCheck:
     """Every rule in `rules` that can be checked without the server; the first broken one is a UserError."""
     counter = counter or CharEstimate()
-    try:
-        data = path.read_bytes()
-    except OSError as exc:
-        raise UserError(f"training file {path} cannot be read: {exc.strerror}") from None
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise UserError(f"training file {path} is not UTF-8 (byte {exc.start}): write it as UTF-8") from None
+    data, text = read_utf8(path, "training")
     lines = text.splitlines()
     counts = [check_example(path, n, line, counter, rules) for n, line in enumerate(lines, start=1)]
     if len(counts) < rules.min_examples:

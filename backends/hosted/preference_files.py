@@ -11,12 +11,11 @@ rule is a UserError naming the file, the line and the rule, before anything is u
 from __future__ import annotations
 
 import hashlib
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from backends.hosted.chat_files import CharEstimate, FileCheck, TokenCounter
+from backends.hosted.chat_files import CharEstimate, FileCheck, TokenCounter, json_object_line, read_utf8
 from foundation.errors import UserError
 
 OUTPUTS = ("preferred_output", "non_preferred_output")
@@ -59,14 +58,7 @@ def _messages(path: Path, where: str, messages: Any, roles: tuple[str, ...]) -> 
 def check_pair(path: Path, number: int, line: str, counter: TokenCounter, rules: PreferenceRules) -> int:
     """Check one JSONL line against the provider's preference format; its token count when it passes."""
     where = f"line {number}"
-    if not line.strip():
-        raise _fail(path, where, "empty line (every line must be one JSON pair)")
-    try:
-        pair = json.loads(line)
-    except json.JSONDecodeError as exc:
-        raise _fail(path, where, f"not valid JSON ({exc.msg} at column {exc.colno})") from None
-    if not isinstance(pair, dict):
-        raise _fail(path, where, "not a JSON object")
+    pair = json_object_line(path, number, line, "preference", "pair")
     keys = ("input", *OUTPUTS)
     missing = [k for k in keys if k not in pair]
     unknown = sorted(set(pair) - set(keys))
@@ -100,14 +92,7 @@ def validate_preference_file(path: Path, rules: PreferenceRules, *,
                              counter: TokenCounter | None = None) -> FileCheck:
     """Every rule in `rules` that can be checked without the server; the first broken one is a UserError."""
     counter = counter or CharEstimate()
-    try:
-        data = path.read_bytes()
-    except OSError as exc:
-        raise UserError(f"preference file {path} cannot be read: {exc.strerror}") from None
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise UserError(f"preference file {path} is not UTF-8 (byte {exc.start}): write it as UTF-8") from None
+    data, text = read_utf8(path, "preference")
     counts = [check_pair(path, n, line, counter, rules) for n, line in enumerate(text.splitlines(), start=1)]
     if len(counts) < rules.min_examples:
         raise UserError(f"preference file {path} has {len(counts)} pairs; {rules.provider} needs at least "
