@@ -1,0 +1,111 @@
+"""The student's distillation set built from a hand-made society, checked chain by chain (issue 15)."""
+
+from __future__ import annotations
+
+import json
+
+from backends.base import ChatMessage
+from orchestrator.debate import AgentTranscript, DebateOutcome
+from orchestrator.distill import distillation_examples, distillation_pairs
+from orchestrator.tasks import Problem
+from orchestrator.voting import Vote
+
+
+def eq(a: str, b: str) -> bool:
+    return float(a) == float(b)
+
+
+def prompt(pid: str) -> str:
+    return f"round-1 prompt for {pid}"
+
+
+def transcript(pid: str, agent: int, rounds: list[tuple[str | None, str]], cut: list[bool] | None = None,
+               tokens: list[int] | None = None) -> AgentTranscript:
+    """Agent n's conversation: (answer, chain text) per round; later prompts carry the others' answers."""
+    messages = []
+    for r, (_, chain) in enumerate(rounds, start=1):
+        messages.append(ChatMessage(role="user", content=prompt(pid) if r == 1 else f"{pid} a{agent} debate r{r}"))
+        messages.append(ChatMessage(role="assistant", content=chain))
+    return AgentTranscript(messages=messages, answers=[a for a, _ in rounds], cut=cut or [False] * len(rounds),
+                           tokens=tokens or [])
+
+
+def chain(pid: str, agent: int, answer: str | None, rnd: int) -> tuple[str | None, str]:
+    return answer, f"{pid} a{agent} says {answer} r{rnd}"
+
+
+def outcome(pid: str, agents: list[AgentTranscript], final: str | None, truth: str = "0") -> DebateOutcome:
+    return DebateOutcome(problem=Problem(id=pid, question=pid, answer=truth), agents=agents,
+                         vote=Vote(final=final, support=0, voters=0, consensus=0.0))  # support recounted
+
+
+# N = 3, M = 2.
+# p1: unanimous 1; agent 0 repeats its round-1 chain word for word in round 2 and agent 2's round 1 is the same
+#     text: each distinct chain once. Agent 1 corrects 2 -> 1 (its final chain is kept, its round 1 is not).
+# p2: a held-out problem, unanimous: never data.
+# p3: no strict majority (5, 6, 7): nothing.
+# p4: 2-to-1 final 3.
+# p5: the ground truth (9) is a minority answer: agent 0's round-1 9 is right by it, yet dropped (never looked at);
+#     agent 1's round-1 8 agrees with ŷ but was cut at max_tokens: dropped.
+X1, Y2, Y1, Z1 = "p1 chain x = 1", "p1 chain y = 2", "p1 chain y' = 1", "p1 chain z = 1"
+DEBATES = [
+    outcome("p1", [transcript("p1", 0, [("1", X1), ("1", X1)], tokens=[11, 22]),
+                   transcript("p1", 1, [("2", Y2), ("1", Y1)], tokens=[12, 23]),
+                   transcript("p1", 2, [("1", X1), ("1", Z1)], tokens=[11, 24])], "1"),
+    outcome("p2", [transcript("p2", n, [chain("p2", n, "2", 1), chain("p2", n, "2", 2)]) for n in range(3)], "2"),
+    outcome("p3", [transcript("p3", n, [chain("p3", n, a, 1), chain("p3", n, a, 2)])
+                   for n, a in enumerate(["5", "6", "7"])], "5"),
+    outcome("p4", [transcript("p4", 0, [chain("p4", 0, "3", 1), chain("p4", 0, "3", 2)]),
+                   transcript("p4", 1, [chain("p4", 1, "4", 1), chain("p4", 1, "3", 2)]),
+                   transcript("p4", 2, [chain("p4", 2, "4", 1), chain("p4", 2, "4", 2)])], "3"),
+    outcome("p5", [transcript("p5", 0, [chain("p5", 0, "9", 1), chain("p5", 0, "8", 2)]),
+                   transcript("p5", 1, [chain("p5", 1, "8", 1), chain("p5", 1, "8", 2)], cut=[True, False]),
+                   transcript("p5", 2, [chain("p5", 2, "8", 1), chain("p5", 2, "8", 2)])], "8", truth="9"),
+]
+HELD_OUT = {"p2"}
+
+
+def test_the_set_is_every_distinct_agreeing_round_1_and_final_chain_of_the_training_problems():
+    examples = distillation_examples(DEBATES, HELD_OUT, eq)
+    assert [(e.problem_id, e.messages[1].content) for e in examples] == [
+        ("p1", X1), ("p1", Y1), ("p1", Z1),
+        ("p4", chain("p4", 0, "3", 1)[1]), ("p4", chain("p4", 0, "3", 2)[1]), ("p4", chain("p4", 1, "3", 2)[1]),
+        ("p5", chain("p5", 0, "8", 2)[1]), ("p5", chain("p5", 1, "8", 2)[1]),
+        ("p5", chain("p5", 2, "8", 1)[1]), ("p5", chain("p5", 2, "8", 2)[1]),
+    ]
+    # single pass: the round-1 prompt for the question, then the chain, whatever round the chain was written in
+    assert all([m.role for m in e.messages] == ["user", "assistant"] for e in examples)
+    assert {e.messages[0].content for e in examples} == {prompt("p1"), prompt("p4"), prompt("p5")}
+    assert json.loads(examples[1].to_json()) == {"messages": [{"role": "user", "content": prompt("p1")},
+                                                              {"role": "assistant", "content": Y1}]}
+    # a round-1 chain's length is round 1's stored one; a final-round chain's, in this new context, is unknown
+    assert [e.tokens for e in examples[:3]] == [11, None, None]
+
+
+def test_held_out_problems_never_give_data_even_when_their_debates_are_passed_in():
+    assert "p2" not in {e.problem_id for e in distillation_examples(DEBATES, HELD_OUT, eq)}
+    assert "p2" in {e.problem_id for e in distillation_examples(DEBATES, set(), eq)}
+    assert distillation_examples(DEBATES, {"p1", "p2", "p4", "p5"}, eq) == []
+
+
+def test_ground_truth_is_never_looked_at():
+    """Changing every problem's ground truth changes nothing."""
+    moved = [o.model_copy(update={"problem": o.problem.model_copy(update={"answer": "1"})}) for o in DEBATES]
+    assert distillation_examples(moved, HELD_OUT, eq) == distillation_examples(DEBATES, HELD_OUT, eq)
+    assert distillation_pairs(moved, HELD_OUT, eq) == distillation_pairs(DEBATES, HELD_OUT, eq)
+
+
+def test_dpo_pairs_put_each_chain_of_the_majority_against_each_readable_chain_of_another_answer():
+    pairs = distillation_pairs(DEBATES, HELD_OUT, eq)
+    got = [(p.problem_id, p.chosen, p.rejected, round(p.weight, 6)) for p in pairs]
+    p4 = lambda n, a, r: chain("p4", n, a, r)[1]  # noqa: E731
+    p5 = lambda n, a, r: chain("p5", n, a, r)[1]  # noqa: E731
+    assert got == [
+        ("p1", X1, Y2, 1.0), ("p1", Y1, Y2, 1.0), ("p1", Z1, Y2, 1.0),  # 3/3 − v(2) = 0
+        *[("p4", good, bad, round(2 / 3 - 1 / 3, 6))
+          for good in (p4(0, "3", 1), p4(0, "3", 2), p4(1, "3", 2))
+          for bad in (p4(1, "4", 1), p4(2, "4", 1), p4(2, "4", 2))],
+        # the cut round-1 chain of agent 1 is neither side; the ground truth's 9 is rejected like any other
+        *[("p5", good, p5(0, "9", 1), 1.0) for good in (p5(0, "8", 2), p5(1, "8", 2), p5(2, "8", 1), p5(2, "8", 2))],
+    ]
+    assert all(p.messages == [ChatMessage(role="user", content=prompt(p.problem_id))] for p in pairs)
