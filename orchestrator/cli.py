@@ -22,6 +22,7 @@ from foundation.crashpoints import crashpoint
 from foundation.errors import RunStopped, UserError
 from orchestrator.config import RunConfig, build_config, read_toml
 from orchestrator.costs import Ledger, run_pricing
+from orchestrator.distill import DistillRequest
 from orchestrator.failures import CommandContext, debug_requested, finish
 from orchestrator.interrupts import GracefulStop, StopRequested
 from orchestrator.locks import RunLock
@@ -133,12 +134,14 @@ def _enter(command: str, db: str | None, run_id: str | None = None, *, folder: P
               "table model by model (see orchestrator/prices.toml). [default: $MAFT_PRICES]")
 @click.option("--baselines", metavar="LIST", help=f"After the run, also train and evaluate these, comma-separated: "
               f"{', '.join(BASELINES)}, or all. {baselines_help()}")
+@click.option("--distill", "distill", is_flag=True, help="After the last iteration, distil its society into one "
+              "model that answers in a single pass (as `orchestrator distill` does).")
 def run(config_file: Path | None, backend: str | None, model: str | None, task: str | None, agents: int | None,
         rounds: int | None, iterations: int | None, train_size: int | None, eval_size: int | None,
         seed: int | None, strategy: str | None, summarize: bool | None, critic_mix: float | None,
         device: str | None, name: str | None, resume: str | None, db: str | None, workdir: Path | None,
         quiet: bool, base_url: str | None, batch: bool | None, dry_run: bool, max_cost: float | None,
-        prices: Path | None, baselines: str | None) -> None:
+        prices: Path | None, baselines: str | None, distill: bool) -> None:
     """Run (or resume) the whole loop: debate → per-agent data → 2N finetunes → evaluation, L times.
 
     With no options it runs a small job on the bundled SmolLM2-135M-Instruct on CPU: 3 agents, 2 rounds,
@@ -177,7 +180,8 @@ def run(config_file: Path | None, backend: str | None, model: str | None, task: 
             config = build_config(file_values, flags, str(config_file) if config_file else "command-line flags")
             run_id = name or config.default_name()
         _run(store, config, RunRequest(run_id=run_id, must_exist=resume is not None, db=db, workdir=workdir,
-                                       quiet=quiet, max_cost=max_cost, prices=prices, baselines=chosen))
+                                       quiet=quiet, max_cost=max_cost, prices=prices, baselines=chosen,
+                                       distill=DistillRequest() if distill else None))
     finally:
         store.close()
 
@@ -214,6 +218,7 @@ class RunRequest(BaseModel):
     baselines: tuple[str, ...] = ()
     transfer: tuple[str, ...] = ()  # other tasks to evaluate every society on, zero-shot (`eval --task`)
     more_only: bool = False  # `eval`: only the baselines and transfer evaluations, no iterations
+    distill: DistillRequest | None = None  # `distill`, `run --distill`: a student of a finetuned society
 
 
 def _run(store: Store, config: RunConfig, request: RunRequest) -> None:
@@ -269,9 +274,9 @@ def _run_locked(store: Store, config: RunConfig, request: RunRequest, stop: Grac
                             console=console, show_progress=not request.quiet, ledger=ledger,
                             poll_interval=_poll_interval(config), checkpoint=stop.check)
         if more_only:
-            pipeline.run_more(request.baselines, request.transfer)
+            pipeline.run_more(request.baselines, request.transfer, request.distill)
         else:
-            pipeline.run(request.baselines)
+            pipeline.run(request.baselines, request.distill)
     except (KeyboardInterrupt, StopRequested, RunStopped) as exc:
         _stopped(exc, console, "everything finished so far is stored", resume_cmd)
     except (OSError, sqlite3.OperationalError) as exc:
@@ -567,6 +572,35 @@ def eval_command(run_id: str, baselines: str | None, tasks: tuple[str, ...], db:
         _run(store, config, RunRequest(run_id=run_id, must_exist=True, db=db, workdir=workdir, quiet=quiet,
                                        max_cost=max_cost, prices=prices, baselines=chosen, transfer=tasks,
                                        more_only=True))
+    finally:
+        store.close()
+
+
+@cli.command("distill")
+@click.argument("run_id", metavar="RUN")
+@click.option("--iteration", type=click.IntRange(min=1), help="Which iteration's society teaches. [default: the "
+              "last one the run has trained]")
+@click.option("--db", help=DB_HELP)
+@click.option("--workdir", type=click.Path(path_type=Path), help="Where datasets and adapters are written. "
+              "[default: maft-runs/RUN beside the database]")
+@click.option("--max-cost", type=float, metavar="USD", help="Budget for the run as a whole (what it already spent "
+              "counts); steps that could pass it are not started.")
+@click.option("--prices", type=click.Path(path_type=Path), help="TOML file of prices replacing the packaged ones.")
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+def distill_command(run_id: str, iteration: int | None, db: str | None, workdir: Path | None,
+                    max_cost: float | None, prices: Path | None, quiet: bool) -> None:
+    """Distil a finetuned society into one student model that answers each problem in a single pass: the base
+    model finetuned on every distinct chain of the society's strict-majority answers on the training problems
+    (no ground truth), then evaluated answering each held-out problem once. Stored as society `distill`."""
+    from orchestrator.pipeline import stored_config
+
+    _enter("distill", db, run_id)
+    store = _open_store(db, must_exist=True)
+    try:
+        config = stored_config(store, run_id)
+        _run(store, config, RunRequest(run_id=run_id, must_exist=True, db=db, workdir=workdir, quiet=quiet,
+                                       max_cost=max_cost, prices=prices, more_only=True,
+                                       distill=DistillRequest(iteration=iteration)))
     finally:
         store.close()
 

@@ -15,12 +15,22 @@ v(ŷ) − v(rejected's answer) as the society's own pairs are (`preference`).
 
 from __future__ import annotations
 
+import json
 from collections.abc import Collection, Sequence
 
-from backends.base import ChatMessage
-from orchestrator.debate import AgentTranscript, DebateOutcome
+from pydantic import BaseModel, ConfigDict, Field
+
+from backends.base import BASE_MODEL_ID, ChatMessage
+from foundation.errors import UserError
+from orchestrator.baselines import PipelineSteps
+from orchestrator.debate import AgentTranscript, DebateOutcome, Society
+from orchestrator.evaluate import evaluate
+from orchestrator.names import DebateName, JobKey
 from orchestrator.preference import Equivalent, PreferencePair, has_strict_majority, share
-from orchestrator.training_data import Example
+from orchestrator.societies import DISTILL, MAFT
+from orchestrator.store import DatasetRow
+from orchestrator.tasks import Problem
+from orchestrator.training_data import Example, fit
 from orchestrator.voting import agrees
 
 ROLE = "student"
@@ -99,3 +109,79 @@ def distillation_pairs(outcomes: Sequence[DebateOutcome], held_out: Collection[s
                     problem_id=outcome.problem.id, round=1,
                 ))
     return pairs
+
+
+# -- the flow ------------------------------------------------------------------------------------------------------
+
+
+class DistillRequest(BaseModel):
+    """`orchestrator distill` (and `run --distill`): which iteration's society teaches (None: the last one done)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    iteration: int | None = Field(None, ge=1)
+
+
+class Distillation:
+    """One student distilled from the iteration-L society, recorded as society `distill` at iteration L and
+    evaluated as it would be used: one agent, one round, one answer per held-out problem. Driven through the
+    pipeline's own steps (as the baselines are), so its debates, file, job, ledger lines and resume are theirs."""
+
+    def __init__(self, pipeline: PipelineSteps, request: DistillRequest) -> None:
+        self.p = pipeline
+        self.request = request
+
+    def level(self) -> int:
+        done = self.p.run_row.iterations_done
+        level = self.request.iteration or done
+        if level < 1 or level > done:
+            raise UserError(f"run {self.p.run_row.id} has {done} finished iteration(s): distil one of 1..{done}"
+                            if done else f"run {self.p.run_row.id} has no finished iteration to distil")
+        return level
+
+    def run(self, train: list[Problem], held_out: list[Problem]) -> None:
+        p, level = self.p, self.level()
+        teacher = p.stored_society(MAFT, level)
+        if teacher is None:
+            raise UserError(f"run {p.run_row.id} has no stored society for iteration {level}")
+        student = p.stored_society(DISTILL, level)
+        if student is None:
+            p.console.rule(f"[bold]{DISTILL}: the iteration-{level} society's consensus into one model")
+            outcomes = self.teacher_debate(level, teacher, train)
+            examples = distillation_examples(outcomes, {pr.id for pr in held_out}, p.task.equivalent)
+            dataset = self._dataset(level, examples)
+            trained = p.finetune(DISTILL, level, [dataset], {(0, ROLE): BASE_MODEL_ID}, key=self._key, restart=True)
+            model, job = trained.get((0, ROLE), (BASE_MODEL_ID, ""))
+            n = p.config.agents
+            student = Society.uniform(n, model)
+            jobs = {(i, role): (model, job) for i in range(n) for role in ("generator", "critic")} if job else None
+            p.save_society(DISTILL, level, student, Society.uniform(n, BASE_MODEL_ID), jobs)
+        p.console.rule(f"[bold]{DISTILL}: the student answers each held-out problem once")
+        name = str(DebateName(stage="eval", iteration=level, society=DISTILL))
+        outcomes = p.debate(name, held_out, Society.uniform(1, student.generators[0]), level, p.settings(rounds=1))
+        for row in evaluate(p.run_row.id, DISTILL, level, outcomes, p.task, p.config.seed):
+            p.store.save_evaluation(row)
+
+    def teacher_debate(self, level: int, teacher: Society, train: list[Problem]) -> list[DebateOutcome]:
+        """The iteration-L society's debate on the training problems: iteration L + 1's training debate is exactly
+        that, so where it is stored it is read back (for free); otherwise a debate of its own, `distill/train-L`,
+        whose responses are stored like any other's, so distilling again asks nothing."""
+        p = self.p
+        following = str(DebateName(stage="train", iteration=level + 1))
+        if level < p.run_row.iterations_done:
+            return p.debate(following, train, teacher, level + 1)
+        return p.debate(str(DebateName(stage="train", iteration=level, society=DISTILL)), train, teacher, level)
+
+    def _key(self, run_id: str, iteration: int, agent: int, role: str) -> str:
+        return str(JobKey(run_id=run_id, society=DISTILL, iteration=iteration, role=role))
+
+    def _dataset(self, level: int, examples: list[Example]) -> DatasetRow:
+        p = self.p
+        path = p.dataset_path(DISTILL, level, 0, ROLE)
+        examples, too_long = fit(examples, p.max_length)
+        row = DatasetRow(run_id=p.run_row.id, society=DISTILL, iteration=level, agent=0, role=ROLE, path=str(path),
+                         sha256="", n_examples=len(examples), n_generation=len(examples),
+                         problem_ids=json.dumps([e.problem_id for e in examples]), n_too_long=too_long)
+        row = p.write_dataset(examples, row, accumulate=False)
+        p.store.save_datasets([row])
+        return row

@@ -12,20 +12,20 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from orchestrator.societies import BASELINES, MAFT
+from orchestrator.societies import MAFT, PREFIXED
 
 DebateStage = Literal["train", "eval", "rationale", "ask", "solve", "serve"]
 USE_STAGES = ("ask", "solve", "serve")  # a finished society put to the user's own questions (ask / solve / serve)
 
-# [transfer/TASK/][SOCIETY/]STAGE-ITERATION; the society is one of BASELINES, so a task named by a path with "/"
-# in it (a JSONL file) is read whole rather than split into a task and a society
+# [transfer/TASK/][SOCIETY/]STAGE-ITERATION; the society is one of PREFIXED (baselines, students), so a task
+# named by a path with "/" in it (a JSONL file) is read whole rather than split into a task and a society
 _DEBATE = re.compile(
-    r"(?:transfer/(?P<transfer>.+?)/)?(?:(?P<society>" + "|".join(map(re.escape, BASELINES)) + r")/)?"
+    r"(?:transfer/(?P<transfer>.+?)/)?(?:(?P<society>" + "|".join(map(re.escape, PREFIXED)) + r")/)?"
     r"(?P<stage>train|eval|rationale)-(?P<iteration>\d+)"
 )
 # [SOCIETY/]ask-ITERATION/INPUT, [SOCIETY/]solve-ITERATION/INPUT: INPUT is a digest of what was asked and how
 _USE = re.compile(
-    r"(?:(?P<society>" + "|".join(map(re.escape, BASELINES)) + r")/)?"
+    r"(?:(?P<society>" + "|".join(map(re.escape, PREFIXED)) + r")/)?"
     r"(?P<stage>ask|solve|serve)-(?P<iteration>\d+)/(?P<input>[0-9a-f]{16})"
 )
 

@@ -33,6 +33,7 @@ from orchestrator.baselines import SINGLE_MODEL_METHODS
 from orchestrator.config import RunConfig
 from orchestrator.costs import Ledger
 from orchestrator.debate import DebateOutcome, DebateRunner, DebateSettings, Society, readable_answer
+from orchestrator.distill import Distillation, DistillRequest
 from orchestrator.evaluate import DiversityMeter, evaluate
 from orchestrator.finetune import FinetunePlan, run_jobs
 from orchestrator.interrupts import StopRequested, never
@@ -153,8 +154,9 @@ class Pipeline:
 
     # the whole run ---------------------------------------------------------------------------------------
 
-    def run(self, baselines: Sequence[str] = ()) -> None:
-        """The base society's evaluation, L iterations of multiagent finetuning, then any baselines asked for."""
+    def run(self, baselines: Sequence[str] = (), distill: DistillRequest | None = None) -> None:
+        """The base society's evaluation, L iterations of multiagent finetuning, then any baselines asked for, then
+        the last society distilled into one model if asked (`run --distill`)."""
         with self._status():
             train, held_out = self.problems()
             society = self.stored_society(MAFT, 0) or self.save_society(MAFT, 0, Society.base(self.config.agents))
@@ -165,8 +167,11 @@ class Pipeline:
                 self.run_row.iterations_done = max(self.run_row.iterations_done, iteration)
                 self.store.save_run(self.run_row)
             self.run_baselines(baselines, train, held_out)
+            if distill is not None:
+                Distillation(self, distill).run(train, held_out)
 
-    def run_more(self, baselines: Sequence[str] = (), transfer: Sequence[str] = ()) -> None:
+    def run_more(self, baselines: Sequence[str] = (), transfer: Sequence[str] = (),
+                 distill: DistillRequest | None = None) -> None:
         """`orchestrator eval`: baselines for a run whose iterations are done, and zero-shot transfer: every
         society of the run evaluated on another task's held-out problems."""
         with self._status():
@@ -174,6 +179,8 @@ class Pipeline:
             self.run_baselines(baselines, train, held_out)
             for spec in transfer:
                 self.transfer(get_task(spec))
+            if distill is not None:  # `orchestrator distill`
+                Distillation(self, distill).run(train, held_out)
 
     def transfer(self, task: Task) -> None:
         _, held_out = self.problems(task)

@@ -11,7 +11,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict
 
-SocietyKind = Literal["base", "multiagent", "single-model", "ablation"]
+SocietyKind = Literal["base", "multiagent", "single-model", "ablation", "student"]
 
 
 class SocietySpec(BaseModel):
@@ -40,6 +40,7 @@ MAJORITY_FT = "majority-ft"
 SINGLE_FT = "single-ft"
 NO_SUMMARY = "no-summary"
 NO_CRITIC = "no-critic"
+DISTILL = "distill"  # one student distilled from a finetuned society, answering in a single pass
 
 # In the terminal comparison's order (the report's other tables follow paper_rank).
 SOCIETIES: dict[str, SocietySpec] = {s.name: s for s in (
@@ -59,6 +60,9 @@ SOCIETIES: dict[str, SocietySpec] = {s.name: s for s in (
     SocietySpec(name=NO_CRITIC, kind="ablation", label="multiagent FT, no critic", paper_rank=6, color="#17becf",
                 line=(0, (3, 1, 1, 1)), marker="P", train_critics=False, trained_roles="generators",
                 help="multiagent FT with only generators finetuned"),
+    SocietySpec(name=DISTILL, kind="student", label="distilled student", paper_rank=7, color="#bcbd22",
+                line=(0, (1, 1)), marker="*", trained_roles="first-generator",
+                help="one model finetuned on the society's consensus chains, answering once (`orchestrator distill`)"),
 )}
 
 # the societies `--baselines` may ask for beside the multiagent one: the paper's baselines, then its ablations;
@@ -66,6 +70,10 @@ SOCIETIES: dict[str, SocietySpec] = {s.name: s for s in (
 BASELINES = tuple(sorted((s.name for s in SOCIETIES.values() if s.kind in ("single-model", "ablation")),
                          key=lambda name: SOCIETIES[name].paper_rank))
 ABLATIONS = tuple(name for name in BASELINES if SOCIETIES[name].kind == "ablation")
+# models distilled from a society (`orchestrator distill`), evaluated answering once
+STUDENTS = tuple(s.name for s in SOCIETIES.values() if s.kind == "student")
+# every society whose debates and jobs carry its name as a prefix
+PREFIXED = BASELINES + STUDENTS
 
 
 def baselines_help() -> str:

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 from backends.base import ChatMessage
 from orchestrator.debate import AgentTranscript, DebateOutcome
-from orchestrator.distill import distillation_examples, distillation_pairs
+from orchestrator.distill import DistillRequest, distillation_examples, distillation_pairs
+from orchestrator.names import DebateName
 from orchestrator.tasks import Problem
 from orchestrator.voting import Vote
 
@@ -109,3 +111,66 @@ def test_dpo_pairs_put_each_chain_of_the_majority_against_each_readable_chain_of
         *[("p5", good, p5(0, "9", 1), 1.0) for good in (p5(0, "8", 2), p5(1, "8", 2), p5(2, "8", 1), p5(2, "8", 2))],
     ]
     assert all(p.messages == [ChatMessage(role="user", content=prompt(p.problem_id))] for p in pairs)
+
+
+# -- the flow, on the scripted backend -------------------------------------------------------------------------------
+
+
+def _distilled(tmp_path, backend, iterations: int = 1, level: int | None = None):
+    from rich.console import Console
+
+    from orchestrator.config import RunConfig
+    from orchestrator.pipeline import Pipeline, open_run
+    from orchestrator.store import Store
+
+    config = RunConfig(train_size=12, eval_size=8, seed=2, iterations=iterations)
+    store = Store(tmp_path / "m.db")
+    row = open_run(store, config, "r", must_exist=False)
+    pipeline = Pipeline(config=config, run=row, store=store, backend=backend, workdir=tmp_path / "w",
+                        console=Console(quiet=True), show_progress=False, poll_interval=0)
+    pipeline.run()
+    asked = len(backend.requests)
+    pipeline.run_more(distill=DistillRequest(iteration=level))
+    return store, pipeline, asked
+
+
+def test_the_student_is_trained_on_the_last_society_s_consensus_and_answers_each_held_out_problem_once(tmp_path):
+    from tests.fakes import ScriptedBackend
+
+    backend = ScriptedBackend()
+    store, pipeline, before = _distilled(tmp_path, backend)
+    train, held_out = pipeline.problems()
+    teacher = pipeline.stored_society("maft", 1)
+    assert teacher is not None
+    # the iteration-1 society's own debate on the training problems (no later iteration's to read back)
+    outcomes = pipeline.debate("distill/train-1", train, teacher, 1)
+    expected = distillation_examples(outcomes, {p.id for p in held_out}, pipeline.task.equivalent)
+    (dataset,) = store.get_datasets("r", society="distill")
+    written = Path(dataset.path).read_text().splitlines()
+    assert expected and [json.loads(line) for line in written] == [json.loads(e.to_json()) for e in expected]
+    assert not set(json.loads(dataset.problem_ids)) & {p.id for p in held_out}
+    (spec,) = [s for s in backend.specs if s.key.startswith("r/distill/")]
+    assert spec.key == "r/distill/iteration-1/student" and spec.base_model == "base"
+    student = pipeline.stored_society("distill", 1)
+    assert student is not None and student.generators[0] != "base"
+    # evaluated answering once: one agent, one round, one request per held-out problem
+    evals = [r for r in backend.requests[before:] if "/distill/eval-1/" in f"/{r.key}"]
+    assert len(evals) == len(held_out)
+    assert {r.model for r in evals} == {student.generators[0]}
+    rows = {e.method: e for e in store.get_evaluations("r") if e.society == "distill"}
+    assert set(rows) == {"single", "majority", "debate"} and rows["debate"].iteration == 1
+    assert DebateName.parse("distill/eval-1") == DebateName(stage="eval", iteration=1, society="distill")
+    # distilling again asks nothing and trains nothing
+    specs, asked = len(backend.specs), len(backend.requests)
+    pipeline.run_more(distill=DistillRequest())
+    assert (len(backend.specs), len(backend.requests)) == (specs, asked)
+
+
+def test_an_earlier_iteration_is_distilled_from_the_following_iteration_s_stored_training_debate(tmp_path):
+    from tests.fakes import ScriptedBackend
+
+    backend = ScriptedBackend()
+    store, _, before = _distilled(tmp_path, backend, iterations=2, level=1)
+    keys = [r.key for r in backend.requests[before:]]
+    assert keys and all("distill/eval-1" in k for k in keys)  # train-2 is read back: only the evaluation is asked
+    assert {d.iteration for d in store.get_datasets("r", society="distill")} == {1}
