@@ -174,3 +174,53 @@ def test_an_earlier_iteration_is_distilled_from_the_following_iteration_s_stored
     keys = [r.key for r in backend.requests[before:]]
     assert keys and all("distill/eval-1" in k for k in keys)  # train-2 is read back: only the evaluation is asked
     assert {d.iteration for d in store.get_datasets("r", society="distill")} == {1}
+
+
+def test_orchestrator_distill_trains_and_evaluates_a_student_on_the_local_backend_with_a_tiny_model(tmp_path):
+    """A tiny local run, then `orchestrator distill RUN` through the CLI: a real LoRA student, trained on the
+    consensus file, evaluated once per held-out problem, shown by `report`; a second `distill` redoes nothing."""
+    from click.testing import CliRunner
+    from rich.console import Console
+
+    from backends.base import TrainingParams
+    from backends.local import LocalBackend
+    from orchestrator.cli import cli
+    from orchestrator.config import GenerationConfig, RunConfig
+    from orchestrator.pipeline import Pipeline, open_run
+    from orchestrator.store import Store
+    from tests.test_crash import build_answering_model
+
+    model = build_answering_model(tmp_path / "tiny")
+    config = RunConfig(model=str(model), train_size=6, eval_size=2, seed=147,
+                       generation=GenerationConfig(max_tokens=8, summary_max_tokens=8),
+                       training=TrainingParams(epochs=1, batch_size=2, learning_rate=1e-3, max_length=256))
+    store = Store(tmp_path / "m.db")
+    row = open_run(store, config, "tiny", must_exist=False)
+    backend = LocalBackend(str(model), workdir=tmp_path / "w", device="cpu", show_progress=False)
+    Pipeline(config=config, run=row, store=store, backend=backend, workdir=tmp_path / "w",
+             console=Console(quiet=True), show_progress=False, poll_interval=0).run()
+    backend.close()
+    store.close()
+    args = ["distill", "tiny", "--db", str(tmp_path / "m.db"), "--workdir", str(tmp_path / "w"), "--quiet"]
+    result = CliRunner().invoke(cli, args, terminal_width=200)
+    assert result.exit_code == 0, result.output
+    store = Store(tmp_path / "m.db")
+    (job,) = [j for j in store.get_jobs("tiny") if j.society == "distill"]
+    assert job.key == "tiny/distill/iteration-1/student" and job.status == "succeeded" and job.base_model_id == "base"
+    assert (Path(job.model_id or "") / "adapter_model.safetensors").is_file()
+    (dataset,) = store.get_datasets("tiny", society="distill")
+    assert dataset.n_examples > 0 and dataset.sha256 == job.dataset_sha256
+    held_out = {p.problem_id for p in store.get_problems("tiny", "eval")}
+    assert not set(json.loads(dataset.problem_ids)) & held_out
+    assert {a.model_id for a in store.get_agents("tiny", 1, "distill")} == {job.model_id}
+    answers = [r for r in store.get_responses("tiny", "distill/eval-1").values()]
+    assert len(answers) == len(held_out) and {r.round for r in answers} == {1}
+    assert {e.society for e in store.get_evaluations("tiny")} == {"base", "maft", "distill"}
+    store.close()
+    report = CliRunner().invoke(cli, ["report", "tiny", "--db", str(tmp_path / "m.db")], terminal_width=200)
+    assert report.exit_code == 0 and "distilled student" in report.output, report.output
+    again = CliRunner().invoke(cli, args, terminal_width=200)
+    assert again.exit_code == 0, again.output
+    store = Store(tmp_path / "m.db")
+    assert len([j for j in store.get_jobs("tiny") if j.society == "distill"]) == 1
+    assert len(store.get_responses("tiny", "distill/eval-1")) == len(held_out)
