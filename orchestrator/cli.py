@@ -292,9 +292,20 @@ def _run_locked(store: Store, config: RunConfig, request: RunRequest, stop: Grac
     console.print(accuracy_table(data["evaluations"], f"held-out accuracy · {config.task} · run {run_id}"))
     if len({(e["society"], e["task"]) for e in data["evaluations"]}) > 2:
         console.print(comparison_table(data["evaluations"], f"comparison · run {run_id}"))
+    if request.distill is not None:
+        _print_answering_costs(console, store, run_id, config.task)
     spent = store.total_cost(run_id)
     console.print(f"finished in {time.monotonic() - started:.0f} s" + (f" · ${spent:.4f} spent" if spent else "")
                   + f" · `orchestrator report {run_id}{_db_flag(db)}` shows it again")
+
+
+def _print_answering_costs(console: Console, store: Store, run_id: str, task: str) -> None:
+    """A run with a distilled student: what each way of answering costs per held-out problem, beside its accuracy."""
+    from orchestrator.distill import answering_cost_table, answering_costs
+
+    costs = answering_costs(store, run_id, task)
+    if costs:
+        console.print(answering_cost_table(costs, f"accuracy and cost per held-out problem · run {run_id}"))
 
 
 def _stopped(exc: BaseException, console: Console, kept: str, resume: str) -> NoReturn:
@@ -405,6 +416,7 @@ def report(run_id: str, db: str | None, as_json: bool, out_dir: Path | None, ite
         title = f"held-out accuracy · {data['config']['task']} · run {run_id}"
         console.print(accuracy_table(data["evaluations"], title))
         console.print(comparison_table(data["evaluations"], f"comparison · run {run_id}"))
+        _print_answering_costs(console, store, run_id, data["config"]["task"])
         files = write_report(store, run_id, out_dir or store.path.resolve().parent / "maft-reports",
                              iteration=iteration)
         for line in files.summary:

@@ -19,6 +19,7 @@ import json
 from collections.abc import Collection, Sequence
 
 from pydantic import BaseModel, ConfigDict, Field
+from rich.table import Table
 
 from backends.base import BASE_MODEL_ID, ChatMessage
 from foundation.errors import UserError
@@ -27,8 +28,8 @@ from orchestrator.debate import AgentTranscript, DebateOutcome, Society
 from orchestrator.evaluate import evaluate
 from orchestrator.names import DebateName, JobKey
 from orchestrator.preference import Equivalent, PreferencePair, has_strict_majority, share
-from orchestrator.societies import DISTILL, MAFT
-from orchestrator.store import DatasetRow
+from orchestrator.societies import BASE, DISTILL, MAFT, SOCIETIES, STUDENTS
+from orchestrator.store import DatasetRow, Store
 from orchestrator.tasks import Problem
 from orchestrator.training_data import Example, fit
 from orchestrator.voting import agrees
@@ -185,3 +186,70 @@ class Distillation:
         row = p.write_dataset(examples, row, accumulate=False)
         p.store.save_datasets([row])
         return row
+
+
+# -- what answering costs --------------------------------------------------------------------------------------------
+
+
+class AnsweringCost(BaseModel):
+    """One way of answering the held-out problems, its accuracy and its price per problem: what the student buys
+    is the society's accuracy (or most of it) at one generation instead of N·(2M−1) plus summaries."""
+
+    label: str
+    society: str
+    iteration: int
+    accuracy: float
+    stderr: float
+    generations: float  # per problem, summaries included
+    tokens: float  # prompt + completion, per problem
+    usd: float  # per problem; 0 where nothing was billed (local)
+
+
+def answering_costs(store: Store, run_id: str, task: str) -> list[AnsweringCost]:
+    """Every evaluated society's debate on `task`'s held-out problems, and the single agent of the base and of each
+    multiagent iteration (one round-1 answer: its accuracy row, its share of the debate's round-1 cost), from the
+    stored responses and the ledger. Empty when the run has no student (nothing to compare)."""
+    rows = [e for e in store.get_evaluations(run_id) if e.task == task]
+    if not any(e.society in STUDENTS for e in rows):
+        return []
+    usd: dict[str, float] = {}
+    for line in store.get_usage(run_id):
+        if line.debate is not None:
+            usd[line.debate] = usd.get(line.debate, 0.0) + line.cost_usd
+    out: list[AnsweringCost] = []
+    for e in sorted(rows, key=lambda e: (SOCIETIES[e.society].paper_rank if e.society in SOCIETIES else 99,
+                                         e.iteration)):
+        single = e.method == "single" and e.society in (BASE, MAFT)
+        if e.method != "debate" and not single:
+            continue
+        name = str(DebateName(stage="eval", iteration=e.iteration, society=MAFT if e.society == BASE else e.society))
+        everything = list(store.get_responses(run_id, name).values())
+        responses = everything
+        problems = len({r.problem_id for r in responses}) or 1
+        agents = len({r.agent for r in responses}) or 1
+        if single:
+            first = [r for r in responses if r.round == 1 and r.kind == "answer"]
+            responses, share = first, 1 / agents
+        else:
+            share = 1.0
+        # a single agent's dollars: the debate's, in the share its round-1 answers took of the debate's calls
+        spent = usd.get(name, 0.0) * (len(responses) / max(1, len(everything)) if single else 1.0)
+        who = SOCIETIES[e.society].label if e.society in SOCIETIES else e.society
+        label = f"{who}, single agent" if single else (who if e.society in STUDENTS else f"{who}, debate")
+        out.append(AnsweringCost(
+            label=label, society=e.society, iteration=e.iteration, accuracy=e.accuracy, stderr=e.stderr,
+            generations=len(responses) * share / problems,
+            tokens=sum(r.prompt_tokens + r.completion_tokens for r in responses) * share / problems,
+            usd=spent * share / problems,
+        ))
+    return out
+
+
+def answering_cost_table(costs: Sequence[AnsweringCost], title: str) -> Table:
+    table = Table(title=title)
+    for col in ("society", "iter", "accuracy", "generations / problem", "tokens / problem", "$ / problem"):
+        table.add_column(col, justify="left" if col == "society" else "right")
+    for c in costs:
+        table.add_row(c.label, str(c.iteration), f"{c.accuracy:.3f} ± {c.stderr:.3f}", f"{c.generations:.2f}",
+                      f"{c.tokens:,.0f}", f"{c.usd:.6f}" if c.usd else "—")
+    return table

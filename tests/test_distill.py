@@ -7,7 +7,7 @@ from pathlib import Path
 
 from backends.base import ChatMessage
 from orchestrator.debate import AgentTranscript, DebateOutcome
-from orchestrator.distill import DistillRequest, distillation_examples, distillation_pairs
+from orchestrator.distill import DistillRequest, answering_costs, distillation_examples, distillation_pairs
 from orchestrator.names import DebateName
 from orchestrator.tasks import Problem
 from orchestrator.voting import Vote
@@ -217,8 +217,15 @@ def test_orchestrator_distill_trains_and_evaluates_a_student_on_the_local_backen
     assert len(answers) == len(held_out) and {r.round for r in answers} == {1}
     assert {e.society for e in store.get_evaluations("tiny")} == {"base", "maft", "distill"}
     store.close()
-    report = CliRunner().invoke(cli, ["report", "tiny", "--db", str(tmp_path / "m.db")], terminal_width=200)
+    report = CliRunner().invoke(cli, ["report", "tiny", "--db", str(tmp_path / "m.db")], env={"COLUMNS": "200"})
     assert report.exit_code == 0 and "distilled student" in report.output, report.output
+    costs = {c.label: c for c in answering_costs(Store(tmp_path / "m.db"), "tiny", "arithmetic:easy")}
+    assert set(costs) == {"base, single agent", "base, debate", "multiagent FT, single agent",
+                          "multiagent FT, debate", "distilled student"}
+    assert costs["distilled student"].generations == 1.0 and costs["base, single agent"].generations == 1.0
+    assert costs["multiagent FT, debate"].generations >= 3 * 3  # N·(2M−1) answers, plus summaries
+    assert 0 < costs["distilled student"].tokens < costs["multiagent FT, debate"].tokens
+    assert "generations / problem" in report.output
     again = CliRunner().invoke(cli, args, terminal_width=200)
     assert again.exit_code == 0, again.output
     store = Store(tmp_path / "m.db")
