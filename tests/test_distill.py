@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from backends.base import ChatMessage
 from orchestrator.debate import AgentTranscript, DebateOutcome
 from orchestrator.distill import DistillRequest, answering_costs, distillation_examples, distillation_pairs
@@ -231,3 +233,78 @@ def test_orchestrator_distill_trains_and_evaluates_a_student_on_the_local_backen
     store = Store(tmp_path / "m.db")
     assert len([j for j in store.get_jobs("tiny") if j.society == "distill"]) == 1
     assert len(store.get_responses("tiny", "distill/eval-1")) == len(held_out)
+
+
+# -- the student on the hosted fakes ---------------------------------------------------------------------------------
+
+
+def _hosted_distill(tmp_path, make_backend, cfg, pricing):
+    """A 1-iteration run on a hosted fake, then its student distilled, through the pipeline as the CLI drives it."""
+    from rich.console import Console
+
+    from orchestrator.costs import Ledger
+    from orchestrator.pipeline import Pipeline, open_run
+    from orchestrator.store import Store
+
+    store = Store(tmp_path / "m.db")
+    row = open_run(store, cfg, "r", must_exist=False)
+    backend = make_backend(store)
+    try:
+        pipeline = Pipeline(config=cfg, run=row, store=store, backend=backend, workdir=tmp_path / "w",
+                            console=Console(quiet=True), show_progress=False, poll_interval=0.01,
+                            ledger=Ledger(store, "r", pricing))
+        pipeline.run()
+        pipeline.run_more(distill=DistillRequest())
+    finally:
+        backend.close()
+    return store
+
+
+def _check_hosted_student(store, jobs_created: int, n_agents: int) -> None:
+    (job,) = [j for j in store.get_jobs("r") if j.society == "distill"]
+    assert job.key == "r/distill/iteration-1/student" and job.status == "succeeded" and job.base_model_id == "base"
+    assert jobs_created == 2 * n_agents + 1  # the society's 2N, then the student's one
+    (dataset,) = store.get_datasets("r", society="distill")
+    assert dataset.n_examples > 0 and dataset.sha256 == job.dataset_sha256
+    assert {a.model_id for a in store.get_agents("r", 1, "distill")} == {job.model_id}
+    held_out = {p.problem_id for p in store.get_problems("r", "eval")}
+    answers = store.get_responses("r", "distill/eval-1")
+    assert len(answers) == len(held_out) and {r.model_id for r in answers.values()} == {job.model_id}
+    costs = {c.label: c for c in answering_costs(store, "r", "arithmetic:easy")}
+    student, debate = costs["distilled student"], costs["multiagent FT, debate"]
+    assert student.generations == 1.0 and 0 < student.usd < debate.usd  # dollars, from the ledger
+    training = [u for u in store.get_usage("r") if u.stage == "training" and u.ref == job.key]
+    assert training and training[0].cost_usd > 0
+
+
+@pytest.mark.fake_openai(base_accuracy=0.8, finetune_bonus=0.1)
+def test_the_student_on_the_fake_openai_server(tmp_path, fake_openai):
+    from backends.openai import OpenAIBackend
+    from orchestrator.costs import Pricing, load_prices
+    from orchestrator.store import StoreState
+    from tests.test_openai_run import MINI, N, config
+
+    cfg = config(fake_openai)
+    store = _hosted_distill(
+        tmp_path, lambda store: OpenAIBackend(cfg.model, cfg.openai, StoreState(store, "openai"), show_progress=False,
+                                              environ={"OPENAI_API_KEY": fake_openai.api_key}),
+        cfg, Pricing(load_prices(), MINI))
+    _check_hosted_student(store, fake_openai.counts["POST /v1/fine_tuning/jobs"], N)
+    (job,) = [j for j in store.get_jobs("r") if j.society == "distill"]
+    assert (job.model_id or "").startswith("ft:")
+
+
+@pytest.mark.fake_together(base_accuracy=0.8)
+def test_the_student_on_the_fake_together_server(tmp_path, fake_together):
+    from backends.together import TogetherBackend
+    from orchestrator.costs import Pricing, load_prices
+    from orchestrator.store import StoreState
+    from tests.test_together_run import N, config
+
+    cfg = config(fake_together)
+    store = _hosted_distill(
+        tmp_path, lambda store: TogetherBackend(
+            cfg.model, cfg.together, StoreState(store, "together"), show_progress=False,
+            environ={"TOGETHER_API_KEY": fake_together.api_key}),
+        cfg, Pricing(load_prices(), cfg.model, full_finetune=not cfg.together.lora))
+    _check_hosted_student(store, fake_together.counts["POST /v1/fine-tunes"], N)
