@@ -27,10 +27,11 @@ from typing import Protocol
 from rich.console import Console
 
 import prompts
-from backends.base import BASE_MODEL_ID, ChatMessage
+from backends.base import BASE_MODEL_ID, BackendInfo, ChatMessage, Objective
 from orchestrator.config import RunConfig
 from orchestrator.debate import DebateOutcome, DebateRunner, DebateSettings, Society, readable_answer
 from orchestrator.names import DebateName, DebateStage, JobKey
+from orchestrator.preference import PreferencePair
 from orchestrator.societies import MAJORITY_FT, SINGLE_FT, STAR
 from orchestrator.store import DatasetRow, RunRow, Store
 from orchestrator.tasks import Problem, Task
@@ -50,6 +51,7 @@ class PipelineSteps(Protocol):
     store: Store
     run_row: RunRow
     task: Task
+    info: BackendInfo
 
     @property
     def max_length(self) -> int | None: ...
@@ -66,9 +68,12 @@ class PipelineSteps(Protocol):
     def write_dataset(self, examples: Sequence[Example], row: DatasetRow, *,
                       accumulate: bool | None = None) -> DatasetRow: ...
 
+    def with_pairs(self, row: DatasetRow, pairs: Sequence[PreferencePair]) -> DatasetRow: ...
+
     def finetune(self, society: str, iteration: int, datasets: list[DatasetRow],
                  starts: dict[tuple[int, str], str], *, key: Callable[[str, int, int, str], str],
-                 restart: bool | None = None) -> dict[tuple[int, str], tuple[str, str]]: ...
+                 restart: bool | None = None, objective: Objective | None = None
+                 ) -> dict[tuple[int, str], tuple[str, str]]: ...
 
     def stored_society(self, society: str, iteration: int) -> Society | None: ...
 

@@ -592,6 +592,9 @@ def eval_command(run_id: str, baselines: str | None, tasks: tuple[str, ...], db:
 @click.argument("run_id", metavar="RUN")
 @click.option("--iteration", type=click.IntRange(min=1), help="Which iteration's society teaches. [default: the "
               "last one the run has trained]")
+@click.option("--objective", type=click.Choice(["sft", "dpo"]), default="sft", show_default=True,
+              help="sft: learn the majority's chains; dpo: prefer them to chains of other answers, weighted by "
+                   "the vote margin (backends that train DPO: local, vllm, together).")
 @click.option("--db", help=DB_HELP)
 @click.option("--workdir", type=click.Path(path_type=Path), help="Where datasets and adapters are written. "
               "[default: maft-runs/RUN beside the database]")
@@ -599,7 +602,7 @@ def eval_command(run_id: str, baselines: str | None, tasks: tuple[str, ...], db:
               "counts); steps that could pass it are not started.")
 @click.option("--prices", type=click.Path(path_type=Path), help="TOML file of prices replacing the packaged ones.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
-def distill_command(run_id: str, iteration: int | None, db: str | None, workdir: Path | None,
+def distill_command(run_id: str, iteration: int | None, objective: str, db: str | None, workdir: Path | None,
                     max_cost: float | None, prices: Path | None, quiet: bool) -> None:
     """Distil a finetuned society into one student model that answers each problem in a single pass: the base
     model finetuned on every distinct chain of the society's strict-majority answers on the training problems
@@ -612,7 +615,8 @@ def distill_command(run_id: str, iteration: int | None, db: str | None, workdir:
         config = stored_config(store, run_id)
         _run(store, config, RunRequest(run_id=run_id, must_exist=True, db=db, workdir=workdir, quiet=quiet,
                                        max_cost=max_cost, prices=prices, more_only=True,
-                                       distill=DistillRequest(iteration=iteration)))
+                                       distill=DistillRequest.model_validate({"iteration": iteration,
+                                                                              "objective": objective})))
     finally:
         store.close()
 

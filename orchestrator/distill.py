@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Collection, Sequence
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 from rich.table import Table
@@ -24,6 +25,7 @@ from rich.table import Table
 from backends.base import BASE_MODEL_ID, ChatMessage
 from foundation.errors import UserError
 from orchestrator.baselines import PipelineSteps
+from orchestrator.config import objective_problem
 from orchestrator.debate import AgentTranscript, DebateOutcome, Society
 from orchestrator.evaluate import evaluate
 from orchestrator.names import DebateName, JobKey
@@ -121,6 +123,7 @@ class DistillRequest(BaseModel):
     model_config = ConfigDict(frozen=True)
 
     iteration: int | None = Field(None, ge=1)
+    objective: Literal["sft", "dpo"] = "sft"  # dpo: chains of ŷ against chains of other answers (`distillation_pairs`)
 
 
 class Distillation:
@@ -142,6 +145,8 @@ class Distillation:
 
     def run(self, train: list[Problem], held_out: list[Problem]) -> None:
         p, level = self.p, self.level()
+        if (problem := objective_problem(self.request.objective, p.info)) is not None:
+            raise UserError(problem.replace("[training] objective", "distill --objective"))
         teacher = p.stored_society(MAFT, level)
         if teacher is None:
             raise UserError(f"run {p.run_row.id} has no stored society for iteration {level}")
@@ -151,7 +156,12 @@ class Distillation:
             outcomes = self.teacher_debate(level, teacher, train)
             examples = distillation_examples(outcomes, {pr.id for pr in held_out}, p.task.equivalent)
             dataset = self._dataset(level, examples)
-            trained = p.finetune(DISTILL, level, [dataset], {(0, ROLE): BASE_MODEL_ID}, key=self._key, restart=True)
+            if self.request.objective == "dpo":
+                pairs = distillation_pairs(outcomes, {pr.id for pr in held_out}, p.task.equivalent)
+                dataset = p.with_pairs(dataset, pairs)
+                p.store.save_datasets([dataset])
+            trained = p.finetune(DISTILL, level, [dataset], {(0, ROLE): BASE_MODEL_ID}, key=self._key, restart=True,
+                                 objective=self.request.objective)
             model, job = trained.get((0, ROLE), (BASE_MODEL_ID, ""))
             n = p.config.agents
             student = Society.uniform(n, model)

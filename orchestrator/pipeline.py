@@ -373,7 +373,7 @@ class Pipeline:
             kept = [p for p in kept if sum(m.role == "user" for m in p.messages) == 1]
         return kept
 
-    def _with_pairs(self, row: DatasetRow, pairs: Sequence[PreferencePair]) -> DatasetRow:
+    def with_pairs(self, row: DatasetRow, pairs: Sequence[PreferencePair]) -> DatasetRow:
         """`row` with its (agent, role)'s pair file written and counted: our trainer's format, weights included,
         where the backend weights pairs; else the providers' format with only the pairs it is sent, so the counts
         are what is sent."""
@@ -413,7 +413,7 @@ class Pipeline:
                     problem_ids=json.dumps([e.problem_id for e in examples]),
                     n_too_long=data.critic_too_long if critic else data.generator_too_long,
                 ))
-                rows.append(row if pairs is None else self._with_pairs(row, slots.get((agent, role), [])))
+                rows.append(row if pairs is None else self.with_pairs(row, slots.get((agent, role), [])))
         self.store.save_datasets(rows)
         return rows
 
@@ -446,14 +446,17 @@ class Pipeline:
 
     def finetune(self, society: str, iteration: int, datasets: list[DatasetRow],
                  starts: dict[tuple[int, str], str], *, key: Callable[[str, int, int, str], str],
-                 restart: bool | None = None) -> dict[tuple[int, str], tuple[str, str]]:
-        """Train a model on each dataset; returns (model id, job key) per (agent, role) that was trained.
+                 restart: bool | None = None, objective: Objective | None = None
+                 ) -> dict[tuple[int, str], tuple[str, str]]:
+        """Train a model on each dataset (by `objective`, default the run's `[training] objective`); returns (model
+        id, job key) per (agent, role) that was trained.
 
         A set smaller than the provider accepts is not sent: that model stays as it was. `starts` gives the
         model each one continues from (strategy continue); with restart and accumulate every one starts from the
         base model (accumulate's files hold every iteration's data so far, see `write_dataset`).
         """
         restart = self.config.strategy in ("restart", "accumulate") if restart is None else restart
+        objective_asked = objective or self.config.training.objective
         plans: list[FinetunePlan] = []
         for ds in datasets:
             job_key = key(self.run_row.id, iteration, ds.agent, ds.role)
@@ -461,7 +464,7 @@ class Pipeline:
             job = JobRow(key=job_key, run_id=self.run_row.id, society=society, iteration=iteration, agent=ds.agent,
                          role=ds.role, backend=self.config.backend, base_model_id=start_from,
                          dataset_sha256=ds.sha256)
-            objective, why = self._objective(ds)
+            objective, why = self._objective(ds, objective_asked)
             if why is not None:
                 # Too little agreed with the majority: this model stays as it was rather than training on
                 # nothing, or on a file the provider would refuse.
@@ -490,7 +493,7 @@ class Pipeline:
             trained[(plan.job.agent, plan.job.role)] = (model_id, plan.job.key)
         return trained
 
-    def _objective(self, ds: DatasetRow) -> tuple[Objective, str | None]:
+    def _objective(self, ds: DatasetRow, asked: Objective) -> tuple[Objective, str | None]:
         """What a set's job learns, and why it is not sent (None: it is). A set without pairs (objective sft, a
         baseline's) trains by SFT; under sft-then-dpo a slot with only one of the two trains by that one (by DPO
         alone only where the backend has it: OpenAI's DPO has no NLL term). A provider's minimum file size
@@ -500,11 +503,11 @@ class Pipeline:
         enough_pairs = (ds.n_pairs or 0) >= least
         if ds.n_pairs is None:
             wanted: Objective = "sft"
-        elif self.config.training.objective == "sft-then-dpo":
+        elif asked == "sft-then-dpo":
             alone = "dpo" in self.info.objectives
             wanted = "sft-then-dpo" if enough_sft and enough_pairs else "dpo" if enough_pairs and alone else "sft"
         else:
-            wanted = self.config.training.objective
+            wanted = asked
         if wanted == "dpo":
             if enough_pairs:
                 return wanted, None

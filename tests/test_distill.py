@@ -119,6 +119,10 @@ def test_dpo_pairs_put_each_chain_of_the_majority_against_each_readable_chain_of
 
 
 def _distilled(tmp_path, backend, iterations: int = 1, level: int | None = None):
+    return _distilled_with(tmp_path, backend, DistillRequest(iteration=level), iterations)
+
+
+def _distilled_with(tmp_path, backend, request: DistillRequest, iterations: int = 1):
     from rich.console import Console
 
     from orchestrator.config import RunConfig
@@ -132,7 +136,7 @@ def _distilled(tmp_path, backend, iterations: int = 1, level: int | None = None)
                         console=Console(quiet=True), show_progress=False, poll_interval=0)
     pipeline.run()
     asked = len(backend.requests)
-    pipeline.run_more(distill=DistillRequest(iteration=level))
+    pipeline.run_more(distill=request)
     return store, pipeline, asked
 
 
@@ -238,7 +242,7 @@ def test_orchestrator_distill_trains_and_evaluates_a_student_on_the_local_backen
 # -- the student on the hosted fakes ---------------------------------------------------------------------------------
 
 
-def _hosted_distill(tmp_path, make_backend, cfg, pricing):
+def _hosted_distill(tmp_path, make_backend, cfg, pricing, request: DistillRequest | None = None):
     """A 1-iteration run on a hosted fake, then its student distilled, through the pipeline as the CLI drives it."""
     from rich.console import Console
 
@@ -254,7 +258,7 @@ def _hosted_distill(tmp_path, make_backend, cfg, pricing):
                             console=Console(quiet=True), show_progress=False, poll_interval=0.01,
                             ledger=Ledger(store, "r", pricing))
         pipeline.run()
-        pipeline.run_more(distill=DistillRequest())
+        pipeline.run_more(distill=request or DistillRequest())
     finally:
         backend.close()
     return store
@@ -308,3 +312,37 @@ def test_the_student_on_the_fake_together_server(tmp_path, fake_together):
             environ={"TOGETHER_API_KEY": fake_together.api_key}),
         cfg, Pricing(load_prices(), cfg.model, full_finetune=not cfg.together.lora))
     _check_hosted_student(store, fake_together.counts["POST /v1/fine-tunes"], N)
+
+
+@pytest.mark.fake_together(base_accuracy=0.6)
+def test_a_dpo_student_on_the_fake_together_server_learns_the_majority_s_chains_against_the_others(
+        tmp_path, fake_together):
+    from backends.preference_data import HostedPreferenceLine
+    from backends.together import TogetherBackend
+    from orchestrator.costs import Pricing, load_prices
+    from orchestrator.store import StoreState
+    from tests.test_together_run import config
+
+    cfg = config(fake_together)
+    store = _hosted_distill(
+        tmp_path, lambda store: TogetherBackend(
+            cfg.model, cfg.together, StoreState(store, "together"), show_progress=False,
+            environ={"TOGETHER_API_KEY": fake_together.api_key}),
+        cfg, Pricing(load_prices(), cfg.model, full_finetune=not cfg.together.lora), DistillRequest(objective="dpo"))
+    (job,) = [j for j in store.get_jobs("r") if j.society == "distill"]
+    assert job.status == "succeeded"
+    remote = fake_together.jobs[job.provider_job_id]
+    assert remote["training_method"]["method"] == "dpo"
+    (dataset,) = store.get_datasets("r", society="distill")
+    assert dataset.n_pairs and dataset.n_pairs == dataset.n_pairs_generator
+    lines = Path(str(dataset.pairs_path)).read_text().splitlines()
+    assert len(lines) == dataset.n_pairs and job.dataset_sha256 == dataset.pairs_sha256
+    assert all(HostedPreferenceLine.model_validate_json(line) for line in lines)
+
+
+def test_a_dpo_student_is_refused_on_a_backend_without_dpo(tmp_path):
+    from foundation.errors import UserError
+    from tests.fakes import ScriptedBackend
+
+    with pytest.raises(UserError, match='distill --objective "dpo" does not run on the scripted backend'):
+        _distilled_with(tmp_path, ScriptedBackend(), DistillRequest(objective="dpo"))
