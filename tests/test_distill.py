@@ -346,3 +346,44 @@ def test_a_dpo_student_is_refused_on_a_backend_without_dpo(tmp_path):
 
     with pytest.raises(UserError, match='distill --objective "dpo" does not run on the scripted backend'):
         _distilled_with(tmp_path, ScriptedBackend(), DistillRequest(objective="dpo"))
+
+
+# -- the society soup ------------------------------------------------------------------------------------------------
+
+
+def _deltas(adapter: Path) -> dict[str, object]:
+    """Each LoRA module's delta s·B·A (s = lora_alpha / r), by module."""
+    from safetensors.torch import load_file
+
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    assert not config.get("use_rslora") and not config.get("use_dora")
+    scale = config["lora_alpha"] / config["r"]
+    weights = load_file(str(adapter / "adapter_model.safetensors"))
+    return {k.replace(".lora_A.weight", ""): scale * (weights[k.replace("lora_A", "lora_B")] @ weights[k])
+            for k in weights if k.endswith(".lora_A.weight")}
+
+
+def test_the_society_soup_is_exactly_the_mean_of_the_adapters_deltas(tmp_path):
+    """Three adapters of different ranks and scalings (lora_alpha 1×, 2×, ½× r): the soup's delta on every module
+    is (1/3)·Σ s_i·B_i·A_i, to float32 rounding."""
+    import torch
+
+    from orchestrator.distill import soup_adapter
+    from tests.tiny_model import build_random_adapter, build_tiny_model
+
+    model = build_tiny_model(tmp_path / "tiny")
+    adapters = []
+    for i, (rank, alpha) in enumerate([(2, 2), (4, 8), (8, 4)]):
+        path = build_random_adapter(model, tmp_path / f"a{i}", seed=i, rank=rank)
+        config = json.loads((path / "adapter_config.json").read_text())
+        (path / "adapter_config.json").write_text(json.dumps({**config, "lora_alpha": alpha}))
+        adapters.append(path)
+    soup = soup_adapter(str(model), [str(a) for a in adapters], tmp_path / "soup")
+    got = _deltas(soup)
+    each = [_deltas(a) for a in adapters]
+    assert set(got) == set(each[0]) and got
+    for module, delta in got.items():
+        mean = sum(d[module] for d in each) / 3  # type: ignore[operator]
+        assert torch.allclose(delta, mean, atol=1e-6), module  # type: ignore[arg-type]
+        assert not torch.allclose(delta, each[0][module], atol=1e-4)  # type: ignore[arg-type]
+    assert soup_adapter(str(model), [str(a) for a in adapters], tmp_path / "soup") == soup  # written once
