@@ -52,6 +52,7 @@ class PipelineSteps(Protocol):
     run_row: RunRow
     task: Task
     info: BackendInfo
+    workdir: Path
 
     @property
     def max_length(self) -> int | None: ...

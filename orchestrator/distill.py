@@ -32,7 +32,7 @@ from orchestrator.debate import AgentTranscript, DebateOutcome, Society
 from orchestrator.evaluate import evaluate
 from orchestrator.names import DebateName, JobKey
 from orchestrator.preference import Equivalent, PreferencePair, has_strict_majority, share
-from orchestrator.societies import BASE, DISTILL, MAFT, SOCIETIES, STUDENTS
+from orchestrator.societies import BASE, DISTILL, MAFT, SOCIETIES, SOUP, STUDENTS
 from orchestrator.store import DatasetRow, Store
 from orchestrator.tasks import Problem
 from orchestrator.training_data import Example, fit
@@ -173,6 +173,26 @@ class Distillation:
         name = str(DebateName(stage="eval", iteration=level, society=DISTILL))
         outcomes = p.debate(name, held_out, Society.uniform(1, student.generators[0]), level, p.settings(rounds=1))
         for row in evaluate(p.run_row.id, DISTILL, level, outcomes, p.task, p.config.seed):
+            p.store.save_evaluation(row)
+        if p.info.name == "local":  # our trainer's adapters, on disk
+            self.soup(level, teacher, held_out)
+
+    def soup(self, level: int, teacher: Society, held_out: list[Problem]) -> None:
+        """The zero-training baseline: the iteration-L generators' adapters averaged (`soup_adapter`), society
+        `soup` at iteration L, evaluated as the student is. Skipped, and said, where a generator kept the base
+        model (it has no adapter to average)."""
+        p = self.p
+        if any(g == BASE_MODEL_ID for g in teacher.generators):
+            p.console.print(f"{SOUP}: a generator of iteration {level} kept the base model; no soup to make")
+            return
+        soup = p.stored_society(SOUP, level)
+        if soup is None:
+            path = soup_adapter(p.config.model, teacher.generators, p.workdir / "soup" / f"iteration-{level}")
+            soup = p.save_society(SOUP, level, Society.uniform(p.config.agents, str(path)), teacher)
+        p.console.rule(f"[bold]{SOUP}: the averaged generators answer each held-out problem once")
+        name = str(DebateName(stage="eval", iteration=level, society=SOUP))
+        outcomes = p.debate(name, held_out, Society.uniform(1, soup.generators[0]), level, p.settings(rounds=1))
+        for row in evaluate(p.run_row.id, SOUP, level, outcomes, p.task, p.config.seed):
             p.store.save_evaluation(row)
 
     def teacher_debate(self, level: int, teacher: Society, train: list[Problem]) -> list[DebateOutcome]:

@@ -41,6 +41,7 @@ SINGLE_FT = "single-ft"
 NO_SUMMARY = "no-summary"
 NO_CRITIC = "no-critic"
 DISTILL = "distill"  # one student distilled from a finetuned society, answering in a single pass
+SOUP = "soup"  # the society's generator adapters averaged into one, no training (local backend)
 
 # In the terminal comparison's order (the report's other tables follow paper_rank).
 SOCIETIES: dict[str, SocietySpec] = {s.name: s for s in (
@@ -63,6 +64,9 @@ SOCIETIES: dict[str, SocietySpec] = {s.name: s for s in (
     SocietySpec(name=DISTILL, kind="student", label="distilled student", paper_rank=7, color="#bcbd22",
                 line=(0, (1, 1)), marker="*", trained_roles="first-generator",
                 help="one model finetuned on the society's consensus chains, answering once (`orchestrator distill`)"),
+    SocietySpec(name=SOUP, kind="student", label="society soup", paper_rank=8, color="#aec7e8",
+                line=(0, (2, 2)), marker="x", trained_roles="first-generator",
+                help="the generators' LoRA adapters averaged into one, answering once (`distill`, local backend)"),
 )}
 
 # the societies `--baselines` may ask for beside the multiagent one: the paper's baselines, then its ablations;

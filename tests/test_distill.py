@@ -221,13 +221,17 @@ def test_orchestrator_distill_trains_and_evaluates_a_student_on_the_local_backen
     assert {a.model_id for a in store.get_agents("tiny", 1, "distill")} == {job.model_id}
     answers = [r for r in store.get_responses("tiny", "distill/eval-1").values()]
     assert len(answers) == len(held_out) and {r.round for r in answers} == {1}
-    assert {e.society for e in store.get_evaluations("tiny")} == {"base", "maft", "distill"}
+    assert {e.society for e in store.get_evaluations("tiny")} == {"base", "maft", "distill", "soup"}
+    # the soup: the iteration-1 generators' adapters averaged, answering once too
+    soup = store.get_agents("tiny", 1, "soup")
+    assert len({a.model_id for a in soup}) == 1 and (Path(soup[0].model_id) / "adapter_config.json").is_file()
+    assert len(store.get_responses("tiny", "soup/eval-1")) == len(held_out)
     store.close()
     report = CliRunner().invoke(cli, ["report", "tiny", "--db", str(tmp_path / "m.db")], env={"COLUMNS": "200"})
     assert report.exit_code == 0 and "distilled student" in report.output, report.output
     costs = {c.label: c for c in answering_costs(Store(tmp_path / "m.db"), "tiny", "arithmetic:easy")}
     assert set(costs) == {"base, single agent", "base, debate", "multiagent FT, single agent",
-                          "multiagent FT, debate", "distilled student"}
+                          "multiagent FT, debate", "distilled student", "society soup"}
     assert costs["distilled student"].generations == 1.0 and costs["base, single agent"].generations == 1.0
     assert costs["multiagent FT, debate"].generations >= 3 * 3  # N·(2M−1) answers, plus summaries
     assert 0 < costs["distilled student"].tokens < costs["multiagent FT, debate"].tokens

@@ -21,7 +21,8 @@ def test_every_baseline_has_a_way_to_train_it() -> None:
 
 def test_baselines_follow_the_papers_table_order() -> None:
     assert BASELINES == ("star", "majority-ft", "single-ft", "no-summary", "no-critic")
-    assert SOCIETY_ORDER == ("base", "star", "majority-ft", "single-ft", MAFT, "no-summary", "no-critic", "distill")
+    assert SOCIETY_ORDER == ("base", "star", "majority-ft", "single-ft", MAFT, "no-summary", "no-critic", "distill",
+                            "soup")
     assert parse_baselines("all") == BASELINES
 
 
@@ -35,7 +36,7 @@ def test_the_report_and_help_read_the_registry() -> None:
 
 
 def test_a_baselines_debates_are_named_by_the_registry() -> None:
-    assert STUDENTS == ("distill",) and "distill" not in BASELINES  # a student is no `--baselines` choice
+    assert STUDENTS == ("distill", "soup") and not set(STUDENTS) & set(BASELINES)  # no `--baselines` choice
     for name in BASELINES + STUDENTS:
         debate = DebateName(stage="eval", iteration=2, society=name)
         assert DebateName.parse(str(debate)) == debate
