@@ -236,6 +236,8 @@ def test_orchestrator_distill_trains_and_evaluates_a_student_on_the_local_backen
     assert costs["multiagent FT, debate"].generations >= 3 * 3  # N·(2M−1) answers, plus summaries
     assert 0 < costs["distilled student"].tokens < costs["multiagent FT, debate"].tokens
     assert "generations / problem" in report.output
+    status = CliRunner().invoke(cli, ["status", "tiny", "--db", str(tmp_path / "m.db")], env={"COLUMNS": "200"})
+    assert status.exit_code == 0 and "distill/eval-1" in status.output and "soup/eval-1" in status.output
     again = CliRunner().invoke(cli, args, terminal_width=200)
     assert again.exit_code == 0, again.output
     store = Store(tmp_path / "m.db")
