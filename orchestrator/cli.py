@@ -613,6 +613,10 @@ def distill_command(run_id: str, iteration: int | None, objective: str, db: str 
     store = _open_store(db, must_exist=True)
     try:
         config = stored_config(store, run_id)
+        done = store.require_run(run_id).iterations_done
+        if not done or (iteration or done) > done:  # said before the run is touched: its status stays as it is
+            raise UserError(f"run {run_id} has {done} finished iteration(s): nothing to distil" if not done else
+                            f"--iteration {iteration}: run {run_id} has {done} finished iteration(s)")
         _run(store, config, RunRequest(run_id=run_id, must_exist=True, db=db, workdir=workdir, quiet=quiet,
                                        max_cost=max_cost, prices=prices, more_only=True,
                                        distill=DistillRequest.model_validate({"iteration": iteration,

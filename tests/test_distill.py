@@ -238,6 +238,11 @@ def test_orchestrator_distill_trains_and_evaluates_a_student_on_the_local_backen
     assert "generations / problem" in report.output
     status = CliRunner().invoke(cli, ["status", "tiny", "--db", str(tmp_path / "m.db")], env={"COLUMNS": "200"})
     assert status.exit_code == 0 and "distill/eval-1" in status.output and "soup/eval-1" in status.output
+    later = CliRunner().invoke(cli, [*args, "--iteration", "2"])
+    assert later.exit_code != 0 and "--iteration 2: run tiny has 1 finished iteration(s)" in str(later.exception)
+    check = Store(tmp_path / "m.db")
+    assert check.get_run("tiny").status == "finished"  # a refused distill leaves the run as it was
+    check.close()
     again = CliRunner().invoke(cli, args, terminal_width=200)
     assert again.exit_code == 0, again.output
     store = Store(tmp_path / "m.db")
