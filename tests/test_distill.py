@@ -398,3 +398,21 @@ def test_the_society_soup_is_exactly_the_mean_of_the_adapters_deltas(tmp_path):
         assert torch.allclose(delta, mean, atol=1e-6), module  # type: ignore[arg-type]
         assert not torch.allclose(delta, each[0][module], atol=1e-4)  # type: ignore[arg-type]
     assert soup_adapter(str(model), [str(a) for a in adapters], tmp_path / "soup") == soup  # written once
+
+
+def test_run_with_distill_distils_the_last_iteration_after_the_run(tmp_path):
+    from rich.console import Console
+
+    from orchestrator.config import RunConfig
+    from orchestrator.pipeline import Pipeline, open_run
+    from orchestrator.store import Store
+    from tests.fakes import ScriptedBackend
+
+    config = RunConfig(train_size=12, eval_size=8, seed=2, iterations=2)
+    store = Store(tmp_path / "m.db")
+    row = open_run(store, config, "r", must_exist=False)
+    Pipeline(config=config, run=row, store=store, backend=ScriptedBackend(), workdir=tmp_path / "w",
+             console=Console(quiet=True), show_progress=False, poll_interval=0).run(distill=DistillRequest())
+    assert {(e.society, e.iteration) for e in store.get_evaluations("r") if e.society == "distill"} == {("distill", 2)}
+    assert [j.key for j in store.get_jobs("r") if j.society == "distill"] == ["r/distill/iteration-2/student"]
+    assert store.get_run("r").status == "finished"
