@@ -7,22 +7,51 @@ import time
 from typing import Any
 
 from orchestrator.config import RunConfig
+from orchestrator.names import DebateName
 from orchestrator.report.labels import BACKEND_SECTIONS, method_order, when_seconds
-from orchestrator.societies import BASE
-from orchestrator.store import EvaluationRow, JobRow, RunRow, Store
+from orchestrator.societies import BASE, DISTILL, STUDENTS
+from orchestrator.store import DebateTruncation, EvaluationRow, JobRow, RunRow, Store
 
 EVENTS_SHOWN = 3  # newest events per job in the terminal
 EVENTS_KEPT = 50  # newest events per job in `--json`
 
 
+def _per_problem(config: RunConfig) -> int:
+    """One debate's responses per problem: answers plus (in summary mode) one summary per critic turn."""
+    return config.agents * config.rounds + (config.agents * (config.rounds - 1) if config.summarize else 0)
+
+
 def expected_responses(config: RunConfig) -> int:
-    """How many responses a finished run stores: answers plus (in summary mode) one summary per critic turn."""
-    per_problem = config.agents * config.rounds
-    if config.summarize:
-        per_problem += config.agents * (config.rounds - 1)
+    """How many responses a finished run's society stores (the students' are counted apart, `student_progress`)."""
     evals = (config.iterations + 1) * config.eval_size
     trains = config.iterations * config.train_size
-    return per_problem * (evals + trains)
+    return _per_problem(config) * (evals + trains)
+
+
+def _student_debate(name: str) -> DebateName | None:
+    parsed = DebateName.parse(name)
+    return parsed if parsed is not None and parsed.society in STUDENTS else None
+
+
+def student_progress(config: RunConfig, debates: list[DebateTruncation],
+                     societies: list[tuple[str, int]]) -> dict[str, Any] | None:
+    """The distilled student's and the soup's responses, stored and expected, kept out of the society's count so
+    neither number outgrows the other: each student answers every held-out problem once (on its own task and on
+    any it was evaluated zero-shot on), and the teacher's own debate `distill/train-L` (stored only where no
+    iteration L + 1 debate could be read back) is a training debate like the society's. A student is expected
+    from its stored agents or from its first debate; None for a run without one."""
+    mine = [(d, parsed) for d in debates if (parsed := _student_debate(d.debate)) is not None]
+    evals: set[tuple[str, int, str | None]] = {(s, level, None) for s, level in societies if s in STUDENTS}
+    evals |= {(p.society, p.iteration, p.transfer) for _, p in mine if p.stage == "eval"}
+    teachers = {p.iteration for _, p in mine if p.society == DISTILL and p.stage == "train"}
+    evals |= {(DISTILL, level, None) for level in teachers}  # its debate begun: the student's answers will follow
+    if not evals:
+        return None
+    return {
+        "stored": sum(d.answers + d.summaries for d, _ in mine),
+        "expected": len(evals) * config.eval_size + len(teachers) * _per_problem(config) * config.train_size,
+        "societies": [s for s in STUDENTS if any(e[0] == s for e in evals)],
+    }
 
 
 def _evaluation_order(e: EvaluationRow) -> tuple[str, int, bool, str, int]:
@@ -73,19 +102,24 @@ def status_data(store: Store, run: RunRow, now: float | None = None) -> dict[str
     config = RunConfig.model_validate_json(run.config)
     jobs = store.get_jobs(run.id)
     now = time.time() if now is None else now
+    debates = store.truncation(run.id)
+    students = student_progress(config, debates, store.societies(run.id))
+    progress: dict[str, Any] = {
+        "responses_stored": store.count_responses(run.id) - (students["stored"] if students else 0),
+        "responses_expected": expected_responses(config),
+    }
+    if students is not None:
+        progress["students"] = students
     return {
         "run": {
             "id": run.id, "status": run.status, "error": run.error, "iterations_done": run.iterations_done,
             "created_at": when_seconds(run.created_at), "updated_at": when_seconds(run.updated_at),
         },
         "config": own_settings(config),
-        "progress": {
-            "responses_stored": store.count_responses(run.id),
-            "responses_expected": expected_responses(config),
-        },
+        "progress": progress,
         "agents": [a.model_dump(exclude={"run_id", "created_at"}) for a in store.get_agents(run.id)],
         "jobs": [_job_data(store, j, now) for j in jobs],
-        "debates": [t.model_dump() for t in store.truncation(run.id)],
+        "debates": [t.model_dump() for t in debates],
     }
 
 

@@ -189,7 +189,7 @@ def status_view(data: dict[str, Any]) -> Group:
     r, p = data["run"], data["progress"]
     line = Text.from_markup(
         f"run [bold]{r['id']}[/]: {r['status']}, {r['iterations_done']}/{data['config']['iterations']} iterations "
-        f"done, {p['responses_stored']}/{p['responses_expected']} responses stored"
+        f"done, {p['responses_stored']}/{p['responses_expected']} responses stored" + _students_text(p)
         + (f" · last error: {r['error']}" if r["error"] else "")
     )
     parts: list[Any] = [line, agents_table(data["agents"])]
@@ -198,6 +198,17 @@ def status_view(data: dict[str, Any]) -> Group:
     if data["jobs"]:
         parts.append(jobs_table(data["jobs"]))
     return Group(*parts)
+
+
+def _students_text(progress: dict[str, Any]) -> str:
+    """The students' responses beside the society's, never in its count: "(+ 58/58 for the distilled student and
+    the society soup)"."""
+    students = progress.get("students")
+    if not students:
+        return ""
+    names = [society_name(s) for s in students["societies"]]
+    who = " and the ".join(names) if names else "the students"
+    return f" (+ {students['stored']}/{students['expected']} for the {who})"
 
 
 def comparison_rows(evaluations: list[dict[str, Any]]) -> tuple[list[str], list[tuple[str, dict[str, dict]]]]:

@@ -1,0 +1,113 @@
+"""A run with a distilled student and a society soup, as status, eval --task, the reports and the dry run show it
+(issue 15's leftovers). The run is the scripted backend's; the soup (made only by the local backend) is put in by
+the pipeline's own steps, exactly as `Distillation.soup` stores and evaluates it."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from rich.console import Console
+
+from orchestrator.config import RunConfig
+from orchestrator.debate import Society
+from orchestrator.distill import DistillRequest
+from orchestrator.evaluate import evaluate
+from orchestrator.names import DebateName
+from orchestrator.pipeline import Pipeline, open_run
+from orchestrator.societies import DISTILL, SOUP
+from orchestrator.store import DebateTruncation, Store
+from tests.fakes import ScriptedBackend
+
+# 3 agents × 2 rounds with summaries: 6 answers and 3 summaries per problem and debate
+CONFIG = RunConfig(train_size=12, eval_size=8, seed=2, iterations=1)
+PER_PROBLEM = 9
+SOUP_MODEL = "soup-of-iteration-1"
+
+
+@dataclass
+class StudentRun:
+    db: Path
+    store: Store
+    pipeline: Pipeline
+    backend: ScriptedBackend
+
+
+def _pipeline(store: Store, backend: ScriptedBackend, workdir: Path, run_id: str = "r") -> Pipeline:
+    row = open_run(store, CONFIG, run_id, must_exist=False)
+    return Pipeline(config=CONFIG, run=row, store=store, backend=backend, workdir=workdir,
+                    console=Console(quiet=True), show_progress=False, poll_interval=0)
+
+
+def _add_soup(pipeline: Pipeline) -> None:
+    """What `Distillation.soup` stores on the local backend, with a model id for the averaged adapter."""
+    _, held_out = pipeline.problems()
+    teacher = pipeline.stored_society("maft", 1)
+    assert teacher is not None
+    pipeline.save_society(SOUP, 1, Society.uniform(CONFIG.agents, SOUP_MODEL), teacher)
+    name = str(DebateName(stage="eval", iteration=1, society=SOUP))
+    outcomes = pipeline.debate(name, held_out, Society.uniform(1, SOUP_MODEL), 1, pipeline.settings(rounds=1))
+    for row in evaluate("r", SOUP, 1, outcomes, pipeline.task, CONFIG.seed):
+        pipeline.store.save_evaluation(row)
+
+
+def make_student_run(tmp_path: Path, soup: bool = True) -> StudentRun:
+    store = Store(tmp_path / "m.db")
+    backend = ScriptedBackend()
+    pipeline = _pipeline(store, backend, tmp_path / "w")
+    pipeline.run()
+    pipeline.run_more(distill=DistillRequest())
+    if soup:
+        _add_soup(pipeline)
+    return StudentRun(db=tmp_path / "m.db", store=store, pipeline=pipeline, backend=backend)
+
+
+@pytest.fixture(scope="module")
+def student_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StudentRun]:
+    """Read-only for the tests that take it."""
+    made = make_student_run(tmp_path_factory.mktemp("student-run"))
+    yield made
+    made.store.close()
+
+
+# -- A: status ---------------------------------------------------------------------------------------------------
+
+
+def test_status_counts_the_students_responses_apart_from_the_society_s(student_run):
+    from orchestrator.report.data import status_data
+    from orchestrator.report.terminal import status_view
+
+    store = student_run.store
+    data = status_data(store, store.require_run("r"))
+    society = PER_PROBLEM * (2 * CONFIG.eval_size + CONFIG.train_size)  # eval-0, eval-1, train-1
+    teacher = PER_PROBLEM * CONFIG.train_size  # distill/train-1: no iteration 2 to read the debate back from
+    students = teacher + 2 * CONFIG.eval_size  # the student and the soup: one answer per held-out problem
+    assert store.count_responses("r") == society + students  # what status showed as 376/252 before
+    assert data["progress"] == {"responses_stored": society, "responses_expected": society,
+                                "students": {"stored": students, "expected": students,
+                                             "societies": [DISTILL, SOUP]}}
+    console = Console(width=300, record=True)
+    console.print(status_view(data))
+    line = console.export_text().splitlines()[0]
+    assert (f"252/252 responses stored (+ {students}/{students} for the distilled student and the society soup)"
+            in line)
+
+
+def test_a_student_is_expected_from_its_teacher_s_debate_its_agents_or_its_own_debates():
+    from orchestrator.report.data import student_progress
+
+    def debate(name: str, answers: int, summaries: int = 0) -> DebateTruncation:
+        return DebateTruncation(debate=name, answers=answers, answers_cut=0, summaries=summaries, summaries_cut=0)
+
+    society = [debate("eval-0", 48, 24), debate("train-1", 72, 36), debate("star/eval-1", 48, 24)]
+    assert student_progress(CONFIG, society, [("maft", 0), ("maft", 1), ("star", 1)]) is None
+    # the teacher's debate half done, nothing else yet: the student's answers are already expected
+    begun = student_progress(CONFIG, [*society, debate("distill/train-1", 30, 10)], [("maft", 1)])
+    assert begun == {"stored": 40, "expected": PER_PROBLEM * 12 + 8, "societies": [DISTILL]}
+    # an earlier iteration's student, taught from train-2 (read back, not stored under distill), and its soup
+    # agents stored before its debate began; one student also evaluated zero-shot on another task
+    own = [debate("distill/eval-1", 8), debate("transfer/gsm8k/distill/eval-1", 3)]
+    later = student_progress(CONFIG, [*society, *own], [("maft", 2), (DISTILL, 1), (SOUP, 1)])
+    assert later == {"stored": 11, "expected": 3 * 8, "societies": [DISTILL, SOUP]}
