@@ -183,6 +183,8 @@ class Pipeline:
                 Distillation(self, distill).run(train, held_out)
 
     def transfer(self, task: Task) -> None:
+        """Every stored society on `task`'s held-out problems, each as it is used on its own task: a society by
+        its debate, a distilled student or soup by one agent answering once (no diversity: one answer has none)."""
         _, held_out = self.problems(task)
         for name, iteration in self.store.societies(self.run_row.id):
             society = self.stored_society(name, iteration)
@@ -191,6 +193,12 @@ class Pipeline:
             evaluated = "base" if iteration == 0 else name
             debate = str(DebateName(stage="eval", iteration=iteration, society=name, transfer=task.name))
             self.console.rule(f"[bold]zero-shot on {task.name}: {evaluated}, iteration {iteration}")
+            if name in SOCIETIES and SOCIETIES[name].kind == "student":
+                once = Society.uniform(1, society.generators[0])
+                outcomes = self.debate(debate, held_out, once, iteration, self.settings(rounds=1), task=task)
+                for row in evaluate(self.run_row.id, name, iteration, outcomes, task, self.config.seed):
+                    self.store.save_evaluation(row)
+                continue
             outcomes = self.debate(debate, held_out, society, iteration, self.society_settings(name), task=task)
             self.evaluate(evaluated, iteration, outcomes, society, task)
 

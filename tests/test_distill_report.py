@@ -111,3 +111,32 @@ def test_a_student_is_expected_from_its_teacher_s_debate_its_agents_or_its_own_d
     own = [debate("distill/eval-1", 8), debate("transfer/gsm8k/distill/eval-1", 3)]
     later = student_progress(CONFIG, [*society, *own], [("maft", 2), (DISTILL, 1), (SOUP, 1)])
     assert later == {"stored": 11, "expected": 3 * 8, "societies": [DISTILL, SOUP]}
+
+
+# -- B: zero-shot transfer ---------------------------------------------------------------------------------------
+
+
+def test_zero_shot_transfer_asks_each_student_once_per_problem_and_the_society_by_debate(tmp_path):
+    made = make_student_run(tmp_path)
+    store, backend = made.store, made.backend
+    student = made.pipeline.stored_society(DISTILL, 1)
+    assert student is not None
+    asked = len(backend.requests)
+    made.pipeline.run_more(transfer=("arithmetic:medium",))
+    transfer = "transfer/arithmetic:medium"
+    for society, model in ((DISTILL, student.generators[0]), (SOUP, SOUP_MODEL)):
+        requests = [r for r in backend.requests[asked:] if r.key.startswith(f"r/{transfer}/{society}/eval-1/")]
+        assert len(requests) == CONFIG.eval_size and {r.model for r in requests} == {model}
+        responses = store.get_responses("r", f"{transfer}/{society}/eval-1").values()
+        assert sorted((r.round, r.agent, r.kind) for r in responses) == [(1, 0, "answer")] * CONFIG.eval_size
+        rows = {e.method: e for e in store.get_evaluations("r")
+                if (e.society, e.task) == (society, "arithmetic:medium")}
+        assert set(rows) == {"single", "majority", "debate"}
+        assert {(e.iteration, e.n) for e in rows.values()} == {(1, CONFIG.eval_size)}
+        assert rows["single"].answers == CONFIG.eval_size  # one agent: one round-1 answer per problem
+        assert rows["single"].accuracy == rows["debate"].accuracy == rows["majority"].accuracy
+    # no diversity for a student; the society is still measured and debates as on its own task
+    assert {d.society for d in store.get_diversity("r") if d.task == "arithmetic:medium"} == {"base", "maft"}
+    assert len(store.get_responses("r", f"{transfer}/eval-1")) == PER_PROBLEM * CONFIG.eval_size
+    assert store.get_run("r").status == "finished"
+    made.store.close()
