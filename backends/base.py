@@ -117,6 +117,9 @@ class FinetuneSpec(BaseModel):
     objective: Objective = "sft"
     preference_file: Path | None = None
     dpo: DpoParams | None = None
+    # the base model under `base_model` when it is not the run's (a student distilled into another, smaller model:
+    # `orchestrator distill --model`); None: the run's base model. Only where `BackendInfo.other_models`
+    root_model: str | None = None
 
 
 class JobEvent(BaseModel):
@@ -167,6 +170,9 @@ class BackendInfo(BaseModel):
     objectives: tuple[Objective, ...] = ("sft",)
     weighted_pairs: bool = True
     one_turn_pairs: bool = False
+    # trains and serves base models other than the run's (`FinetuneSpec.root_model`): the local backend loads each
+    # one it is given beside the run's; a hosted provider finetunes whichever of its models it is named
+    other_models: bool = False
 
 
 @runtime_checkable

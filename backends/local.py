@@ -1,4 +1,5 @@
-"""The local backend: one base model in this process, every agent a LoRA adapter directory.
+"""The local backend: the run's base model in this process, every agent a LoRA adapter directory (and a student
+distilled into another model: that model loaded beside it, its adapters onto it).
 
 Finetuning runs synchronously inside `start_finetune`, but its record looks like a hosted job's (`job.json`:
 status, events, loss, trained tokens), so the pipeline polls local and hosted jobs the same way and a resumed
@@ -35,7 +36,7 @@ from backends.base import (
 )
 from backends.local_dpo import train_adapter
 from backends.local_generate import generate_chats
-from backends.local_model import load_model, resolve_device
+from backends.local_model import load_model, names_a_model, resolve_device
 from backends.local_pool import AdapterPool, adapter_dir, adapter_name_for
 from backends.local_score import score_requests
 from backends.local_settings import DEFAULT_MODEL, LocalConfig
@@ -75,7 +76,7 @@ class LocalBackend:
         self.dtype = dtype
         self.batch_size = batch_size
         self.show_progress = show_progress
-        self._pool: AdapterPool | None = None
+        self._pools: dict[str, AdapterPool] = {}  # base model spec -> its pool; the run's model first
 
     @classmethod
     def from_setup(cls, setup: BackendSetup[LocalConfig]) -> LocalBackend:
@@ -98,19 +99,25 @@ class LocalBackend:
             pricing_source="local compute: no per-token price",
             training_epochs=self.training_epochs,
             objectives=("sft", "dpo", "sft-then-dpo"),  # our trainer's DPO + NLL, weighted per pair
+            other_models=True,  # a student's base model is loaded beside the run's (`root_of`)
         )
 
     def chat(self, requests: Sequence[ChatRequest], on_result: ResultCallback | None = None) -> list[ChatResult]:
-        if not requests:
-            return []
-        return generate_chats(self.pool, requests, batch_size=self.batch_size, on_result=on_result)
+        results: dict[int, ChatResult] = {}
+        for root, indices in self._by_root([r.model for r in requests]).items():
+            got = generate_chats(self.pool_of(root), [requests[i] for i in indices], batch_size=self.batch_size,
+                                 on_result=on_result)
+            results.update(zip(indices, got, strict=True))
+        return [results[i] for i in range(len(requests))]
 
     def score(self, requests: Sequence[ScoreRequest]) -> list[float]:
         """SupportsScoring: mean NLL per token (nats) of each fixed reply under its request's model (base or
         adapter), all models in the same batches; see `local_score`."""
-        if not requests:
-            return []
-        return score_requests(self.pool, requests, batch_size=self.batch_size)
+        scores: dict[int, float] = {}
+        for root, indices in self._by_root([r.model for r in requests]).items():
+            got = score_requests(self.pool_of(root), [requests[i] for i in indices], batch_size=self.batch_size)
+            scores.update(zip(indices, got, strict=True))
+        return [scores[i] for i in range(len(requests))]
 
     def start_finetune(self, spec: FinetuneSpec) -> JobRef:
         """Train now unless this key already succeeded; a failure is recorded in the job, not raised."""
@@ -144,7 +151,7 @@ class LocalBackend:
             _write_job(staging, record)
 
     def close(self) -> None:
-        self._pool = None
+        self._pools.clear()
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
@@ -153,10 +160,36 @@ class LocalBackend:
 
     @property
     def pool(self) -> AdapterPool:
-        if self._pool is None:
-            loaded = load_model(self.model, self.device, self.dtype)
-            self._pool = AdapterPool(loaded, base_ids=(BASE_MODEL_ID, self.model))
-        return self._pool
+        """The run's base model and its adapters."""
+        return self.pool_of(self.model)
+
+    def pool_of(self, root: str) -> AdapterPool:
+        """The pool of base model `root` (the run's, or a student's), loaded on first use: a student distilled
+        into another model needs its own weights in memory, and its adapters load onto those."""
+        if root not in self._pools:
+            loaded = load_model(root, self.device, self.dtype)
+            self._pools[root] = AdapterPool(loaded, base_ids=(BASE_MODEL_ID, root) if root == self.model else (root,))
+        return self._pools[root]
+
+    def root_of(self, model_id: str) -> str:
+        """The base model a model id sits on: an adapter we trained says in its job record (`root_model`), any other
+        adapter is taken to be the run's model's, and a model on disk (an untrained student) is its own; an id
+        that is none of these goes to the run's pool, which says what is wrong with it."""
+        if model_id in (BASE_MODEL_ID, self.model):
+            return self.model
+        path = Path(model_id).expanduser()
+        if (path / "adapter_config.json").is_file():
+            spec = _read_job(path).get("spec")
+            return str(spec.get("root_model") or self.model) if isinstance(spec, dict) else self.model
+        return model_id if names_a_model(model_id) else self.model
+
+    def _by_root(self, models: Sequence[str]) -> dict[str, list[int]]:
+        """The requests' positions grouped by the base model each runs on: one group, the run's model, except
+        where a student distilled into another model answers."""
+        groups: dict[str, list[int]] = {}
+        for i, model in enumerate(models):
+            groups.setdefault(self.root_of(model), []).append(i)
+        return groups
 
     def adapter_path(self, key: str) -> Path:
         return (self.workdir / "adapters" / sanitize_key(key)).resolve()
@@ -173,7 +206,10 @@ class LocalBackend:
     def _run_job(self, spec: FinetuneSpec) -> None:
         """Train in a staging dir and rename it into place only when everything is saved: a crash leaves a
         `.partial` dir whose job says running, never an adapter dir that looks finished."""
-        pool = self.pool  # a model that cannot load is the user's to fix now, not a failed job
+        root = spec.root_model or self.root_of(spec.base_model)
+        if root != self.model:  # the job record says which model the adapter sits on (`root_of`)
+            spec = spec.model_copy(update={"root_model": root})
+        pool = self.pool_of(root)  # a model that cannot load is the user's to fix now, not a failed job
         final, staging = self.adapter_path(spec.key), self.staging_path(spec.key)
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir(parents=True)

@@ -123,6 +123,15 @@ def load_model(spec: str = DEFAULT_MODEL, device: str = "auto", dtype: str = "au
     )
 
 
+def names_a_model(spec: str) -> bool:
+    """Whether `spec` looks like a base model `load_model` would load from disk (the bundled alias, a .gguf file, a
+    directory with config.json): how the local backend tells another base model (a distilled student's) from a
+    model id it does not know, without loading anything."""
+    path = Path(spec).expanduser()
+    return (spec.lower() in BUNDLED_ALIASES or (spec.endswith(".gguf") and path.is_file())
+            or (path / "config.json").is_file())
+
+
 def _load_any(spec: str, dtype: torch.dtype) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, Source, str]:
     if spec.lower() in BUNDLED_ALIASES:
         return _load_gguf_cached(bundled_gguf(), dtype)

@@ -90,6 +90,7 @@ class OpenAIBackend(HostedBackend[OpenAIConfig, OpenAI, OpenAIJobs]):
             objectives=("sft", "sft-then-dpo"),
             weighted_pairs=False,
             one_turn_pairs=True,
+            other_models=True,  # a job names its model: a student may be another one of the account's
         )
 
     def check_server(self, *, finetuning: bool) -> None:

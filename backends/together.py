@@ -87,6 +87,7 @@ class TogetherBackend(HostedBackend[TogetherConfig, Together, TogetherJobs]):
             # training_method="dpo" (rpo_alpha its NLL term), and an SFT job then a DPO job from its checkpoint
             objectives=("sft", "dpo", "sft-then-dpo"),
             weighted_pairs=False,
+            other_models=True,  # a job names its model (`root_model`): a student may be another one
         )
 
     def chat(self, requests: Sequence[ChatRequest], on_result: ResultCallback | None = None) -> list[ChatResult]:

@@ -222,7 +222,7 @@ class TogetherJobs(HostedJobs[Together, TogetherConfig]):
             raise UserError(f"finetune {spec.key!r} is dpo without a preference file")
         path = spec.preference_file if dpo and spec.preference_file is not None else spec.training_file
         check = self.check_pairs(path) if dpo else self.check(path)
-        checkpoint = self._checkpoint(spec.base_model)
+        checkpoint = None if spec.base_model == spec.root_model else self._checkpoint(spec.base_model)
         file_id = self.upload(path, check)
         # for the bill, should Together not report its token count: our estimate of what one pass trains on
         self.state.put(f"estimate:{spec.key}", {"file_tokens": check.tokens, "counter": check.counter})
@@ -270,19 +270,19 @@ class TogetherJobs(HostedJobs[Together, TogetherConfig]):
         if s.lora:
             params |= {"lora_r": s.lora_r, "lora_alpha": s.lora_alpha}
         if checkpoint is None:
-            params["model"] = self.base_model
+            params["model"] = spec.root_model or self.base_model
         else:
             params["from_checkpoint"] = checkpoint
         return params
 
-    def _model_limits(self) -> Any:
-        """The base model's limits (batch sizes, LoRA ranks), read once: the SDK checks a job against them, and
-        would otherwise look them up under the checkpoint's name for a continued job."""
-        if self.base_model not in self._limits:
-            self._limits[self.base_model] = self._call(
-                f"reading the finetuning limits of {self.base_model}",
-                lambda: self.client.fine_tuning.model_limits(model_name=self.base_model))
-        return self._limits[self.base_model]
+    def _model_limits(self, model: str | None = None) -> Any:
+        """A base model's limits (batch sizes, LoRA ranks; the run's by default), read once: the SDK checks a job
+        against them, and would otherwise look them up under the checkpoint's name for a continued job."""
+        model = model or self.base_model
+        if model not in self._limits:
+            self._limits[model] = self._call(f"reading the finetuning limits of {model}",
+                                             lambda: self.client.fine_tuning.model_limits(model_name=model))
+        return self._limits[model]
 
     def check_model(self) -> None:
         """Before anything is spent: can Together finetune the base model (its limits answer, so the finetuning
@@ -294,9 +294,11 @@ class TogetherJobs(HostedJobs[Together, TogetherConfig]):
 
         def create() -> str:
             try:
-                return str(self.client.fine_tuning.create(**params, model_limits=self._model_limits()).id)
+                limits = self._model_limits(params.get("model"))
+                return str(self.client.fine_tuning.create(**params, model_limits=limits).id)
             except ValueError as exc:  # the SDK's own checks against the model's limits: nothing was sent
-                raise UserError(f"Together cannot finetune {self.base_model} with these settings: {exc} "
+                raise UserError(f"Together cannot finetune {params.get('model', self.base_model)} with these "
+                                f"settings: {exc} "
                                 "(change [together] in the config)") from None
 
         return self.retry.create_once(create, lambda: self._find(key_marker(key), str(params["training_file"])),

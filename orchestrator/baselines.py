@@ -73,7 +73,7 @@ class PipelineSteps(Protocol):
 
     def finetune(self, society: str, iteration: int, datasets: list[DatasetRow],
                  starts: dict[tuple[int, str], str], *, key: Callable[[str, int, int, str], str],
-                 restart: bool | None = None, objective: Objective | None = None
+                 restart: bool | None = None, objective: Objective | None = None, root_model: str | None = None
                  ) -> dict[tuple[int, str], tuple[str, str]]: ...
 
     def stored_society(self, society: str, iteration: int) -> Society | None: ...

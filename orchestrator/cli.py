@@ -22,7 +22,7 @@ from foundation.crashpoints import crashpoint
 from foundation.errors import RunStopped, UserError
 from orchestrator.config import RunConfig, build_config, read_toml
 from orchestrator.costs import Ledger, run_pricing
-from orchestrator.distill import DistillRequest
+from orchestrator.distill import DistillRequest, check_student
 from orchestrator.failures import CommandContext, debug_requested, finish
 from orchestrator.interrupts import GracefulStop, StopRequested
 from orchestrator.locks import RunLock
@@ -250,6 +250,8 @@ def _run_locked(store: Store, config: RunConfig, request: RunRequest, stop: Grac
         pricing = run_pricing(info, request.prices, max_cost=max_cost, console=console)
         if (problem := objective_problem(config.training.objective, info)) is not None:  # no such method: asks nobody
             raise UserError(problem)
+        if request.distill is not None and request.must_exist:  # a --model the backend or the run cannot take
+            check_student(store, run_id, request.distill, info)
         if isinstance(backend_obj, NeedsCredentials):
             backend_obj.check_credentials()
         if isinstance(backend_obj, ChecksServer):  # a chat-only server, an unknown model: said before any spend
@@ -595,6 +597,10 @@ def eval_command(run_id: str, baselines: str | None, tasks: tuple[str, ...], db:
 @click.option("--objective", type=click.Choice(["sft", "dpo"]), default="sft", show_default=True,
               help="sft: learn the majority's chains; dpo: prefer them to chains of other answers, weighted by "
                    "the vote margin (backends that train DPO: local, vllm, together).")
+@click.option("--model", "student", metavar="STUDENT", help="The student's base model, when not the run's: on the "
+              "local backend a smaller model on disk (a directory saved with save_pretrained, or a .gguf file), on a "
+              "hosted one another model the provider finetunes. One student per iteration. [default: the run's "
+              "base model]")
 @click.option("--db", help=DB_HELP)
 @click.option("--workdir", type=click.Path(path_type=Path), help="Where datasets and adapters are written. "
               "[default: maft-runs/RUN beside the database]")
@@ -602,8 +608,8 @@ def eval_command(run_id: str, baselines: str | None, tasks: tuple[str, ...], db:
               "counts); steps that could pass it are not started.")
 @click.option("--prices", type=click.Path(path_type=Path), help="TOML file of prices replacing the packaged ones.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
-def distill_command(run_id: str, iteration: int | None, objective: str, db: str | None, workdir: Path | None,
-                    max_cost: float | None, prices: Path | None, quiet: bool) -> None:
+def distill_command(run_id: str, iteration: int | None, objective: str, student: str | None, db: str | None,
+                    workdir: Path | None, max_cost: float | None, prices: Path | None, quiet: bool) -> None:
     """Distil a finetuned society into one student model that answers each problem in a single pass: the base
     model finetuned on every distinct chain of the society's strict-majority answers on the training problems
     (no ground truth), then evaluated answering each held-out problem once. Stored as society `distill`."""
@@ -620,9 +626,19 @@ def distill_command(run_id: str, iteration: int | None, objective: str, db: str 
         _run(store, config, RunRequest(run_id=run_id, must_exist=True, db=db, workdir=workdir, quiet=quiet,
                                        max_cost=max_cost, prices=prices, more_only=True,
                                        distill=DistillRequest.model_validate({"iteration": iteration,
-                                                                              "objective": objective})))
+                                                                              "objective": objective,
+                                                                              "model": _model_spec(student)})))
     finally:
         store.close()
+
+
+def _model_spec(model: str | None) -> str | None:
+    """A model on disk by its absolute path (the store outlives the directory it was named from); a provider's
+    model name as it is."""
+    if model is None:
+        return None
+    path = Path(model).expanduser()
+    return str(path.resolve()) if path.exists() else model
 
 
 _SOCIETY_HELP = ("Which society answers: base, or an iteration number of the multiagent society. [default: the last "

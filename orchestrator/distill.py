@@ -24,7 +24,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 from rich.table import Table
 
-from backends.base import BASE_MODEL_ID, ChatMessage
+from backends.base import BASE_MODEL_ID, BackendInfo, ChatMessage
 from foundation.errors import UserError
 from orchestrator.baselines import PipelineSteps
 from orchestrator.config import objective_problem
@@ -126,6 +126,40 @@ class DistillRequest(BaseModel):
 
     iteration: int | None = Field(None, ge=1)
     objective: Literal["sft", "dpo"] = "sft"  # dpo: chains of ŷ against chains of other answers (`distillation_pairs`)
+    # the student's base model when it is not the run's: a smaller model on disk (local), another of the provider's
+    # models (hosted); where the backend has `other_models`
+    model: str | None = None
+
+
+def student_key(run_id: str, level: int) -> str:
+    """The student's one job of iteration L."""
+    return str(JobKey(run_id=run_id, society=DISTILL, iteration=level, role=ROLE))
+
+
+def stored_student_root(store: Store, run_id: str, level: int) -> str | None:
+    """The base model of iteration L's student, or of its job still under way; None: there is neither."""
+    agents = store.get_agents(run_id, level, DISTILL)
+    if agents:
+        return agents[0].parent_model_id
+    job = store.get_job(student_key(run_id, level))
+    return job.base_model_id if job is not None and job.status not in ("failed", "cancelled") else None
+
+
+def check_student(store: Store, run_id: str, request: DistillRequest, info: BackendInfo) -> None:
+    """Refuse, before the run is touched, a --model the backend cannot train, or one that differs from the base
+    model of the student iteration L already has (one student per iteration: it would be shown under the wrong
+    name)."""
+    wanted = request.model
+    if wanted is None:
+        return
+    if not info.other_models:
+        raise UserError(f"the {info.name} backend serves only the run's base model: distil into it (omit --model)")
+    level = request.iteration or store.require_run(run_id).iterations_done
+    had = stored_student_root(store, run_id, level)
+    if had is not None and had != wanted:
+        named = "the run's base model" if had == BASE_MODEL_ID else had
+        raise UserError(f"iteration {level} of run {run_id} already has a student distilled into {named}: omit "
+                        "--model to see it, or distil another iteration (--iteration)")
 
 
 class Distillation:
@@ -152,6 +186,7 @@ class Distillation:
         teacher = p.stored_society(MAFT, level)
         if teacher is None:
             raise UserError(f"run {p.run_row.id} has no stored society for iteration {level}")
+        root = self.student_root(level)
         student = p.stored_society(DISTILL, level)
         if student is None:
             p.console.rule(f"[bold]{DISTILL}: the iteration-{level} society's consensus into one model")
@@ -162,13 +197,13 @@ class Distillation:
                 pairs = distillation_pairs(outcomes, {pr.id for pr in held_out}, p.task.equivalent)
                 dataset = p.with_pairs(dataset, pairs)
                 p.store.save_datasets([dataset])
-            trained = p.finetune(DISTILL, level, [dataset], {(0, ROLE): BASE_MODEL_ID}, key=self._key, restart=True,
-                                 objective=self.request.objective)
-            model, job = trained.get((0, ROLE), (BASE_MODEL_ID, ""))
+            trained = p.finetune(DISTILL, level, [dataset], {(0, ROLE): root}, key=self._key, restart=False,
+                                 objective=self.request.objective, root_model=self.request.model)
+            model, job = trained.get((0, ROLE), (root, ""))
             n = p.config.agents
             student = Society.uniform(n, model)
             jobs = {(i, role): (model, job) for i in range(n) for role in ("generator", "critic")} if job else None
-            p.save_society(DISTILL, level, student, Society.uniform(n, BASE_MODEL_ID), jobs)
+            p.save_society(DISTILL, level, student, Society.uniform(n, root), jobs)
         p.console.rule(f"[bold]{DISTILL}: the student answers each held-out problem once")
         name = str(DebateName(stage="eval", iteration=level, society=DISTILL))
         outcomes = p.debate(name, held_out, Society.uniform(1, student.generators[0]), level, p.settings(rounds=1))
@@ -176,6 +211,13 @@ class Distillation:
             p.store.save_evaluation(row)
         if p.info.name == "local":  # our trainer's adapters, on disk
             self.soup(level, teacher, held_out)
+
+    def student_root(self, level: int) -> str:
+        """The model the student starts from (`BASE_MODEL_ID`: the run's): --model, else the one a student of
+        iteration L (or its unfinished job) already has."""
+        p = self.p
+        check_student(p.store, p.run_row.id, self.request, p.info)
+        return self.request.model or stored_student_root(p.store, p.run_row.id, level) or BASE_MODEL_ID
 
     def soup(self, level: int, teacher: Society, held_out: list[Problem]) -> None:
         """The zero-training baseline: the iteration-L generators' adapters averaged (`soup_adapter`), society
@@ -206,7 +248,7 @@ class Distillation:
         return p.debate(str(DebateName(stage="train", iteration=level, society=DISTILL)), train, teacher, level)
 
     def _key(self, run_id: str, iteration: int, agent: int, role: str) -> str:
-        return str(JobKey(run_id=run_id, society=DISTILL, iteration=iteration, role=role))
+        return student_key(run_id, iteration)
 
     def _dataset(self, level: int, examples: list[Example]) -> DatasetRow:
         p = self.p

@@ -454,14 +454,15 @@ class Pipeline:
 
     def finetune(self, society: str, iteration: int, datasets: list[DatasetRow],
                  starts: dict[tuple[int, str], str], *, key: Callable[[str, int, int, str], str],
-                 restart: bool | None = None, objective: Objective | None = None
+                 restart: bool | None = None, objective: Objective | None = None, root_model: str | None = None
                  ) -> dict[tuple[int, str], tuple[str, str]]:
         """Train a model on each dataset (by `objective`, default the run's `[training] objective`); returns (model
         id, job key) per (agent, role) that was trained.
 
         A set smaller than the provider accepts is not sent: that model stays as it was. `starts` gives the
         model each one continues from (strategy continue); with restart and accumulate every one starts from the
-        base model (accumulate's files hold every iteration's data so far, see `write_dataset`).
+        base model (accumulate's files hold every iteration's data so far, see `write_dataset`). `root_model`:
+        another base model the `starts` are (a student distilled into it), where the backend has `other_models`.
         """
         restart = self.config.strategy in ("restart", "accumulate") if restart is None else restart
         objective_asked = objective or self.config.training.objective
@@ -484,7 +485,7 @@ class Pipeline:
             suffix = f"{self.run_row.id[:18]}-{label}i{iteration}-a{ds.agent + 1}-{ds.role[0]}"
             seed = job_seed(self.config.seed, iteration, ds.agent, ds.role)
             spec = FinetuneSpec(key=job_key, base_model=start_from, training_file=Path(ds.path), suffix=suffix,
-                                params=self.config.training, seed=seed)
+                                params=self.config.training, seed=seed, root_model=root_model)
             if objective != "sft":
                 spec = spec.model_copy(update={"objective": objective, "preference_file": Path(str(ds.pairs_path)),
                                                "dpo": self.config.training.dpo()})
