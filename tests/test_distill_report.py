@@ -140,3 +140,73 @@ def test_zero_shot_transfer_asks_each_student_once_per_problem_and_the_society_b
     assert len(store.get_responses("r", f"{transfer}/eval-1")) == PER_PROBLEM * CONFIG.eval_size
     assert store.get_run("r").status == "finished"
     made.store.close()
+
+
+# -- D: a student answers once: one row, and no diversity ------------------------------------------------------------
+
+
+def _debate_row(store: Store, society: str, task: str = "arithmetic:easy"):
+    (row,) = [e for e in store.get_evaluations("r") if (e.society, e.method, e.task) == (society, "debate", task)]
+    return row
+
+
+def test_the_comparison_shows_each_student_once_as_its_one_answer(student_run):
+    from orchestrator.report.comparison import build_comparison
+    from orchestrator.report.labels import acc_text
+
+    store = student_run.store
+    comparison = build_comparison(store.get_evaluations("r"), "arithmetic:easy")
+    assert [(r.society, r.method_label, r.rowspan) for r in comparison.rows if r.society in (DISTILL, SOUP)] == [
+        (DISTILL, "one answer", 1), (SOUP, "one answer", 1)]
+    assert [(r.society, r.method_label) for r in comparison.rows if r.society == "maft"] == [
+        ("maft", "single agent"), ("maft", "majority vote"), ("maft", "debate")]
+    for row in comparison.rows:
+        if row.society in (DISTILL, SOUP):
+            debate = _debate_row(store, row.society)
+            assert row.cells["arithmetic:easy"].text == acc_text(debate.accuracy, debate.stderr)
+    assert any(n.startswith("One answer (distilled student and society soup)") for n in comparison.notes)
+
+
+def test_the_terminal_tables_show_each_student_once(student_run):
+    from orchestrator.report.data import report_data
+    from orchestrator.report.terminal import accuracy_table, comparison_rows, comparison_table
+
+    store = student_run.store
+    evaluations = report_data(store, store.require_run("r"))["evaluations"]
+    assert sum(e["society"] == DISTILL for e in evaluations) == 3  # --json keeps every stored row
+    console = Console(width=200, record=True)
+    console.print(accuracy_table(evaluations, "accuracy"))
+    console.print(comparison_table(evaluations, "comparison"))
+    text = console.export_text()
+    cells = [[c.strip() for c in line.split("│") if c.strip()] for line in text.splitlines()]
+    student = [row for row in cells if row and "distilled student" in row[0]]
+    assert [row[0] for row in student] == ["distilled student, iteration 1",
+                                           "distilled student · one answer, iteration 1"]
+    assert student[0][1] == "one answer"
+    assert sum("society soup" in line for line in text.splitlines()) == 2
+    assert sum("multiagent FT, iteration 1" in line for line in text.splitlines()) == 3
+    _, rows = comparison_rows(evaluations)
+    assert [label for label, _ in rows][-2:] == ["distilled student · one answer, iteration 1",
+                                                 "society soup · one answer, iteration 1"]
+
+
+def test_diversity_is_not_defined_for_a_student(student_run):
+    from orchestrator.report.model import build_report
+    from orchestrator.report.samples import eval_debate_names
+    from orchestrator.report.series import diversity_groups
+
+    store = student_run.store
+    assert {d.society for d in store.get_diversity("r")} == {"base", "maft"}  # nothing measured for them
+    report = build_report(store, "r")
+    students = [(label, values) for label, values in report.diversity.rows if "student" in label or "soup" in label]
+    assert report.diversity.iterations == [0, 1]
+    assert students == [("distilled student · one answer: not defined", ["", "—"]),
+                        ("society soup · one answer: not defined", ["", "—"])]
+    # without stored metrics the table falls back on each evaluation debate's consensus: never a student's 1.0
+    debates = {name: store.get_debates("r", name) for name in eval_debate_names(store, "r")}
+    assert {"distill/eval-1", "soup/eval-1"} <= set(debates)
+    groups, _ = diversity_groups([], debates)
+    assert {society for society, _, _ in groups} == {"base", "maft"}
+    # the accuracy series (plot and numbers): one line per student, named for its one answer
+    assert [label for label, _ in report.accuracy.rows if "student" in label or "soup" in label] == [
+        "distilled student · one answer", "society soup · one answer"]

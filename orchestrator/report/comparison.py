@@ -8,7 +8,15 @@ from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from orchestrator.report.labels import acc_text, method_name, method_rank, society_name, society_rank
+from orchestrator.report.labels import (
+    acc_text,
+    answers_once,
+    kept_row,
+    method_rank,
+    society_method,
+    society_name,
+    society_rank,
+)
 from orchestrator.societies import BASE
 from orchestrator.store import EvaluationRow
 
@@ -63,7 +71,7 @@ class ComparisonRow:
 
     @property
     def method_label(self) -> str:
-        return method_name(self.method)
+        return society_method(self.society, self.method)
 
 
 @dataclass
@@ -79,13 +87,15 @@ class Comparison:
 
 def build_comparison(evals: Sequence[EvaluationRow], main_task: str | None,
                      iteration: int | None = None) -> Comparison:
-    """Rows = society × method, columns = tasks. A finetuned society is shown at `iteration` when it has one,
-    else at its last, because that is the claim a reader checks first; every iteration is in the plot."""
+    """Rows = society × method, columns = tasks (a student's one row: it answers once). A finetuned society is
+    shown at `iteration` when it has one, else at its last, because that is the claim a reader checks first; every
+    iteration is in the plot."""
     tasks = sorted({e.task for e in evals}, key=lambda t: (t != main_task, t))
     by_key: dict[tuple[str, str], dict[str, dict[int, EvaluationRow]]] = defaultdict(lambda: defaultdict(dict))
     society_iterations: dict[str, set[int]] = defaultdict(set)
     for e in evals:
-        by_key[(e.society, e.method)][e.task][e.iteration] = e
+        if kept_row(e.society, e.method):
+            by_key[(e.society, e.method)][e.task][e.iteration] = e
         society_iterations[e.society].add(e.iteration)
     shown = {s: (iteration if iteration is not None and iteration in its and s != BASE else max(its))
              for s, its in society_iterations.items()}
@@ -136,6 +146,10 @@ def _comparison_notes(rows: Sequence[ComparisonRow], shown: dict[str, int], iter
         listed = ", ".join(f"{society_name(s)} {shown[s]}" for s in finetuned)
         notes.append(f"Finetuned societies are shown at {which} ({listed}); the accuracy plot and the table "
                      "below it show every iteration.")
+    students = [society_name(s) for s in sorted(shown, key=society_rank) if answers_once(s)]
+    if students:
+        notes.append(f"One answer ({' and '.join(students)}): one agent answers each problem once, so its single "
+                     "agent, majority vote and debate are that same answer, shown once.")
     if any(c.other_iteration for r in rows for c in r.cells.values()):
         notes.append("* this task was evaluated at another iteration than the row's: the cell names it.")
     return notes

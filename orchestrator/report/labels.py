@@ -13,7 +13,7 @@ from typing import Any
 
 from backends import backend_names
 from orchestrator.names import DebateName
-from orchestrator.societies import BASE, MAFT, SOCIETIES
+from orchestrator.societies import BASE, MAFT, SOCIETIES, STUDENTS
 
 METHOD_LABELS = {"single": "single agent", "majority": "majority vote", "debate": "debate"}
 SOCIETY_LABELS = {name: spec.label for name, spec in SOCIETIES.items()}
@@ -47,6 +47,26 @@ def society_label(society: str, iteration: int) -> str:
 
 def method_name(method: str) -> str:
     return METHOD_LABELS.get(method, method)
+
+
+def answers_once(society: str) -> bool:
+    """A distilled student or the soup: one agent answering in one round, so its single agent, majority vote and
+    debate are the same answer, and diversity (among agents) is not defined for it."""
+    return society in STUDENTS
+
+
+ONE_ANSWER = "one answer"  # the method of a society that `answers_once`
+
+
+def kept_row(society: str, method: str) -> bool:
+    """Whether an accuracy row is shown: all three of a society's, one of a student's (its debate row, graded once
+    per problem, which the other two repeat)."""
+    return not answers_once(society) or method == "debate"
+
+
+def society_method(society: str, method: str) -> str:
+    """A method as a table names it for `society`: "one answer" for a student."""
+    return ONE_ANSWER if answers_once(society) else method_name(method)
 
 
 def method_order(method: str) -> int:

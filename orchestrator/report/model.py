@@ -26,6 +26,7 @@ from orchestrator.report.series import (
     line_series,
     numbers_table,
     table_series,
+    undefined_diversity,
 )
 from orchestrator.societies import BASE, MAFT
 from orchestrator.store import DatasetRow, EvaluationRow, JobRow, RunRow, Store, UsageRow
@@ -197,8 +198,8 @@ def build_report(store: Store, run_id: str, iteration: int | None = None) -> Rep
         datasets=dataset_lines(store.get_datasets(run_id), store.get_jobs(run_id)), comparison=comparison,
         accuracy=numbers_table(table_series(acc_groups), lambda p: f"{p.value:.1f} ± {p.stderr:.1f}",
                                with_task=len({s.task for s in acc}) > 1),
-        diversity=numbers_table(table_series(div_groups), lambda p: f"{p.value:.3f}",
-                                with_task=len({s.task for s in div}) > 1),
+        diversity=undefined_diversity(numbers_table(table_series(div_groups), lambda p: f"{p.value:.3f}",
+                                                    with_task=len({s.task for s in div}) > 1), evals),
         diversity_note=div_note, cost=cost, samples=pick_samples(store, run_id, names, debates, run.task),
         headlines=[], summary=[],
     )

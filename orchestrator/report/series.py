@@ -6,7 +6,16 @@ from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from orchestrator.report.labels import METHOD_LABELS, method_rank, parse_eval_debate, society_name, society_rank
+from orchestrator.report.labels import (
+    METHOD_LABELS,
+    ONE_ANSWER,
+    answers_once,
+    kept_row,
+    method_rank,
+    parse_eval_debate,
+    society_name,
+    society_rank,
+)
 from orchestrator.societies import BASE, MAFT
 from orchestrator.store import DebateRow, DiversityRow, EvaluationRow
 
@@ -32,6 +41,8 @@ class Series:
 
     @property
     def label(self) -> str:
+        if answers_once(self.society) and self.key in METHOD_LABELS:
+            return f"{society_name(self.society)} · {ONE_ANSWER}"
         key = METHOD_LABELS.get(self.key) or self.key.replace("_", " ")
         return f"{society_name(self.society)} · {key}"
 
@@ -41,9 +52,11 @@ def _ordered(groups: Groups) -> list[tuple[tuple[str, str, str], list[Point]]]:
 
 
 def accuracy_groups(evals: Sequence[EvaluationRow]) -> Groups:
+    """Accuracy per (society, method, task); a student's one answer once, as its debate row."""
     groups: Groups = defaultdict(list)
     for e in sorted(evals, key=lambda e: e.iteration):
-        groups[(e.society, e.method, e.task)].append(Point(e.iteration, 100 * e.accuracy, 100 * e.stderr))
+        if kept_row(e.society, e.method):
+            groups[(e.society, e.method, e.task)].append(Point(e.iteration, 100 * e.accuracy, 100 * e.stderr))
     return groups
 
 
@@ -69,15 +82,17 @@ def line_series(groups: Groups) -> list[Series]:
 
 
 def diversity_groups(rows: Sequence[DiversityRow], debates: dict[str, list[DebateRow]]) -> tuple[Groups, str]:
-    """The diversity table's metrics; without any, final-round consensus from the debates (what every run has)."""
+    """The diversity table's metrics; without any, final-round consensus from the debates (what every run has).
+    Never a student's: one agent answering once has no diversity (its consensus would read a meaningless 1)."""
     groups: Groups = defaultdict(list)
+    rows = [r for r in rows if not answers_once(r.society)]
     if rows:
         for r in sorted(rows, key=lambda r: r.iteration):
             groups[(r.society, r.metric, r.task)].append(Point(r.iteration, r.value))
         return groups, diversity_definitions(rows)
     for name, debate_rows in debates.items():
         parsed = parse_eval_debate(name)
-        if parsed is None or not debate_rows:
+        if parsed is None or not debate_rows or answers_once(parsed[0]):
             continue
         society, it = parsed
         mean = sum(d.consensus for d in debate_rows) / len(debate_rows)
@@ -137,3 +152,19 @@ def numbers_table(series: Sequence[Series], fmt: Callable[[Point], str], with_ta
         label = f"{s.label} · {s.task}" if with_task and s.task else s.label
         rows.append((label, [at.get(i, "") for i in iterations]))
     return NumbersTable(iterations=iterations, rows=rows)
+
+
+def undefined_diversity(table: NumbersTable, evals: Sequence[EvaluationRow]) -> NumbersTable:
+    """`table` with a row per student saying its diversity is not defined: "—" at each iteration it was evaluated
+    at, rather than a number or a zero a reader would compare with the societies'. Unchanged without students or
+    without any diversity to set them beside."""
+    students = sorted({e.society for e in evals if answers_once(e.society)}, key=society_rank)
+    if not students or not table.rows:
+        return table
+    rows = list(table.rows)
+    for society in students:
+        evaluated = {e.iteration for e in evals if e.society == society}
+        values = ["—" if i in evaluated else "" for i in table.iterations]
+        if "—" in values:
+            rows.append((f"{society_name(society)} · {ONE_ANSWER}: not defined", values))
+    return NumbersTable(iterations=table.iterations, rows=rows)

@@ -13,9 +13,12 @@ from rich.text import Text
 from orchestrator.report.data import EVENTS_SHOWN
 from orchestrator.report.labels import (
     METHOD_LABELS,
+    ONE_ANSWER,
     acc_text,
-    method_name,
+    answers_once,
+    kept_row,
     society_label,
+    society_method,
     society_name,
     table_rank,
     usd,
@@ -40,12 +43,15 @@ def accuracy_table(evaluations: list[dict[str, Any]], title: str) -> Table:
     table.add_column("accuracy", justify="right")
     table.add_column("n", justify="right")
     table.add_column("no answer", justify="right")
-    for e in evaluations:
-        table.add_row(society_label(e["society"], e["iteration"]), method_name(e["method"]),
+    shown = [e for e in evaluations if kept_row(e["society"], e["method"])]  # a student's one answer, once
+    for e in shown:
+        table.add_row(society_label(e["society"], e["iteration"]), society_method(e["society"], e["method"]),
                       f"{acc_text(e['accuracy'], e['stderr'])} %", str(e["n"]), no_answer_text(e))
     notes = []
-    if any(e.get("answers") for e in evaluations):
+    if any(e.get("answers") for e in shown):
         notes.append("single agent: all N agents' round-1 answers (no answer: of them), s.e. over problems")
+    if any(answers_once(e["society"]) for e in shown):
+        notes.append(f"{ONE_ANSWER}: one agent, one round (single agent = majority = debate)")
     if any(e.get("truncated") for e in evaluations):
         notes.append("(k cut): k of the no-answers because a reply stopped at max_tokens")
     table.caption = "; ".join(notes) or None
@@ -213,7 +219,7 @@ def _students_text(progress: dict[str, Any]) -> str:
 
 def comparison_rows(evaluations: list[dict[str, Any]]) -> tuple[list[str], list[tuple[str, dict[str, dict]]]]:
     """The paper's Table 1: the base model alone, by majority vote and by debate, then every finetuned society
-    (at its last iteration) by debate; one column per task the run was evaluated on."""
+    (at its last iteration) by debate, a student by its one answer; one column per task the run was evaluated on."""
     tasks = list(dict.fromkeys(e["task"] for e in evaluations))
     rows: list[tuple[str, dict[str, dict]]] = []
     for method in METHOD_LABELS:
@@ -229,7 +235,7 @@ def comparison_rows(evaluations: list[dict[str, Any]]) -> tuple[list[str], list[
                 cells[task] = max(mine, key=lambda e: e["iteration"])
         label = society_name(society)
         last = max(c["iteration"] for c in cells.values())
-        rows.append((f"{label} · debate, iteration {last}", cells))
+        rows.append((f"{label} · {society_method(society, 'debate')}, iteration {last}", cells))
     return tasks, rows
 
 
