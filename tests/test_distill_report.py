@@ -142,6 +142,47 @@ def test_zero_shot_transfer_asks_each_student_once_per_problem_and_the_society_b
     made.store.close()
 
 
+# -- C: the cost-per-problem table in the report files ---------------------------------------------------------------
+
+
+def test_the_report_files_carry_the_cost_per_problem_table_of_a_run_with_a_student(student_run, tmp_path):
+    from orchestrator.distill import answering_costs
+    from orchestrator.report.labels import acc_text
+    from orchestrator.report.model import build_report
+    from orchestrator.report.write import write_report
+
+    costs = answering_costs(student_run.store, "r", "arithmetic:easy")
+    assert [c.label for c in costs] == ["base, debate", "base, single agent", "multiagent FT, debate",
+                                        "multiagent FT, single agent", "distilled student", "society soup"]
+    lines = build_report(student_run.store, "r").answering
+    assert [(a.label, a.iteration, a.accuracy, a.generations, a.tokens, a.usd) for a in lines] == [
+        (c.label, c.iteration, acc_text(c.accuracy, c.stderr), f"{c.generations:.2f}", f"{c.tokens:,.0f}", "—")
+        for c in costs]
+    assert [a.generations for a in lines] == ["9.00", "1.00", "9.00", "1.00", "1.00", "1.00"]  # 6 answers, 3 summaries
+    files = write_report(student_run.store, "r", tmp_path)
+    md = files.markdown.read_text()
+    section = md[md.index("## Accuracy and cost per held-out problem"):md.index("## Accuracy per iteration")]
+    rows = [line for line in section.splitlines() if line.startswith("| ") and "---" not in line][1:]
+    assert rows == [f"| {a.label} | {a.iteration} | {a.accuracy} | {a.generations} | {a.tokens} | — |" for a in lines]
+    page = files.html.read_text()
+    table = page[page.index('<section id="answering">'):page.index('<section id="accuracy">')]
+    assert table.count("<tr><td>") == 6 and "<tr><td>distilled student</td><td class=\"num\">1</td>" in table
+    assert '<a href="#answering">' in page
+
+
+def test_a_run_without_a_student_has_no_cost_per_problem_table(tmp_path):
+    from orchestrator.report.model import build_report
+    from orchestrator.report.write import write_report
+    from tests.golden_store import RUN, build_store
+
+    store = build_store(tmp_path / "golden.db")
+    assert build_report(store, RUN).answering == []
+    files = write_report(store, RUN, tmp_path / "out")
+    assert "cost per held-out problem" not in files.markdown.read_text()
+    assert 'id="answering"' not in files.html.read_text() and "#answering" not in files.html.read_text()
+    store.close()
+
+
 # -- D: a student answers once: one row, and no diversity ------------------------------------------------------------
 
 

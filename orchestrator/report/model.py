@@ -13,8 +13,9 @@ from typing import Any
 import matplotlib
 
 from orchestrator.costs import cost_summary
+from orchestrator.distill import answering_costs
 from orchestrator.report.comparison import Cell, Comparison, ComparisonRow, build_comparison
-from orchestrator.report.labels import BACKEND_SECTIONS, society_name, society_rank, usd, when_minutes
+from orchestrator.report.labels import BACKEND_SECTIONS, acc_text, society_name, society_rank, usd, when_minutes
 from orchestrator.report.plots import PLOT_RC, Plot, accuracy_plot, cost_plot, diversity_plot
 from orchestrator.report.samples import Sample, eval_debate_names, pick_samples
 from orchestrator.report.series import (
@@ -154,6 +155,26 @@ def cost_view(usage: Sequence[UsageRow], backend: str) -> CostView:
 
 
 @dataclass
+class AnsweringLine:
+    """One way of answering the held-out problems beside what it costs per problem (`distill.answering_costs`)."""
+
+    label: str
+    iteration: int
+    accuracy: str  # % ± s.e., as the comparison spells it
+    generations: str
+    tokens: str
+    usd: str  # "—" where nothing was billed
+
+
+def answering_lines(store: Store, run_id: str, task: str) -> list[AnsweringLine]:
+    """The cost-per-problem table the terminal prints after a distill, for the files; empty without a student."""
+    return [AnsweringLine(label=c.label, iteration=c.iteration, accuracy=acc_text(c.accuracy, c.stderr),
+                          generations=f"{c.generations:.2f}", tokens=f"{c.tokens:,.0f}",
+                          usd=f"${c.usd:.6f}" if c.usd else "—")
+            for c in answering_costs(store, run_id, task)]
+
+
+@dataclass
 class Headline:
     label: str
     value: str
@@ -176,6 +197,7 @@ class Report:
     summary: list[str]
     plots: dict[str, Plot] = field(default_factory=dict)
     plot_notes: dict[str, str] = field(default_factory=dict)
+    answering: list[AnsweringLine] = field(default_factory=list)  # a run with a student: cost per held-out problem
 
 
 def build_report(store: Store, run_id: str, iteration: int | None = None) -> Report:
@@ -201,7 +223,7 @@ def build_report(store: Store, run_id: str, iteration: int | None = None) -> Rep
         diversity=undefined_diversity(numbers_table(table_series(div_groups), lambda p: f"{p.value:.3f}",
                                                     with_task=len({s.task for s in div}) > 1), evals),
         diversity_note=div_note, cost=cost, samples=pick_samples(store, run_id, names, debates, run.task),
-        headlines=[], summary=[],
+        headlines=[], summary=[], answering=answering_lines(store, run_id, main_task),
     )
     consensus = consensus_change(div, main_task)
     report.headlines = headlines(comparison, consensus, cost)
