@@ -3,7 +3,8 @@
 Rather than a second model of the prompts, the real debate code runs against a stand-in backend that answers
 every request with filler of a chosen length, in an in-memory store, with the real price table. Answers at
 half their `max_tokens` give the expected figure; answers at the full `max_tokens` (and every example kept for
-training) give the upper bound.
+training) give the upper bound. With `run --distill` the student's lines follow the last iteration's, simulated
+the same way: the teacher's debate, the student's finetune and its one answer per held-out problem.
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ from backends.base import BackendInfo, ChatRequest, ChatResult, FinetuneSpec, Jo
 from orchestrator.config import RunConfig
 from orchestrator.costs import Ledger, Pricing, estimate_tokens, request_prompt_tokens
 from orchestrator.debate import DebateOutcome, DebateRunner, DebateSettings, Society
-from orchestrator.societies import MAJORITY_FT, NO_SUMMARY, SOCIETIES, STAR
+from orchestrator.names import DebateName
+from orchestrator.societies import DISTILL, MAJORITY_FT, NO_SUMMARY, SOCIETIES, SOUP, STAR, STUDENTS
 from orchestrator.store import RunRow, Store, UsageRow
 from orchestrator.tasks import Task
 
@@ -74,7 +76,9 @@ class EstimateLine(BaseModel):
     at_most_usd: float
 
 
-def _simulate(config: RunConfig, task: Task, pricing: Pricing, info: BackendInfo, fraction: float) -> list[UsageRow]:
+def _simulate(config: RunConfig, task: Task, pricing: Pricing, info: BackendInfo, fraction: float,
+              distill: bool = False) -> tuple[list[UsageRow], list[UsageRow]]:
+    """The society's ledger lines, and (`distill`) the student's, apart: `_student` shows where they come from."""
     store = Store(Path(":memory:"))
     run = RunRow(id="dry-run", config=config.model_dump_json(), backend=config.backend, model=config.model,
                  task=config.task)
@@ -86,10 +90,12 @@ def _simulate(config: RunConfig, task: Task, pricing: Pricing, info: BackendInfo
     train = task.train_problems(config.train_size, config.seed)
     held_out = task.eval_problems(config.eval_size, config.seed)
 
-    def debate(name: str, iteration: int, problems: list[Any], society: Society) -> list[DebateOutcome]:
+    def debate(name: str, iteration: int, problems: list[Any], society: Society,
+               rounds: int | None = None) -> list[DebateOutcome]:
         # No reuse of identical requests: filler answers would make every summary look the same, and an
         # estimate that counts each request once is the safe side of what a run can reuse.
-        runner = DebateRunner(run_id=run.id, name=name, task=task, backend=backend, store=store, settings=settings,
+        runner = DebateRunner(run_id=run.id, name=name, task=task, backend=backend, store=store,
+                              settings=settings.model_copy(update={"rounds": rounds}) if rounds else settings,
                               iteration=iteration, ledger=ledger, reuse=False)
         return runner.run(problems, society)
 
@@ -107,9 +113,43 @@ def _simulate(config: RunConfig, task: Task, pricing: Pricing, info: BackendInfo
                            for k in range(config.preference.extra_samples)], "extra samples")
         society = _train(outcomes, society, iteration, config, pricing, info, lines, run.id)
         debate(f"eval-{iteration}", iteration, held_out, society)
-    usage = store.get_usage(run.id) + lines
+    student: list[UsageRow] = []
+    if distill:
+        level = config.iterations  # `run --distill` distils the last society: no iteration L + 1 debate to read
+        teacher = debate(str(DebateName(stage="train", iteration=level, society=DISTILL)), level, train, society)
+        tokens = info.training_epochs * _student_tokens(teacher)
+        student.append(UsageRow(run_id=run.id, stage="training", iteration=level, agent=0, role="student",
+                                model="base", ref=f"{DISTILL}/{level}/student", billing="training",
+                                trained_tokens=tokens, cost_usd=pricing.training("base", tokens)))
+        once = [(DISTILL, f"ft:{info.base_model}:dry-run:student-{level}")]
+        if info.name == "local":  # the soup of the generators' adapters, evaluated as the student is
+            once.append((SOUP, f"ft:{info.base_model}:dry-run:soup-{level}"))
+        for name, model in once:
+            debate(str(DebateName(stage="eval", iteration=level, society=name)), level, held_out,
+                   Society.uniform(1, model), rounds=1)
+    usage = store.get_usage(run.id)
     store.close()
-    return usage
+    mine = [r for r in usage if _student(r) is not None]
+    return [r for r in usage if _student(r) is None] + lines, mine + student
+
+
+def _student(row: UsageRow) -> str | None:
+    """The student society a ledger line belongs to (its debates carry the society's name), else None."""
+    parsed = DebateName.parse(row.debate) if row.debate else None
+    return parsed.society if parsed is not None and parsed.society in STUDENTS else None
+
+
+def _student_tokens(teacher: list[DebateOutcome]) -> int:
+    """At most what the student trains on in one epoch: every agent's round-1 and final chain of every training
+    problem (2N per problem, as if every one agreed with a strict majority and none repeated another), each after
+    the round-1 prompt, the single-pass example `distill.distillation_examples` makes of it."""
+    total = 0
+    for outcome in teacher:
+        for transcript in outcome.agents:
+            prompt = estimate_tokens(transcript.messages[0].content)
+            chains = [transcript.messages[1]] + ([transcript.messages[-1]] if len(transcript.messages) > 2 else [])
+            total += sum(prompt + estimate_tokens(m.content) for m in chains)
+    return total
 
 
 def _pair_tokens(outcomes: list[DebateOutcome], agent: int, role: str, info: BackendInfo) -> int:
@@ -166,7 +206,7 @@ def _aggregate(rows: list[UsageRow], ceiling: list[UsageRow]) -> dict[tuple[str,
         line = out.setdefault(key, EstimateLine(stage=key[0], iteration=key[1], calls=0, prompt_tokens=0,
                                                 completion_tokens=0, trained_tokens=0, expected_usd=0.0,
                                                 at_most_usd=0.0))
-        line.calls += 1 if row.stage != "training" else 0
+        line.calls += 1 if row.billing != "training" else 0  # a finetune is no call, whatever its stage's name
         line.prompt_tokens += row.prompt_tokens
         line.completion_tokens += row.completion_tokens
         line.trained_tokens += row.trained_tokens
@@ -218,13 +258,26 @@ def _baseline_lines(society: dict[tuple[str, int], EstimateLine], rows: list[Usa
     return lines
 
 
+def _student_lines(expected: list[UsageRow], at_most: list[UsageRow]) -> list[EstimateLine]:
+    """`run --distill`'s own lines, by society and stage: the teacher's debate on the training problems
+    ("distill · debate"), the student's one finetune, and one answer per held-out problem by the student (and,
+    on the local backend, by the soup)."""
+    def named(rows: list[UsageRow]) -> list[UsageRow]:
+        return [r.model_copy(update={"stage": f"{_student(r) or DISTILL} · {r.stage}"}) for r in rows]
+
+    return list(_aggregate(named(expected), named(at_most)).values())
+
+
 def estimate_run(config: RunConfig, task: Task, pricing: Pricing, info: BackendInfo,
                  baselines: Sequence[str] = ()) -> list[EstimateLine]:
-    expected = _simulate(config, task, pricing, info, 0.5)
-    at_most = _simulate(config, task, pricing, info, 1.0)
+    """Every line of the planned run; `baselines` may also name `distill` (`run --distill`), for the student's."""
+    distill = DISTILL in baselines
+    expected, expected_student = _simulate(config, task, pricing, info, 0.5, distill)
+    at_most, at_most_student = _simulate(config, task, pricing, info, 1.0, distill)
     society = _aggregate(expected, at_most)
-    lines = list(society.values())
+    lines = list(society.values()) + _student_lines(expected_student, at_most_student)
     for baseline in baselines:
-        lines += _baseline_lines(society, at_most, config, baseline)
+        if baseline not in STUDENTS:
+            lines += _baseline_lines(society, at_most, config, baseline)
     order = {"debate": 0, "training": 1, "evaluation": 2}
     return sorted(lines, key=lambda e: (e.iteration, e.stage not in order, order.get(e.stage, 3), e.stage))

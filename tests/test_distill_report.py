@@ -251,3 +251,100 @@ def test_diversity_is_not_defined_for_a_student(student_run):
     # the accuracy series (plot and numbers): one line per student, named for its one answer
     assert [label for label, _ in report.accuracy.rows if "student" in label or "soup" in label] == [
         "distilled student · one answer", "society soup · one answer"]
+
+
+# -- E: the dry run of `run --distill` ---------------------------------------------------------------------------
+
+
+def _billed_student_run(tmp_path: Path, iterations: int) -> Store:
+    """A priced scripted run of `iterations`, then its last society distilled, with the ledger on."""
+    from orchestrator.costs import Ledger, Pricing, load_prices
+    from tests.test_costs import MINI, BilledBackend
+
+    config = RunConfig(train_size=12, eval_size=5, iterations=iterations)
+    store = Store(tmp_path / "m.db")
+    row = open_run(store, config, "r", must_exist=False)
+    Pipeline(config=config, run=row, store=store, backend=BilledBackend(), workdir=tmp_path / "w",
+             console=Console(quiet=True), show_progress=False, poll_interval=0,
+             ledger=Ledger(store, "r", Pricing(load_prices(), MINI))).run(distill=DistillRequest())
+    return store
+
+
+@pytest.mark.parametrize("iterations", [1, 2])
+def test_the_dry_run_of_run_distill_counts_the_teacher_s_debate_the_student_s_job_and_its_answers(
+        tmp_path, iterations):
+    from orchestrator.costs import Pricing, load_prices
+    from orchestrator.estimate import estimate_run
+    from orchestrator.tasks import get_task
+    from tests.test_costs import MINI, BilledBackend
+
+    config = RunConfig(train_size=12, eval_size=5, iterations=iterations)
+    info = BilledBackend().describe()
+    pricing = Pricing(load_prices(), MINI)
+    plain = estimate_run(config, get_task(config.task), pricing, info)
+    lines = estimate_run(config, get_task(config.task), pricing, info, (DISTILL,))
+    student = {line.stage: line for line in lines if line.stage.startswith("distill · ")}
+    assert [line for line in lines if not line.stage.startswith("distill · ")] == plain  # the society's unchanged
+    assert set(student) == {"distill · debate", "distill · training", "distill · evaluation"}
+    assert {line.iteration for line in student.values()} == {iterations}  # the last iteration's society teaches
+    store = _billed_student_run(tmp_path, iterations)
+    L = iterations
+    # exactly the calls the run makes: the teacher's debate on the training problems, one answer per held-out one
+    assert student["distill · debate"].calls == len(store.get_responses("r", f"distill/train-{L}")) == 12 * PER_PROBLEM
+    assert student["distill · evaluation"].calls == len(store.get_responses("r", f"distill/eval-{L}")) == 5
+    assert student["distill · training"].calls == 0
+    assert sum(line.calls for line in lines) == store.count_responses("r")
+    # the student's set at most: every agent's round-1 and final chain of each problem, after the round-1 prompt;
+    # filler answers are all as long, so that is twice what the generators of iteration L train on
+    generators = [r for r in estimate_rows(config, info) if r.role == "generator" and r.iteration == L]
+    assert student["distill · training"].trained_tokens == 2 * sum(r.trained_tokens for r in generators) > 0
+    for line in student.values():
+        assert 0 < line.expected_usd < line.at_most_usd
+    store.close()
+
+
+def estimate_rows(config: RunConfig, info):
+    """The society's training lines of the expected simulation (what the estimate's lines add up)."""
+    from orchestrator.costs import Pricing, load_prices
+    from orchestrator.estimate import _simulate
+    from orchestrator.tasks import get_task
+    from tests.test_costs import MINI
+
+    rows, _ = _simulate(config, get_task(config.task), Pricing(load_prices(), MINI), info, 0.5)
+    return [r for r in rows if r.stage == "training"]
+
+
+def test_the_dry_run_of_run_distill_keeps_the_baselines_lines_and_adds_the_soup_on_the_local_backend():
+    from backends.base import BackendInfo
+    from orchestrator.costs import Pricing, load_prices
+    from orchestrator.estimate import estimate_run
+    from orchestrator.tasks import get_task
+    from tests.test_costs import MINI, BilledBackend
+
+    config = RunConfig(train_size=6, eval_size=4)
+    task = get_task(config.task)
+    info = BilledBackend().describe()
+    pricing = Pricing(load_prices(), MINI)
+    star = estimate_run(config, task, pricing, info, ("star",))
+    both = estimate_run(config, task, pricing, info, ("star", DISTILL))
+    assert [line for line in both if not line.stage.startswith("distill")] == star  # no student row in STaR's share
+    local = estimate_run(config, task, pricing, BackendInfo(name="local", base_model="tiny"), (DISTILL,))
+    soup = [line for line in local if line.stage.startswith("soup")]
+    assert [(line.stage, line.iteration, line.calls) for line in soup] == [("soup · evaluation", 1, 4)]
+    assert "soup" not in {line.stage.split(" · ")[0] for line in both}  # a hosted backend makes no soup
+
+
+def test_orchestrator_run_distill_dry_run_prints_the_student_s_lines(tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    from orchestrator.cli import cli
+
+    monkeypatch.chdir(tmp_path)
+    args = ["run", "--dry-run", "--train-size", "5", "--eval-size", "4", "--db", str(tmp_path / "m.db")]
+    plain = CliRunner().invoke(cli, args, env={"COLUMNS": "200"})
+    distilled = CliRunner().invoke(cli, [*args, "--distill"], env={"COLUMNS": "200"})
+    assert plain.exit_code == 0 and distilled.exit_code == 0, distilled.output
+    assert "distill · debate" not in plain.output
+    for stage in ("distill · debate", "distill · training", "distill · evaluation", "soup · evaluation"):
+        assert stage in distilled.output
+    assert not (tmp_path / "m.db").exists()  # a dry run writes nothing
