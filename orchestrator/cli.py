@@ -26,7 +26,7 @@ from orchestrator.distill import DistillRequest, check_student
 from orchestrator.failures import CommandContext, debug_requested, finish
 from orchestrator.interrupts import GracefulStop, StopRequested
 from orchestrator.locks import RunLock
-from orchestrator.societies import BASELINES, DISTILL, baselines_help
+from orchestrator.societies import BASELINES, baselines_help
 from orchestrator.store import Store, StoreState
 from orchestrator.tasks import TASK_SPECS_HELP, get_task
 
@@ -162,7 +162,7 @@ def run(config_file: Path | None, backend: str | None, model: str | None, task: 
     if dry_run and not resume:
         file_values = read_toml(config_file) if config_file else {}
         config = build_config(file_values, flags, str(config_file) if config_file else "command-line flags")
-        _dry_run(config, prices, chosen + (DISTILL,) * distill)
+        _dry_run(config, prices, chosen, distill)
         return
     from orchestrator.pipeline import stored_config
 
@@ -173,7 +173,7 @@ def run(config_file: Path | None, backend: str | None, model: str | None, task: 
             config = build_config(base, flags, f"run {resume} with your flags")
             run_id = resume
             if dry_run:
-                _dry_run(config, prices, chosen + (DISTILL,) * distill)
+                _dry_run(config, prices, chosen, distill)
                 return
         else:
             file_values = read_toml(config_file) if config_file else {}
@@ -186,7 +186,7 @@ def run(config_file: Path | None, backend: str | None, model: str | None, task: 
         store.close()
 
 
-def _dry_run(config: RunConfig, prices: Path | None, baselines: tuple[str, ...] = ()) -> None:
+def _dry_run(config: RunConfig, prices: Path | None, baselines: tuple[str, ...] = (), distill: bool = False) -> None:
     from backends import create_backend
     from orchestrator.estimate import estimate_run
     from orchestrator.report.terminal import estimate_table
@@ -196,7 +196,7 @@ def _dry_run(config: RunConfig, prices: Path | None, baselines: tuple[str, ...] 
                              workdir=Path("maft-runs") / "dry-run", state=MemoryState(), show_progress=False,
                              training=config.training)
     info = backend.describe()  # describing never loads a model or calls the network
-    lines = estimate_run(config, task, run_pricing(info, prices), info, baselines)
+    lines = estimate_run(config, task, run_pricing(info, prices), info, baselines, distill=distill)
     Console().print(estimate_table(lines, f"dry run · {config.backend} · {config.model} · {config.task} · "
                                           f"{config.agents} agents × {config.rounds} rounds × "
                                           f"{config.iterations} iteration(s)"))

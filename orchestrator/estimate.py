@@ -269,15 +269,13 @@ def _student_lines(expected: list[UsageRow], at_most: list[UsageRow]) -> list[Es
 
 
 def estimate_run(config: RunConfig, task: Task, pricing: Pricing, info: BackendInfo,
-                 baselines: Sequence[str] = ()) -> list[EstimateLine]:
-    """Every line of the planned run; `baselines` may also name `distill` (`run --distill`), for the student's."""
-    distill = DISTILL in baselines
+                 baselines: Sequence[str] = (), *, distill: bool = False) -> list[EstimateLine]:
+    """Every line of the planned run; with `distill` (`run --distill`) the student's too."""
     expected, expected_student = _simulate(config, task, pricing, info, 0.5, distill)
     at_most, at_most_student = _simulate(config, task, pricing, info, 1.0, distill)
     society = _aggregate(expected, at_most)
     lines = list(society.values()) + _student_lines(expected_student, at_most_student)
     for baseline in baselines:
-        if baseline not in STUDENTS:
-            lines += _baseline_lines(society, at_most, config, baseline)
+        lines += _baseline_lines(society, at_most, config, baseline)
     order = {"debate": 0, "training": 1, "evaluation": 2}
     return sorted(lines, key=lambda e: (e.iteration, e.stage not in order, order.get(e.stage, 3), e.stage))

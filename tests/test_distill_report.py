@@ -282,7 +282,7 @@ def test_the_dry_run_of_run_distill_counts_the_teacher_s_debate_the_student_s_jo
     info = BilledBackend().describe()
     pricing = Pricing(load_prices(), MINI)
     plain = estimate_run(config, get_task(config.task), pricing, info)
-    lines = estimate_run(config, get_task(config.task), pricing, info, (DISTILL,))
+    lines = estimate_run(config, get_task(config.task), pricing, info, distill=True)
     student = {line.stage: line for line in lines if line.stage.startswith("distill · ")}
     assert [line for line in lines if not line.stage.startswith("distill · ")] == plain  # the society's unchanged
     assert set(student) == {"distill · debate", "distill · training", "distill · evaluation"}
@@ -326,9 +326,9 @@ def test_the_dry_run_of_run_distill_keeps_the_baselines_lines_and_adds_the_soup_
     info = BilledBackend().describe()
     pricing = Pricing(load_prices(), MINI)
     star = estimate_run(config, task, pricing, info, ("star",))
-    both = estimate_run(config, task, pricing, info, ("star", DISTILL))
+    both = estimate_run(config, task, pricing, info, ("star",), distill=True)
     assert [line for line in both if not line.stage.startswith("distill")] == star  # no student row in STaR's share
-    local = estimate_run(config, task, pricing, BackendInfo(name="local", base_model="tiny"), (DISTILL,))
+    local = estimate_run(config, task, pricing, BackendInfo(name="local", base_model="tiny"), distill=True)
     soup = [line for line in local if line.stage.startswith("soup")]
     assert [(line.stage, line.iteration, line.calls) for line in soup] == [("soup · evaluation", 1, 4)]
     assert "soup" not in {line.stage.split(" · ")[0] for line in both}  # a hosted backend makes no soup
