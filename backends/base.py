@@ -120,6 +120,10 @@ class FinetuneSpec(BaseModel):
     # the base model under `base_model` when it is not the run's (a student distilled into another, smaller model:
     # `orchestrator distill --model`); None: the run's base model. Only where `BackendInfo.other_models`
     root_model: str | None = None
+    # the key of the attempt this one retries (a job that failed or was cancelled), so that a backend training in
+    # stages can start from the stages of it that succeeded instead of paying for them again (a hosted
+    # sft-then-dpo job whose DPO stage failed keeps its SFT stage); None: the job's first attempt
+    retry_of: str | None = None
 
 
 class JobEvent(BaseModel):

@@ -3,8 +3,9 @@
 The job row is written before every remote call and again after it, so a crash at any point leaves enough in
 the store to find the job again instead of paying for a second one (the backend's start is idempotent by the
 spec's key). At most `max_active` jobs run at once; the rest wait their turn. A failed job is retried on the
-next resume as a new attempt, under a new key; a job the provider no longer knows (404) is started again at
-once, as a new attempt in the same run.
+next resume as a new attempt, under a new key, told the key of the attempt it retries (so that a backend training
+in stages pays again only for the stages that did not succeed); a job the provider no longer knows (404) is
+started again at once, as a new attempt in the same run.
 """
 
 from __future__ import annotations
@@ -74,7 +75,8 @@ class _Runner:
     def start(self, plan: FinetunePlan, previous: JobRow | None) -> tuple[JobRow, JobRef]:
         attempt = previous.attempt + 1 if previous is not None else 1
         job = plan.job.model_copy(update={"status": "pending", "attempt": attempt})
-        spec = plan.spec.model_copy(update={"key": attempt_key(plan.spec.key, attempt)})
+        retry_of = attempt_key(plan.spec.key, attempt - 1) if attempt > 1 else None  # its stages that succeeded
+        spec = plan.spec.model_copy(update={"key": attempt_key(plan.spec.key, attempt), "retry_of": retry_of})
         what = f"finetuning agent {job.agent + 1} {job.role} (iteration {job.iteration})"
         if self.ledger is not None:
             self.ledger.check_training(spec, plan.epochs_estimate, what)  # every stage's file (sft-then-dpo: both)

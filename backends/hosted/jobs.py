@@ -4,7 +4,8 @@ The base owns the flow every provider's jobs follow: each call under the backend
 turned into an error that says what to do (`_refused`), a job started at most once per key (`start_once`), a
 poll that notices a job gone from the server, a cancel that is a no-op on a job that already ended, and the
 cursor that hands every job event over once; and "sft-then-dpo" as two provider jobs under one key (an SFT job,
-then a DPO job on its result, started by the poll that finds the first done). A provider supplies only its API
+then a DPO job on its result, started by the poll that finds the first done), whose retry keeps an SFT stage that
+succeeded and trains (and bills) the DPO stage alone. A provider supplies only its API
 calls and its payloads: the hooks below (`_prepare`, `check`, `check_pairs`, `_retrieve_job`, `_retrieve_file`,
 `_cancel_job`, `_state_of`, `_event_of`, `_refused`), in the spirit of a base request processor whose providers
 fill in what differs.
@@ -12,6 +13,7 @@ fill in what differs.
 
 from __future__ import annotations
 
+import hashlib
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Sequence
@@ -117,22 +119,44 @@ class HostedJobs(ABC, Generic[ClientT, SettingsT]):
     def start(self, spec: FinetuneSpec) -> JobRef:
         """The job for `spec.key` (the one an earlier call started, while the server still has it, else new); under
         "sft-then-dpo" its first stage (SFT), with what the second needs recorded
-        first and the pair file checked, so that a bad pair file costs no SFT job."""
+        first and the pair file checked, so that a bad pair file costs no SFT job. A retry (`spec.retry_of`) of an
+        attempt whose SFT stage succeeded on the same file from the same model takes that SFT job as its own first
+        stage, so only its DPO stage is trained and billed again."""
         if spec.objective == "sft-then-dpo":
             if spec.preference_file is None:
                 raise UserError(f"finetune {spec.key!r} is sft-then-dpo without a preference file")
             self.check_pairs(spec.preference_file)
             dpo = spec.dpo or DpoParams()
+            trains = {"base_model": spec.base_model, "root_model": spec.root_model,
+                      "training_sha256": hashlib.sha256(spec.training_file.read_bytes()).hexdigest()}
+            earlier = self._sft_stage_done(spec.retry_of, trains)
             self.state.put(f"then-dpo:{spec.key}", {"preference_file": str(spec.preference_file),
                                                     "suffix": spec.suffix, "seed": spec.seed,
-                                                    "dpo": dpo.model_dump()})
+                                                    "dpo": dpo.model_dump(), **trains,
+                                                    "sft_reused": earlier is not None})
+            if earlier is not None:
+                self.state.put(f"job:{spec.key}", earlier)  # its SFT stage is the earlier attempt's job
+                return JobRef(key=spec.key, provider_job_id=str(earlier["job_id"]))
         return self._start_one(spec)
+
+    def _sft_stage_done(self, earlier: str | None, trains: dict[str, Any]) -> dict[str, Any] | None:
+        """The job record of attempt `earlier`'s SFT stage, when it succeeded training what `trains` says (the
+        same starting model and SFT file: a rebuilt data set trains anew) and the server still has the job.
+        Its DPO stage was noted only once a poll found the SFT stage succeeded."""
+        if earlier is None or not self.state.get(f"then-dpo-noted:{earlier}"):
+            return None
+        plan = self.state.get(f"then-dpo:{earlier}") or {}
+        record = self.state.get(f"job:{earlier}") or {}
+        if any(plan.get(name) != value for name, value in trains.items()) or not record.get("job_id"):
+            return None
+        return record if self._alive(str(record["job_id"])) else None
 
     def poll(self, job: JobRef) -> JobState:
         """The job's state; for "sft-then-dpo", the SFT stage's until it completes, then the DPO stage's (started
         here, once, from the SFT job's model or checkpoint, under the key `<key>/dpo`) with the trained tokens of
-        both. The SFT job's id is stored (the job row, `job:<key>`) before the DPO job is started, and the DPO job
-        is started by `start_once`, so a resumed run starts neither stage twice."""
+        both (of the DPO stage alone where the SFT stage is an earlier attempt's, billed there). The SFT job's id
+        is stored (the job row, `job:<key>`) before the DPO job is started, and the DPO job is started by
+        `start_once`, so a resumed run starts neither stage twice."""
         plan = self.state.get(f"then-dpo:{job.key}")
         first = self._poll_one(job)
         if plan is None or first.status != "succeeded":
@@ -143,13 +167,16 @@ class HostedJobs(ABC, Generic[ClientT, SettingsT]):
                              dpo=DpoParams.model_validate(plan["dpo"]))
         ref = self._start_one(stage)  # start_once: the job started by an earlier poll, while it lives
         second = self._poll_one(ref)
-        trained = None
-        if second.trained_tokens is not None:
-            trained = (first.trained_tokens or 0) + second.trained_tokens
+        # the SFT stage's tokens count once the stage is done, even when the DPO stage then fails (they were
+        # trained); a retry that took an earlier attempt's SFT stage bills its DPO stage alone
+        reused = bool(plan.get("sft_reused"))
+        counts = [t for t in (None if reused else first.trained_tokens, second.trained_tokens) if t is not None]
+        trained = sum(counts) if counts else None
         note = []
         if (self.state.get(f"then-dpo-noted:{job.key}") or {}).get("job_id") != ref.provider_job_id:
-            note = [JobEvent(created_at=time.time(),
-                             message=f"SFT stage done ({first.model_id}); DPO stage: job {ref.provider_job_id}")]
+            done = (f"SFT stage: {first.model_id} of job {job.provider_job_id}, trained by an earlier attempt (not "
+                    "trained or billed again)" if reused else f"SFT stage done ({first.model_id})")
+            note = [JobEvent(created_at=time.time(), message=f"{done}; DPO stage: job {ref.provider_job_id}")]
             self.state.put(f"then-dpo-noted:{job.key}", {"job_id": ref.provider_job_id})
         return second.model_copy(update={
             "events": [*first.events, *note, *second.events], "trained_tokens": trained,
