@@ -143,6 +143,9 @@ class JobState(BaseModel):
     missing: bool = False  # the provider no longer knows the job (404); status is then "failed"
     model_id: str | None = None  # set only when status == "succeeded"
     trained_tokens: int | None = None
+    # of `trained_tokens`, those a DPO stage trained (priced apart where the provider does); None: the backend does
+    # not count them apart, and the bill splits the count as the job's files would
+    dpo_tokens: int | None = None
     train_loss: float | None = None
     error: str | None = None
     events: list[JobEvent] = Field(default_factory=list)

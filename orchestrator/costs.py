@@ -333,18 +333,26 @@ class Ledger:
     def record_training_estimate(self, job: JobRow, spec: FinetuneSpec, epochs: int) -> None:
         """Before a job runs, the ledger holds its estimate (marked as one); the bill replaces it, keeping the
         estimate in `estimated_tokens` / `estimated_usd` for `orchestrator cost` to compare."""
-        tokens, dpo_tokens = finetune_tokens(spec, epochs)
-        if dpo_tokens:  # the provider bills the stages' tokens as one count: split like the estimate's
-            self._dpo_share[attempt_key(job.key, job.attempt)] = dpo_tokens / max(1, tokens)
+        tokens, dpo_tokens = self.expect_training(job, spec, epochs)
         self._training_line(job, tokens, estimated=True, dpo_tokens=dpo_tokens)
 
-    def record_training(self, job: JobRow) -> None:
-        """The bill of an ended job, from the trained tokens the provider reports (none: nothing billed). A
-        preference job's tokens are priced as split in its estimate (in this process; a job re-attached by a
-        resumed run is priced at the SFT rate)."""
+    def expect_training(self, job: JobRow, spec: FinetuneSpec, epochs: int) -> tuple[int, int]:
+        """The estimated trained tokens of a job (this process's start, or one re-attached by a resumed run) and
+        the DPO stage's of them, remembered as a share for a bill whose backend does not count the stages
+        apart."""
+        tokens, dpo_tokens = finetune_tokens(spec, epochs)
+        if dpo_tokens:
+            self._dpo_share[attempt_key(job.key, job.attempt)] = dpo_tokens / max(1, tokens)
+        return tokens, dpo_tokens
+
+    def record_training(self, job: JobRow, dpo_tokens: int | None = None) -> None:
+        """The bill of an ended job, from the trained tokens the provider reports (none: nothing billed), its DPO
+        stage's `dpo_tokens` at the DPO rate. Where the backend does not count them apart (None), a preference
+        job's tokens are split as its files are (`expect_training`)."""
         tokens = job.trained_tokens or 0
-        share = self._dpo_share.get(attempt_key(job.key, job.attempt), 0.0)
-        self._training_line(job, tokens, estimated=False, dpo_tokens=round(tokens * share))
+        if dpo_tokens is None:
+            dpo_tokens = round(tokens * self._dpo_share.get(attempt_key(job.key, job.attempt), 0.0))
+        self._training_line(job, tokens, estimated=False, dpo_tokens=dpo_tokens)
         if job.status == "succeeded" and job.model_id:
             self.pricing.learn(job.model_id, job.base_model_id)
 

@@ -99,7 +99,8 @@ class _Runner:
         if job.status not in TERMINAL_STATUSES:
             return False
         if self.ledger is not None:
-            self.ledger.record_training(job)  # the bill replaces the estimate; a failed job bills what it reports
+            # the bill replaces the estimate; a failed job bills what it reports
+            self.ledger.record_training(job, dpo_tokens=state.dpo_tokens)
         self.done[job.key] = job
         return True
 
@@ -140,6 +141,8 @@ def run_jobs(
             runner.done[stored.key] = stored
         elif stored is not None and stored.provider_job_id and stored.status not in TERMINAL_STATUSES:
             active.append((stored, job_ref(stored)))  # re-attach: it was started by an earlier session
+            if ledger is not None:  # how its files split its tokens, for a backend that does not count them apart
+                ledger.expect_training(stored, plan.spec, plan.epochs_estimate)
         elif stored is not None and stored.status == "pending" and stored.provider_job_id is None:
             # Crashed between recording the intent and storing the id: the backend finds the job by its key.
             waiting.append((plan, stored.model_copy(update={"attempt": stored.attempt - 1})))

@@ -93,6 +93,7 @@ def test_a_failed_dpo_stage_on_openai_is_retried_from_the_sft_model_it_already_p
     assert failed.status == "failed" and "crashed on purpose" in str(failed.error)
     (sft,) = [j for j in fake_openai.jobs.values() if j["method"]["type"] == "supervised"]
     assert failed.trained_tokens == sft["trained_tokens"] > 0  # the SFT stage was paid for: billed
+    assert failed.dpo_tokens == 0  # at the SFT rate: the failed DPO stage reported none
     fake_openai.clear_failures()
 
     retry = spec.model_copy(update={"key": "k#attempt-2", "retry_of": "k"})
@@ -104,4 +105,5 @@ def test_a_failed_dpo_stage_on_openai_is_retried_from_the_sft_model_it_already_p
     assert len(supervised) == 1 and len(dpo) == 2  # no second SFT job; a second DPO job on the same SFT model
     assert dpo[1]["model"] == sft["fine_tuned_model"] and done.model_id == dpo[1]["fine_tuned_model"]
     assert done.trained_tokens == dpo[1]["trained_tokens"] > 0  # this attempt bills its DPO stage only
+    assert done.dpo_tokens == done.trained_tokens  # all at the DPO rate
     backend.close()

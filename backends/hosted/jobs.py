@@ -159,8 +159,10 @@ class HostedJobs(ABC, Generic[ClientT, SettingsT]):
         `start_once`, so a resumed run starts neither stage twice."""
         plan = self.state.get(f"then-dpo:{job.key}")
         first = self._poll_one(job)
-        if plan is None or first.status != "succeeded":
+        if plan is None:
             return first
+        if first.status != "succeeded":  # every token trained so far is the SFT stage's
+            return first.model_copy(update={"dpo_tokens": None if first.trained_tokens is None else 0})
         stage = FinetuneSpec(key=f"{job.key}/dpo", base_model=str(first.model_id),
                              training_file=Path(plan["preference_file"]), suffix=str(plan["suffix"]),
                              seed=int(plan["seed"]), objective="dpo", preference_file=Path(plan["preference_file"]),
@@ -180,6 +182,7 @@ class HostedJobs(ABC, Generic[ClientT, SettingsT]):
             self.state.put(f"then-dpo-noted:{job.key}", {"job_id": ref.provider_job_id})
         return second.model_copy(update={
             "events": [*first.events, *note, *second.events], "trained_tokens": trained,
+            "dpo_tokens": None if trained is None else second.trained_tokens or 0,
             "error": None if second.error is None else f"DPO stage (job {ref.provider_job_id}): {second.error}"})
 
     def cancel(self, job: JobRef) -> None:
