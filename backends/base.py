@@ -180,6 +180,8 @@ class BackendInfo(BaseModel):
     # trains and serves base models other than the run's (`FinetuneSpec.root_model`): the local backend loads each
     # one it is given beside the run's; a hosted provider finetunes whichever of its models it is named
     other_models: bool = False
+    # a line a command that will finetune here must show first (OpenAI: its self-serve finetuning is closing)
+    finetuning_notice: str | None = None
 
 
 @runtime_checkable

@@ -27,7 +27,7 @@ from backends.hosted.backend import HostedBackend
 from backends.hosted.errors import error_message
 from backends.openai_batch import OpenAIBatches
 from backends.openai_client import OPENAI_ERRORS, OpenAIClients, is_billed, resolve_clients
-from backends.openai_finetune import DEFAULT_MAX_EXAMPLE_TOKENS, MIN_EXAMPLES, OpenAIJobs
+from backends.openai_finetune import DEFAULT_MAX_EXAMPLE_TOKENS, MIN_EXAMPLES, SELF_SERVE_NOTICE, OpenAIJobs
 from backends.openai_settings import OpenAIConfig
 from foundation.errors import UserError
 
@@ -91,6 +91,7 @@ class OpenAIBackend(HostedBackend[OpenAIConfig, OpenAI, OpenAIJobs]):
             weighted_pairs=False,
             one_turn_pairs=True,
             other_models=True,  # a job names its model: a student may be another one of the account's
+            finetuning_notice=None if self.settings.api == "azure" else SELF_SERVE_NOTICE,
         )
 
     def check_server(self, *, finetuning: bool) -> None:

@@ -40,6 +40,11 @@ from backends.hosted.retry import RetryPolicy
 from backends.openai_settings import OpenAIConfig
 from foundation.errors import UserError
 
+# What a command that will finetune on OpenAI (not Azure OpenAI, another service) says first, once: the notice of
+# 2026-05-07 closed self-serve finetuning to organizations that never finetuned, and new jobs are being phased out
+SELF_SERVE_NOTICE = ("OpenAI is closing self-serve finetuning to new jobs (organizations that never finetuned are "
+                     "refused already), so these finetuning jobs may be refused; Azure OpenAI ([openai] api = "
+                     "\"azure\"), the together backend and the local one keep finetuning")
 DEFAULT_MAX_EXAMPLE_TOKENS = 65_536
 MIN_EXAMPLES = 10
 MAX_SUFFIX_CHARS = 64

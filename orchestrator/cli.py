@@ -270,6 +270,12 @@ def _run_locked(store: Store, config: RunConfig, request: RunRequest, stop: Grac
                   f"{config.task} · {config.agents} agents × {config.rounds} rounds × {config.iterations} "
                   f"iteration(s) · temperature {config.generation.temperature:g}, top_p {config.generation.top_p:g}, "
                   f"max_tokens {config.generation.max_tokens} · db {store.path} · files {work}")
+    # once per command, before anything is trained: iterations left to do, baselines, or a student ask for jobs
+    trains = ((not more_only and run_row.iterations_done < config.iterations) or bool(request.baselines)
+              or request.distill is not None)
+    if info.finetuning_notice and trains:
+        console.print(f"warning: {info.finetuning_notice}", style="yellow", soft_wrap=True, markup=False,
+                      highlight=False)
     started = time.monotonic()
     try:
         pipeline = Pipeline(config=config, run=run_row, store=store, backend=backend_obj, workdir=work,
