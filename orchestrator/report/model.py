@@ -87,6 +87,17 @@ def _setting_text(value: Any) -> str:
 
 
 @dataclass
+class PairCells:
+    """A set's DPO pairs as the tables show them: all of them, the critics' corrections and anti-sycophancy
+    pairs (blank for a generator), and their summed vote-margin weight."""
+
+    pairs: str
+    correction: str
+    anti_sycophancy: str
+    weight: str
+
+
+@dataclass
 class DatasetLine:
     society: str
     iteration: int
@@ -99,6 +110,16 @@ class DatasetLine:
     loss: str
     too_long: int  # dropped as longer than max_length (never trained on cut)
     sha: str
+    pairs: PairCells | None = None  # a preference objective's pairs; None: this set has none recorded
+
+
+def _pair_cells(d: DatasetRow) -> PairCells | None:
+    if d.n_pairs is None:
+        return None
+    critic = d.role == "critic"
+    return PairCells(pairs=str(d.n_pairs), correction=str(d.n_pairs_correction or 0) if critic else "",
+                     anti_sycophancy=str(d.n_pairs_anti_sycophancy or 0) if critic else "",
+                     weight=f"{d.pairs_weight or 0:.2f}")
 
 
 def _society_of(row: DatasetRow | JobRow) -> str:
@@ -125,7 +146,7 @@ def dataset_lines(datasets: Sequence[DatasetRow], jobs: Sequence[JobRow]) -> lis
             too_long=d.n_too_long,
             job=trained.status if trained else "—",
             loss=f"{trained.train_loss:.3f}" if trained and trained.train_loss is not None else "",
-            sha=d.sha256[:12],
+            sha=d.sha256[:12], pairs=_pair_cells(d),
         ))
     return lines
 
@@ -198,6 +219,11 @@ class Report:
     plots: dict[str, Plot] = field(default_factory=dict)
     plot_notes: dict[str, str] = field(default_factory=dict)
     answering: list[AnsweringLine] = field(default_factory=list)  # a run with a student: cost per held-out problem
+
+    @property
+    def has_pairs(self) -> bool:
+        """A preference run: its dataset tables get the pair columns (blank on sets without pairs)."""
+        return any(d.pairs is not None for d in self.datasets)
 
 
 def build_report(store: Store, run_id: str, iteration: int | None = None) -> Report:
