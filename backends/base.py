@@ -294,6 +294,16 @@ class ScoreRequest(BaseModel):
 
 
 @runtime_checkable
+class AveragesAdapters(Protocol):
+    """A backend whose finetuned models are LoRA adapters on disk, which it can average into one adapter whose
+    delta is the mean of theirs (the society soup, `orchestrator distill`'s zero-training baseline)."""
+
+    def average_adapters(self, adapters: Sequence[str], out: Path) -> str:
+        """The averaged adapter's model id, written to `out` once (read back after)."""
+        ...
+
+
+@runtime_checkable
 class SupportsScoring(Protocol):
     """A backend that can score a given reply token by token (a local model; few hosted APIs can)."""
 

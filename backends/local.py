@@ -40,6 +40,7 @@ from backends.local_model import load_model, names_a_model, resolve_device
 from backends.local_pool import AdapterPool, adapter_dir, adapter_name_for
 from backends.local_score import score_requests
 from backends.local_settings import DEFAULT_MODEL, LocalConfig
+from backends.local_soup import soup_adapter
 from backends.local_train import train_lora
 from backends.settings import BackendSetup
 from foundation.crashpoints import crashpoint
@@ -155,6 +156,14 @@ class LocalBackend:
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
+
+    def average_adapters(self, adapters: Sequence[str], out: Path) -> str:
+        """AveragesAdapters: the soup of `adapters` (`local_soup`), made on a fresh float32 copy of their base
+        model on the CPU (the pool's own copy must not be wrapped by PEFT), loaded as the run loads its model."""
+        if not adapters:
+            raise ValueError("no adapters to average")
+        root = self.root_of(adapters[0])
+        return str(soup_adapter(lambda: load_model(root, "cpu", "float32").model, adapters, out))
 
     # -- paths and model ------------------------------------------------------------------------------------
 

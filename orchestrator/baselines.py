@@ -27,7 +27,7 @@ from typing import Protocol
 from rich.console import Console
 
 import prompts
-from backends.base import BASE_MODEL_ID, BackendInfo, ChatMessage, Objective
+from backends.base import BASE_MODEL_ID, Backend, BackendInfo, ChatMessage, Objective
 from orchestrator.config import RunConfig
 from orchestrator.debate import DebateOutcome, DebateRunner, DebateSettings, Society, readable_answer
 from orchestrator.names import DebateName, DebateStage, JobKey
@@ -51,6 +51,7 @@ class PipelineSteps(Protocol):
     store: Store
     run_row: RunRow
     task: Task
+    backend: Backend
     info: BackendInfo
     workdir: Path
 

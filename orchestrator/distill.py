@@ -16,15 +16,13 @@ v(ŷ) − v(rejected's answer) as the society's own pairs are (`preference`).
 from __future__ import annotations
 
 import json
-import shutil
 from collections.abc import Collection, Sequence
-from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 from rich.table import Table
 
-from backends.base import BASE_MODEL_ID, BackendInfo, ChatMessage
+from backends.base import BASE_MODEL_ID, AveragesAdapters, BackendInfo, ChatMessage
 from foundation.errors import UserError
 from orchestrator.baselines import PipelineSteps
 from orchestrator.config import objective_problem
@@ -209,8 +207,8 @@ class Distillation:
         outcomes = p.debate(name, held_out, Society.uniform(1, student.generators[0]), level, p.settings(rounds=1))
         for row in evaluate(p.run_row.id, DISTILL, level, outcomes, p.task, p.config.seed):
             p.store.save_evaluation(row)
-        if p.info.name == "local":  # our trainer's adapters, on disk
-            self.soup(level, teacher, held_out)
+        if isinstance(p.backend, AveragesAdapters):  # adapters on disk (the local backend's)
+            self.soup(p.backend, level, teacher, held_out)
 
     def student_root(self, level: int) -> str:
         """The model the student starts from (`BASE_MODEL_ID`: the run's): --model, else the one a student of
@@ -219,8 +217,8 @@ class Distillation:
         check_student(p.store, p.run_row.id, self.request, p.info)
         return self.request.model or stored_student_root(p.store, p.run_row.id, level) or BASE_MODEL_ID
 
-    def soup(self, level: int, teacher: Society, held_out: list[Problem]) -> None:
-        """The zero-training baseline: the iteration-L generators' adapters averaged (`soup_adapter`), society
+    def soup(self, backend: AveragesAdapters, level: int, teacher: Society, held_out: list[Problem]) -> None:
+        """The zero-training baseline: the iteration-L generators' adapters averaged (`AveragesAdapters`), society
         `soup` at iteration L, evaluated as the student is. Skipped, and said, where a generator kept the base
         model (it has no adapter to average)."""
         p = self.p
@@ -229,7 +227,7 @@ class Distillation:
             return
         soup = p.stored_society(SOUP, level)
         if soup is None:
-            path = soup_adapter(p.config.model, teacher.generators, p.workdir / "soup" / f"iteration-{level}")
+            path = backend.average_adapters(teacher.generators, p.workdir / "soup" / f"iteration-{level}")
             soup = p.save_society(SOUP, level, Society.uniform(p.config.agents, str(path)), teacher)
         p.console.rule(f"[bold]{SOUP}: the averaged generators answer each held-out problem once")
         name = str(DebateName(stage="eval", iteration=level, society=SOUP))
@@ -327,40 +325,3 @@ def answering_cost_table(costs: Sequence[AnsweringCost], title: str) -> Table:
         table.add_row(c.label, str(c.iteration), f"{c.accuracy:.3f} ± {c.stderr:.3f}", f"{c.generations:.2f}",
                       f"{c.tokens:,.0f}", f"{c.usd:.6f}" if c.usd else "—")
     return table
-
-
-# -- the society soup ------------------------------------------------------------------------------------------------
-
-
-def soup_adapter(base_model: str, adapters: Sequence[str], out: Path) -> Path:
-    """The N generator adapters merged into one LoRA adapter whose delta is exactly the mean of theirs,
-    (1/N)·Σ s_i·B_i·A_i: PEFT's "cat" combination stacks the ranks, scales each A_i by its weight (1/N) and its own
-    scaling s_i, leaves B_i as is, and gives the result lora_alpha = r (scaling 1). Refused for rsLoRA or DoRA
-    adapters, where that scaling would not be 1 or the delta is not B·A. Written to `out` once; read back after."""
-    if (out / "adapter_config.json").is_file():
-        return out
-    import torch
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(base_model, torch_dtype=torch.float32)
-    names = [f"agent-{i + 1}" for i in range(len(adapters))]
-    peft_model = PeftModel.from_pretrained(model, adapters[0], adapter_name=names[0])
-    for name, path in zip(names[1:], adapters[1:], strict=True):
-        peft_model.load_adapter(path, adapter_name=name)
-    for name in names:
-        config = peft_model.peft_config[name]
-        if getattr(config, "use_rslora", False) or getattr(config, "use_dora", False):
-            raise UserError("the society soup needs plain LoRA adapters (no rsLoRA, no DoRA)")
-    peft_model.add_weighted_adapter(names, [1 / len(names)] * len(names), adapter_name="soup",
-                                    combination_type="cat")
-    peft_model.set_adapter("soup")
-    for name in names:
-        peft_model.delete_adapter(name)
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)  # a crash's leftover
-    peft_model.save_pretrained(str(tmp), selected_adapters=["soup"])
-    written = tmp / "soup" if (tmp / "soup" / "adapter_config.json").is_file() else tmp
-    out.parent.mkdir(parents=True, exist_ok=True)
-    written.rename(out)
-    return out

@@ -379,7 +379,7 @@ def test_the_society_soup_is_exactly_the_mean_of_the_adapters_deltas(tmp_path):
     is (1/3)·Σ s_i·B_i·A_i, to float32 rounding."""
     import torch
 
-    from orchestrator.distill import soup_adapter
+    from backends.local import LocalBackend
     from tests.tiny_model import build_random_adapter, build_tiny_model
 
     model = build_tiny_model(tmp_path / "tiny")
@@ -389,7 +389,8 @@ def test_the_society_soup_is_exactly_the_mean_of_the_adapters_deltas(tmp_path):
         config = json.loads((path / "adapter_config.json").read_text())
         (path / "adapter_config.json").write_text(json.dumps({**config, "lora_alpha": alpha}))
         adapters.append(path)
-    soup = soup_adapter(str(model), [str(a) for a in adapters], tmp_path / "soup")
+    backend = LocalBackend(str(model), workdir=tmp_path / "w", device="cpu", show_progress=False)
+    soup = Path(backend.average_adapters([str(a) for a in adapters], tmp_path / "soup"))
     got = _deltas(soup)
     each = [_deltas(a) for a in adapters]
     assert set(got) == set(each[0]) and got
@@ -397,7 +398,28 @@ def test_the_society_soup_is_exactly_the_mean_of_the_adapters_deltas(tmp_path):
         mean = sum(d[module] for d in each) / 3  # type: ignore[operator]
         assert torch.allclose(delta, mean, atol=1e-6), module  # type: ignore[arg-type]
         assert not torch.allclose(delta, each[0][module], atol=1e-4)  # type: ignore[arg-type]
-    assert soup_adapter(str(model), [str(a) for a in adapters], tmp_path / "soup") == soup  # written once
+    assert backend.average_adapters([str(a) for a in adapters], tmp_path / "soup") == str(soup)  # written once
+
+
+def test_the_soup_of_the_default_job_is_made_on_the_bundled_model_named_by_its_alias(tmp_path):
+    """The default job's model is the bundled alias, which only our loader resolves (transformers would look it up
+    on the hub): the soup is averaged on the model the run's adapters were trained on."""
+    import torch
+
+    from backends.local import LocalBackend
+    from backends.local_model import load_model
+    from backends.local_settings import DEFAULT_MODEL
+    from tests.tiny_model import build_random_adapter
+
+    cache = Path(load_model(DEFAULT_MODEL, "cpu", "float32").path)
+    adapters = [str(build_random_adapter(cache, tmp_path / f"a{i}", seed=i, rank=2, target_modules=("q_proj",)))
+                for i in range(2)]
+    backend = LocalBackend(DEFAULT_MODEL, workdir=tmp_path / "w", device="cpu", show_progress=False)
+    got = _deltas(Path(backend.average_adapters(adapters, tmp_path / "soup")))
+    each = [_deltas(Path(a)) for a in adapters]
+    assert len(got) == 30  # q_proj of each of SmolLM2-135M's 30 layers
+    for module, delta in got.items():
+        assert torch.allclose(delta, (each[0][module] + each[1][module]) / 2, atol=1e-6), module  # type: ignore[operator]
 
 
 def test_run_with_distill_distils_the_last_iteration_after_the_run(tmp_path):
