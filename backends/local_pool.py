@@ -6,6 +6,7 @@ Generation (`local_generate`, `local_static`), scoring and training all go throu
 from __future__ import annotations
 
 import hashlib
+import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
@@ -115,12 +116,15 @@ class AdapterPool:
         return {"adapter_names": list(names)} if self._peft is not None else {}
 
     def _load(self, name: str, path: Path, *, trainable: bool) -> None:
-        if self._peft is None:
-            self._peft = PeftModel.from_pretrained(
-                self.loaded.model, str(path), adapter_name=name, is_trainable=trainable
-            )
-        else:
-            self._peft.load_adapter(str(path), adapter_name=name, is_trainable=trainable)
+        with warnings.catch_warnings():
+            # PEFT 0.21 calls transformers' deprecated `is_gradient_checkpointing`: noise, not the user's to fix
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+            if self._peft is None:
+                self._peft = PeftModel.from_pretrained(
+                    self.loaded.model, str(path), adapter_name=name, is_trainable=trainable
+                )
+            else:
+                self._peft.load_adapter(str(path), adapter_name=name, is_trainable=trainable)
 
     def _require_peft(self) -> PeftModel:
         if self._peft is None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -22,7 +23,9 @@ def soup_adapter(load_base: Callable[[], PreTrainedModel], adapters: Sequence[st
         return out
     model = load_base()
     names = [f"agent-{i + 1}" for i in range(len(adapters))]
-    peft_model = PeftModel.from_pretrained(model, adapters[0], adapter_name=names[0])
+    with warnings.catch_warnings():  # PEFT 0.21's call of a deprecated transformers method: noise
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        peft_model = PeftModel.from_pretrained(model, adapters[0], adapter_name=names[0])
     for name, path in zip(names[1:], adapters[1:], strict=True):
         peft_model.load_adapter(path, adapter_name=name)
     for name in names:
