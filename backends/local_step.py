@@ -29,20 +29,6 @@ from backends.local_lora import Master, RowAdapters
 # Architectures whose logits are the output layer applied to the decoder's last hidden state, nothing more
 # (no soft-capping, no logit scale).
 PLAIN_HEAD_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3", "smollm3", "phi3", "olmo2"})
-# Vocabulary rows per slice of the output layer on CPU (`project`); a vocabulary it does not divide is projected
-# whole, as on CUDA (0: always whole; the bench's "before" row).
-HEAD_SLICE = 1024
-
-
-def project(hidden: torch.Tensor, head: torch.Tensor, slices: torch.Tensor | None) -> torch.Tensor:
-    """`hidden @ head.T`, as a batch of matmuls over `slices` (`head` viewed as [V / HEAD_SLICE, HEAD_SLICE, d])
-    where there are: a decode step's [rows × d] · [d × V] with a few dozen rows and V = 49,152 ran at about half
-    the speed of the same work as 48 slices on this CPU (bench/RESULTS.md, "output layer"), and each logit is the
-    same dot product either way."""
-    if slices is None:
-        return nn.functional.linear(hidden, head)
-    rows = hidden.shape[0]
-    return torch.matmul(hidden, slices.transpose(1, 2)).permute(1, 0, 2).reshape(rows, head.shape[0])
 
 
 def full_attention_only(model: PreTrainedModel) -> bool:
@@ -69,7 +55,6 @@ class HFStep:
         self.device = next(model.parameters()).device
         self._decoder: nn.Module | None = None
         self._head: torch.Tensor | None = None
-        self._slices: torch.Tensor | None = None
         head = model.get_output_embeddings()
         if (
             config.model_type in PLAIN_HEAD_TYPES
@@ -80,9 +65,6 @@ class HFStep:
             self._decoder = model.get_decoder()
             weight = master(head.weight) if master is not None else head.weight
             self._head = weight.float()
-            vocab, width = self._head.shape
-            if self.device.type == "cpu" and HEAD_SLICE and vocab % HEAD_SLICE == 0 and vocab > HEAD_SLICE:
-                self._slices = self._head.view(vocab // HEAD_SLICE, HEAD_SLICE, width)
         self._fast: LlamaDecode | None = None
         self._fast_supported = fused and self._head is not None and supported(model)
 
@@ -99,7 +81,7 @@ class HFStep:
             if self._fast is None:  # built on the first decode step: a call that only prefills never pays for it
                 self._fast = LlamaDecode(self._model, self._rows)
             hidden = self._fast.hidden(input_ids, mask, positions, cache)
-            return project(hidden.to(self._head.dtype), self._head, self._slices)
+            return nn.functional.linear(hidden.to(self._head.dtype), self._head)
         inputs: dict[str, Any] = {
             "input_ids": input_ids,
             "attention_mask": mask,
@@ -110,7 +92,7 @@ class HFStep:
         if self._decoder is None or self._head is None:
             return self._model(**inputs, logits_to_keep=1).logits[:, -1, :].float()
         hidden = self._decoder(**inputs).last_hidden_state[:, -1, :]
-        return project(hidden.to(self._head.dtype), self._head, self._slices)
+        return nn.functional.linear(hidden.to(self._head.dtype), self._head)
 
     def _set_rows(self, rows: Sequence[Row]) -> None:
         if self._rows is None:

@@ -17,7 +17,6 @@ printed beside the numbers.
     python bench/local_generation.py                          # bundled SmolLM2-135M-Instruct, both workloads
     python bench/local_generation.py --workload long --naive-prompts 12
     python bench/local_generation.py --workload long --unfused   # + the engine on transformers' own decode step
-    python bench/local_generation.py --workload long --whole-head  # + the engine with the output layer unsliced
     python bench/local_generation.py --smoke                  # a tiny random model, seconds: the script works
 """
 
@@ -43,7 +42,6 @@ import transformers
 from peft import LoraConfig, PeftModel, get_peft_model
 
 import prompts
-from backends import local_step
 from backends.base import ChatMessage, ChatRequest, ChatResult
 from backends.local import LocalBackend
 from backends.local_generate import generate_chats
@@ -156,15 +154,6 @@ def timed(label: str, run: Callable[[], list[ChatResult]]) -> tuple[Timing, list
     return Timing(label, tokens, prompt_tokens, seconds, load_average()), results
 
 
-def unsliced_head(run: Callable[[], list[ChatResult]]) -> list[ChatResult]:
-    """`run` with the output layer projected in one matmul (`local_step.HEAD_SLICE = 0`), as before the slices."""
-    saved, local_step.HEAD_SLICE = local_step.HEAD_SLICE, 0
-    try:
-        return run()
-    finally:
-        local_step.HEAD_SLICE = saved
-
-
 def run_naive(backend: LocalBackend, requests: list[ChatRequest]) -> list[ChatResult]:
     """One `generate` per prompt on the backend's own PeftModel (same weights), that prompt's adapter active."""
     from backends.base import Usage
@@ -229,7 +218,7 @@ def report(workload: Workload, timings: list[Timing], flops_per_token: float, ra
     by = {t.label.split(" ")[0]: t for t in timings}
     pairs = [("engine", "static"), ("engine", "naive"), ("static", "naive"), ("engine-bf16", "engine"),
              ("engine-bf16", "naive"), ("merged", "engine"),
-             ("engine", "unfused"), ("engine", "whole-head")]
+             ("engine", "unfused")]
     for a, b in pairs:
         if a in by and b in by:
             print(f"speed-up: {a} / {b} = {by[a].rate / by[b].rate:.2f}x")
@@ -244,7 +233,6 @@ def measure(
     merged: bool,
     adapters: int,
     unfused: bool = False,
-    whole_head: bool = False,
 ) -> tuple[list[Timing], int]:
     """Every path on the same requests, one after the other; the naive loop on `sample`."""
     for b in (backend, low):
@@ -257,9 +245,6 @@ def measure(
     if unfused:
         timings.append(timed("unfused (refill, transformers' step, fp32)",
                              partial(generate_chats, pool, requests, batch_size=slots, fused=False))[0])
-    if whole_head:
-        timings.append(timed("whole-head (refill, one head matmul)",
-                             partial(unsliced_head, partial(generate_chats, pool, requests, batch_size=slots)))[0])
     timings.append(timed("static (today's path, fp32)",
                          partial(generate_chats, pool, requests, batch_size=slots, engine="static"))[0])
     if merged:
@@ -288,8 +273,6 @@ def main() -> None:
     parser.add_argument("--merged", action="store_true", help="also time merged-adapter decoding")
     parser.add_argument("--unfused", action="store_true",
                         help="also time the engine with transformers' own decode step (before local_llama)")
-    parser.add_argument("--whole-head", action="store_true",
-                        help="also time the engine with the output layer in one matmul (before its slices)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--accuracy-problems", type=int, default=90, help="per dtype, for the accuracy check")
     parser.add_argument("--smoke", action="store_true", help="a tiny random model and workload (seconds)")
@@ -343,7 +326,7 @@ def main() -> None:
             requests = make_requests(workload, adapters, args.temperature, args.seed)
             sample = spread(requests, args.naive_prompts or naive_default[workload.name])
             timings, stopped = measure(backend, low, requests, sample, args.batch_size, args.merged, args.adapters,
-                                     args.unfused, args.whole_head)
+                                     args.unfused)
             print(f"\n{len(requests)} chats; engine: {stopped} stopped before max_tokens")
             report(workload, timings, flops_per_token, rates)
 
