@@ -196,7 +196,8 @@ class Distillation:
                 dataset = p.with_pairs(dataset, pairs)
                 p.store.save_datasets([dataset])
             trained = p.finetune(DISTILL, level, [dataset], {(0, ROLE): root}, key=self._key, restart=False,
-                                 objective=self.request.objective, root_model=self.request.model)
+                                 objective=self.request.objective,
+                                 root_model=None if root == BASE_MODEL_ID else root)
             model, job = trained.get((0, ROLE), (root, ""))
             n = p.config.agents
             student = Society.uniform(n, model)
