@@ -161,11 +161,13 @@ def test_the_report_files_carry_the_cost_per_problem_table_of_a_run_with_a_stude
     assert [a.generations for a in lines] == ["9.00", "1.00", "9.00", "1.00", "1.00", "1.00"]  # 6 answers, 3 summaries
     files = write_report(student_run.store, "r", tmp_path)
     md = files.markdown.read_text()
-    section = md[md.index("## Accuracy and cost per held-out problem"):md.index("## Accuracy per iteration")]
+    start = md.index("## Accuracy and cost per held-out problem")
+    section = md[start:md.index("\n## ", start)]  # to the next section
     rows = [line for line in section.splitlines() if line.startswith("| ") and "---" not in line][1:]
     assert rows == [f"| {a.label} | {a.iteration} | {a.accuracy} | {a.generations} | {a.tokens} | — |" for a in lines]
     page = files.html.read_text()
-    table = page[page.index('<section id="answering">'):page.index('<section id="accuracy">')]
+    begin = page.index('<section id="answering">')
+    table = page[begin:page.index("</section>", begin)]
     assert table.count("<tr><td>") == 6 and "<tr><td>distilled student</td><td class=\"num\">1</td>" in table
     assert '<a href="#answering">' in page
 

@@ -15,6 +15,7 @@ import matplotlib
 from orchestrator.costs import cost_summary
 from orchestrator.distill import answering_costs
 from orchestrator.report.comparison import Cell, Comparison, ComparisonRow, build_comparison
+from orchestrator.report.flips import FlipLine, flip_lines
 from orchestrator.report.labels import BACKEND_SECTIONS, acc_text, society_name, society_rank, usd, when_minutes
 from orchestrator.report.plots import PLOT_RC, Plot, accuracy_plot, cost_plot, diversity_plot
 from orchestrator.report.samples import Sample, eval_debate_names, pick_samples
@@ -219,6 +220,7 @@ class Report:
     plots: dict[str, Plot] = field(default_factory=dict)
     plot_notes: dict[str, str] = field(default_factory=dict)
     answering: list[AnsweringLine] = field(default_factory=list)  # a run with a student: cost per held-out problem
+    flips: list[FlipLine] = field(default_factory=list)  # per evaluation debate of 2+ rounds: wrong→right, right→wrong
 
     @property
     def has_pairs(self) -> bool:
@@ -250,6 +252,7 @@ def build_report(store: Store, run_id: str, iteration: int | None = None) -> Rep
                                                     with_task=len({s.task for s in div}) > 1), evals),
         diversity_note=div_note, cost=cost, samples=pick_samples(store, run_id, names, debates, run.task),
         headlines=[], summary=[], answering=answering_lines(store, run_id, main_task),
+        flips=flip_lines(store, run_id, names, run.task),
     )
     consensus = consensus_change(div, main_task)
     report.headlines = headlines(comparison, consensus, cost)

@@ -115,7 +115,7 @@ def pick_samples(store: Store, run_id: str, names: Sequence[str], debates: dict[
     for name in names:
         if len(corrections) >= SAMPLES_PER_KIND and len(disagreements) >= SAMPLES_PER_KIND:
             break
-        responses = _index_responses(store.get_responses(run_id, name).values())
+        responses = index_responses(store.get_responses(run_id, name).values())
         for row in sorted(debates.get(name, []), key=lambda d: order.get(d.problem_id, 1 << 30)):
             problem = problems.get(row.problem_id)
             if problem is None or row.problem_id not in responses or row.problem_id in shown:
@@ -128,7 +128,7 @@ def pick_samples(store: Store, run_id: str, names: Sequence[str], debates: dict[
     return corrections + disagreements
 
 
-def _index_responses(rows: Iterable[ResponseRow]) -> dict[str, dict[tuple[int, int, str], ResponseRow]]:
+def index_responses(rows: Iterable[ResponseRow]) -> dict[str, dict[tuple[int, int, str], ResponseRow]]:
     out: dict[str, dict[tuple[int, int, str], ResponseRow]] = defaultdict(dict)
     for r in rows:
         out[r.problem_id][(r.round, r.agent, r.kind)] = r
