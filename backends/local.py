@@ -78,6 +78,7 @@ class LocalBackend:
         self.batch_size = batch_size
         self.show_progress = show_progress
         self._pools: dict[str, AdapterPool] = {}  # base model spec -> its pool; the run's model first
+        self._roots: dict[str, str] = {}  # model id -> the base model spec it sits on (`root_of`)
 
     @classmethod
     def from_setup(cls, setup: BackendSetup[LocalConfig]) -> LocalBackend:
@@ -186,11 +187,15 @@ class LocalBackend:
         that is none of these goes to the run's pool, which says what is wrong with it."""
         if model_id in (BASE_MODEL_ID, self.model):
             return self.model
-        path = Path(model_id).expanduser()
-        if (path / "adapter_config.json").is_file():
-            spec = _read_job(path).get("spec")
-            return str(spec.get("root_model") or self.model) if isinstance(spec, dict) else self.model
-        return model_id if names_a_model(model_id) else self.model
+        if model_id not in self._roots:  # read once per id: every request of every chat call asks
+            path = Path(model_id).expanduser()
+            if (path / "adapter_config.json").is_file():
+                spec = _read_job(path).get("spec")
+                root = str(spec.get("root_model") or self.model) if isinstance(spec, dict) else self.model
+            else:
+                root = model_id if names_a_model(model_id) else self.model
+            self._roots[model_id] = root
+        return self._roots[model_id]
 
     def _by_root(self, models: Sequence[str]) -> dict[str, list[int]]:
         """The requests' positions grouped by the base model each runs on: one group, the run's model, except

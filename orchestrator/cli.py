@@ -22,7 +22,7 @@ from foundation.crashpoints import crashpoint
 from foundation.errors import RunStopped, UserError
 from orchestrator.config import RunConfig, build_config, read_toml
 from orchestrator.costs import Ledger, run_pricing
-from orchestrator.distill import DistillRequest, check_student
+from orchestrator.distill import DistillRequest
 from orchestrator.failures import CommandContext, debug_requested, finish
 from orchestrator.interrupts import GracefulStop, StopRequested
 from orchestrator.locks import RunLock
@@ -250,8 +250,6 @@ def _run_locked(store: Store, config: RunConfig, request: RunRequest, stop: Grac
         pricing = run_pricing(info, request.prices, max_cost=max_cost, console=console)
         if (problem := objective_problem(config.training.objective, info)) is not None:  # no such method: asks nobody
             raise UserError(problem)
-        if request.distill is not None and request.must_exist:  # a --model the backend or the run cannot take
-            check_student(store, run_id, request.distill, info)
         if isinstance(backend_obj, NeedsCredentials):
             backend_obj.check_credentials()
         if isinstance(backend_obj, ChecksServer):  # a chat-only server, an unknown model: said before any spend

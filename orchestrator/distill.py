@@ -212,10 +212,9 @@ class Distillation:
             self.soup(p.backend, level, teacher, held_out)
 
     def student_root(self, level: int) -> str:
-        """The model the student starts from (`BASE_MODEL_ID`: the run's): --model, else the one a student of
-        iteration L (or its unfinished job) already has."""
+        """The model the student starts from (`BASE_MODEL_ID`: the run's): --model (which `check_student` has let
+        through), else the one a student of iteration L (or its unfinished job) already has."""
         p = self.p
-        check_student(p.store, p.run_row.id, self.request, p.info)
         return self.request.model or stored_student_root(p.store, p.run_row.id, level) or BASE_MODEL_ID
 
     def soup(self, backend: AveragesAdapters, level: int, teacher: Society, held_out: list[Problem]) -> None:

@@ -33,7 +33,7 @@ from orchestrator.baselines import SINGLE_MODEL_METHODS
 from orchestrator.config import RunConfig
 from orchestrator.costs import Ledger
 from orchestrator.debate import DebateOutcome, DebateRunner, DebateSettings, Society, readable_answer
-from orchestrator.distill import Distillation, DistillRequest
+from orchestrator.distill import Distillation, DistillRequest, check_student
 from orchestrator.evaluate import DiversityMeter, evaluate
 from orchestrator.finetune import FinetunePlan, run_jobs
 from orchestrator.interrupts import StopRequested, never
@@ -157,6 +157,8 @@ class Pipeline:
     def run(self, baselines: Sequence[str] = (), distill: DistillRequest | None = None) -> None:
         """The base society's evaluation, L iterations of multiagent finetuning, then any baselines asked for, then
         the last society distilled into one model if asked (`run --distill`)."""
+        if distill is not None:
+            check_student(self.store, self.run_row.id, distill, self.info)
         with self._status():
             train, held_out = self.problems()
             society = self.stored_society(MAFT, 0) or self.save_society(MAFT, 0, Society.base(self.config.agents))
@@ -174,6 +176,8 @@ class Pipeline:
                  distill: DistillRequest | None = None) -> None:
         """`orchestrator eval`: baselines for a run whose iterations are done, and zero-shot transfer: every
         society of the run evaluated on another task's held-out problems."""
+        if distill is not None:  # a --model the backend or the run cannot take: refused, the run's status kept
+            check_student(self.store, self.run_row.id, distill, self.info)
         with self._status():
             train, held_out = self.problems()
             self.run_baselines(baselines, train, held_out)

@@ -182,15 +182,13 @@ def test_an_earlier_iteration_is_distilled_from_the_following_iteration_s_stored
     assert {d.iteration for d in store.get_datasets("r", society="distill")} == {1}
 
 
-def test_orchestrator_distill_trains_and_evaluates_a_student_on_the_local_backend_with_a_tiny_model(tmp_path):
-    """A tiny local run, then `orchestrator distill RUN` through the CLI: a real LoRA student, trained on the
-    consensus file, evaluated once per held-out problem, shown by `report`; a second `distill` redoes nothing."""
-    from click.testing import CliRunner
+def tiny_local_run(tmp_path: Path) -> Path:
+    """A finished 1-iteration run `tiny` of the tiny answering model on the local backend (store `m.db`, files `w`
+    under `tmp_path`); the model's directory."""
     from rich.console import Console
 
     from backends.base import TrainingParams
     from backends.local import LocalBackend
-    from orchestrator.cli import cli
     from orchestrator.config import GenerationConfig, RunConfig
     from orchestrator.pipeline import Pipeline, open_run
     from orchestrator.store import Store
@@ -207,6 +205,18 @@ def test_orchestrator_distill_trains_and_evaluates_a_student_on_the_local_backen
              console=Console(quiet=True), show_progress=False, poll_interval=0).run()
     backend.close()
     store.close()
+    return model
+
+
+def test_orchestrator_distill_trains_and_evaluates_a_student_on_the_local_backend_with_a_tiny_model(tmp_path):
+    """A tiny local run, then `orchestrator distill RUN` through the CLI: a real LoRA student, trained on the
+    consensus file, evaluated once per held-out problem, shown by `report`; a second `distill` redoes nothing."""
+    from click.testing import CliRunner
+
+    from orchestrator.cli import cli
+    from orchestrator.store import Store
+
+    tiny_local_run(tmp_path)
     args = ["distill", "tiny", "--db", str(tmp_path / "m.db"), "--workdir", str(tmp_path / "w"), "--quiet"]
     result = CliRunner().invoke(cli, args, terminal_width=200)
     assert result.exit_code == 0, result.output
@@ -275,6 +285,35 @@ def _hosted_distill(tmp_path, make_backend, cfg, pricing, request: DistillReques
     return store
 
 
+def openai_student(tmp_path, fake_openai, request: DistillRequest | None = None):
+    """`_hosted_distill` on the fake OpenAI server, priced as gpt-4.1-mini."""
+    from backends.openai import OpenAIBackend
+    from orchestrator.costs import Pricing, load_prices
+    from orchestrator.store import StoreState
+    from tests.test_openai_run import MINI, config
+
+    cfg = config(fake_openai)
+    return _hosted_distill(
+        tmp_path, lambda store: OpenAIBackend(cfg.model, cfg.openai, StoreState(store, "openai"), show_progress=False,
+                                              environ={"OPENAI_API_KEY": fake_openai.api_key}),
+        cfg, Pricing(load_prices(), MINI), request)
+
+
+def together_student(tmp_path, fake_together, request: DistillRequest | None = None):
+    """`_hosted_distill` on the fake Together server, priced as its base model."""
+    from backends.together import TogetherBackend
+    from orchestrator.costs import Pricing, load_prices
+    from orchestrator.store import StoreState
+    from tests.test_together_run import config
+
+    cfg = config(fake_together)
+    return _hosted_distill(
+        tmp_path, lambda store: TogetherBackend(
+            cfg.model, cfg.together, StoreState(store, "together"), show_progress=False,
+            environ={"TOGETHER_API_KEY": fake_together.api_key}),
+        cfg, Pricing(load_prices(), cfg.model, full_finetune=not cfg.together.lora), request)
+
+
 def _check_hosted_student(store, jobs_created: int, n_agents: int) -> None:
     (job,) = [j for j in store.get_jobs("r") if j.society == "distill"]
     assert job.key == "r/distill/iteration-1/student" and job.status == "succeeded" and job.base_model_id == "base"
@@ -294,16 +333,9 @@ def _check_hosted_student(store, jobs_created: int, n_agents: int) -> None:
 
 @pytest.mark.fake_openai(base_accuracy=0.8, finetune_bonus=0.1)
 def test_the_student_on_the_fake_openai_server(tmp_path, fake_openai):
-    from backends.openai import OpenAIBackend
-    from orchestrator.costs import Pricing, load_prices
-    from orchestrator.store import StoreState
-    from tests.test_openai_run import MINI, N, config
+    from tests.test_openai_run import N
 
-    cfg = config(fake_openai)
-    store = _hosted_distill(
-        tmp_path, lambda store: OpenAIBackend(cfg.model, cfg.openai, StoreState(store, "openai"), show_progress=False,
-                                              environ={"OPENAI_API_KEY": fake_openai.api_key}),
-        cfg, Pricing(load_prices(), MINI))
+    store = openai_student(tmp_path, fake_openai)
     _check_hosted_student(store, fake_openai.counts["POST /v1/fine_tuning/jobs"], N)
     (job,) = [j for j in store.get_jobs("r") if j.society == "distill"]
     assert (job.model_id or "").startswith("ft:")
@@ -311,17 +343,9 @@ def test_the_student_on_the_fake_openai_server(tmp_path, fake_openai):
 
 @pytest.mark.fake_together(base_accuracy=0.8)
 def test_the_student_on_the_fake_together_server(tmp_path, fake_together):
-    from backends.together import TogetherBackend
-    from orchestrator.costs import Pricing, load_prices
-    from orchestrator.store import StoreState
-    from tests.test_together_run import N, config
+    from tests.test_together_run import N
 
-    cfg = config(fake_together)
-    store = _hosted_distill(
-        tmp_path, lambda store: TogetherBackend(
-            cfg.model, cfg.together, StoreState(store, "together"), show_progress=False,
-            environ={"TOGETHER_API_KEY": fake_together.api_key}),
-        cfg, Pricing(load_prices(), cfg.model, full_finetune=not cfg.together.lora))
+    store = together_student(tmp_path, fake_together)
     _check_hosted_student(store, fake_together.counts["POST /v1/fine-tunes"], N)
 
 
@@ -329,17 +353,8 @@ def test_the_student_on_the_fake_together_server(tmp_path, fake_together):
 def test_a_dpo_student_on_the_fake_together_server_learns_the_majority_s_chains_against_the_others(
         tmp_path, fake_together):
     from backends.preference_data import HostedPreferenceLine
-    from backends.together import TogetherBackend
-    from orchestrator.costs import Pricing, load_prices
-    from orchestrator.store import StoreState
-    from tests.test_together_run import config
 
-    cfg = config(fake_together)
-    store = _hosted_distill(
-        tmp_path, lambda store: TogetherBackend(
-            cfg.model, cfg.together, StoreState(store, "together"), show_progress=False,
-            environ={"TOGETHER_API_KEY": fake_together.api_key}),
-        cfg, Pricing(load_prices(), cfg.model, full_finetune=not cfg.together.lora), DistillRequest(objective="dpo"))
+    store = together_student(tmp_path, fake_together, DistillRequest(objective="dpo"))
     (job,) = [j for j in store.get_jobs("r") if j.society == "distill"]
     assert job.status == "succeeded"
     remote = fake_together.jobs[job.provider_job_id]

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from orchestrator.distill import DistillRequest
-from tests.test_distill import _distilled_with, _hosted_distill
+from tests.test_distill import _distilled_with, openai_student, tiny_local_run, together_student
 
 
 def test_a_student_of_another_model_is_refused_where_the_backend_serves_only_the_run_s(tmp_path):
@@ -27,31 +27,15 @@ def test_a_student_on_a_smaller_local_model_trains_and_answers_on_that_model(tmp
     trained on B (its shapes are B's: it could not load onto A) and answers on B; the store names B as its parent.
     Asking again without --model evaluates what is there; another --model is refused, exit 2, nothing touched."""
     from click.testing import CliRunner
-    from rich.console import Console
     from safetensors.torch import load_file
 
-    from backends.base import TrainingParams
-    from backends.local import LocalBackend
     from foundation.errors import UserError
     from orchestrator.cli import cli
-    from orchestrator.config import GenerationConfig, RunConfig
-    from orchestrator.pipeline import Pipeline, open_run
     from orchestrator.store import Store
-    from tests.test_crash import build_answering_model
     from tests.tiny_model import build_tiny_model
 
-    model = build_answering_model(tmp_path / "tiny")
+    model = tiny_local_run(tmp_path)
     small = build_tiny_model(tmp_path / "small", hidden_size=32, num_heads=2, seed=3)
-    config = RunConfig(model=str(model), train_size=6, eval_size=2, seed=147,
-                       generation=GenerationConfig(max_tokens=8, summary_max_tokens=8),
-                       training=TrainingParams(epochs=1, batch_size=2, learning_rate=1e-3, max_length=256))
-    store = Store(tmp_path / "m.db")
-    row = open_run(store, config, "tiny", must_exist=False)
-    backend = LocalBackend(str(model), workdir=tmp_path / "w", device="cpu", show_progress=False)
-    Pipeline(config=config, run=row, store=store, backend=backend, workdir=tmp_path / "w",
-             console=Console(quiet=True), show_progress=False, poll_interval=0).run()
-    backend.close()
-    store.close()
     args = ["distill", "tiny", "--db", str(tmp_path / "m.db"), "--workdir", str(tmp_path / "w"), "--quiet"]
     result = CliRunner().invoke(cli, [*args, "--model", str(small)], terminal_width=200)
     assert result.exit_code == 0, result.output
@@ -84,17 +68,11 @@ def test_a_student_on_a_smaller_local_model_trains_and_answers_on_that_model(tmp
 
 @pytest.mark.fake_openai(base_accuracy=0.8, finetune_bonus=0.1)
 def test_a_student_of_another_openai_model_is_finetuned_from_it_and_billed_at_its_price(tmp_path, fake_openai):
-    from backends.openai import OpenAIBackend
-    from orchestrator.costs import Pricing, load_prices
-    from orchestrator.store import StoreState
-    from tests.test_openai_run import MINI, config
+    from orchestrator.costs import load_prices
+    from tests.test_openai_run import MINI
 
     nano = "gpt-4.1-nano-2025-04-14"
-    cfg = config(fake_openai)
-    store = _hosted_distill(
-        tmp_path, lambda store: OpenAIBackend(cfg.model, cfg.openai, StoreState(store, "openai"), show_progress=False,
-                                              environ={"OPENAI_API_KEY": fake_openai.api_key}),
-        cfg, Pricing(load_prices(), MINI), DistillRequest(model=nano))
+    store = openai_student(tmp_path, fake_openai, DistillRequest(model=nano))
     (job,) = [j for j in store.get_jobs("r") if j.society == "distill"]
     assert job.status == "succeeded" and job.base_model_id == nano
     (created,) = [j for j in fake_openai.jobs.values() if j["fine_tuned_model"] == job.model_id]
@@ -109,21 +87,12 @@ def test_a_student_of_another_openai_model_is_finetuned_from_it_and_billed_at_it
 
 @pytest.mark.fake_together(base_accuracy=0.8)
 def test_a_student_of_another_together_model_is_a_job_on_that_model(tmp_path, fake_together):
-    from backends.together import TogetherBackend
-    from orchestrator.costs import Pricing, load_prices
-    from orchestrator.store import StoreState
-    from tests.fake_together import QWEN_7B
-    from tests.test_together_run import config
+    from tests.fake_together import LLAMA_8B, QWEN_7B
 
-    cfg = config(fake_together)
-    store = _hosted_distill(
-        tmp_path, lambda store: TogetherBackend(
-            cfg.model, cfg.together, StoreState(store, "together"), show_progress=False,
-            environ={"TOGETHER_API_KEY": fake_together.api_key}),
-        cfg, Pricing(load_prices(), cfg.model, full_finetune=not cfg.together.lora), DistillRequest(model=QWEN_7B))
+    store = together_student(tmp_path, fake_together, DistillRequest(model=QWEN_7B))
     (job,) = [j for j in store.get_jobs("r") if j.society == "distill"]
     assert job.status == "succeeded" and job.base_model_id == QWEN_7B
     models = {j["model"] for j in fake_together.jobs.values()}
-    assert QWEN_7B in models and cfg.model in models
+    assert QWEN_7B in models and LLAMA_8B in models  # the society's jobs on the run's model
     answers = store.get_responses("r", "distill/eval-1")
     assert answers and {r.model_id for r in answers.values()} == {job.model_id}
