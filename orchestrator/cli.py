@@ -405,7 +405,7 @@ def report(run_id: str, db: str | None, as_json: bool, out_dir: Path | None, ite
     and cost per iteration, and sample debates; print the dataset sizes, the accuracy tables and a short
     summary."""
     from orchestrator.report.data import report_data
-    from orchestrator.report.terminal import accuracy_table, comparison_table, datasets_table
+    from orchestrator.report.terminal import accuracy_table, comparison_table, datasets_table, flips_table
     from orchestrator.report.write import write_report
 
     _enter("report", db, run_id)
@@ -422,6 +422,8 @@ def report(run_id: str, db: str | None, as_json: bool, out_dir: Path | None, ite
         title = f"held-out accuracy · {data['config']['task']} · run {run_id}"
         console.print(accuracy_table(data["evaluations"], title))
         console.print(comparison_table(data["evaluations"], f"comparison · run {run_id}"))
+        if data["flips"]:
+            console.print(flips_table(data["flips"], f"debate flip rates · {data['config']['task']} · run {run_id}"))
         _print_answering_costs(console, store, run_id, data["config"]["task"])
         files = write_report(store, run_id, out_dir or store.path.resolve().parent / "maft-reports",
                              iteration=iteration)

@@ -1,6 +1,12 @@
-"""The debate's flip rates in the report files (issue 14): round-1 against final-round answers, counted by hand."""
+"""The debate's flip rates in the report files, the terminal and `--json` (issue 14): round-1 against final-round
+answers, counted by hand."""
 
 from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
 
 from orchestrator.config import RunConfig
 from orchestrator.report.flips import flip_lines
@@ -55,3 +61,41 @@ def test_the_report_files_show_the_flip_rates(tmp_path):
     assert "## Flip rates" in markdown and "| multiagent FT, iteration 1 | 9 | 33.3 | 22.2 |" in markdown
     html = render_html(report)
     assert '<section id="flips">' in html and '<td class="num">33.3</td>' in html
+
+
+def _report(db, *args: str) -> str:
+    """`orchestrator report` as a user runs it: the console script's module in a fresh process, wide enough that
+    rich wraps no row."""
+    env = {**os.environ, "COLUMNS": "160"}
+    proc = subprocess.run([sys.executable, "-m", "orchestrator", "report", "r", "--db", str(db), *args],
+                          capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout
+
+
+def _with_base_debate(tmp_path) -> Store:
+    """The built store plus a base-society debate `eval-0` in which every agent keeps its round-1 answer (no flips):
+    a second row, which must come first, as the base society does in the accuracy table."""
+    store = _store(tmp_path)
+    for row in store.get_responses("r", "eval-1").values():
+        keep = store.get_responses("r", "eval-1")[f"{row.problem_id}/{row.agent}/1"]
+        store.save_response(row.model_copy(update={"key": f"base/{row.key}", "debate": "eval-0", "text": keep.text,
+                                                   "answer": keep.answer, "finish_reason": "stop"}))
+    store.save_debates([d.model_copy(update={"debate": "eval-0"}) for d in store.get_debates("r", "eval-1")])
+    return store
+
+
+def test_the_terminal_and_json_show_the_hand_counted_flip_rates(tmp_path):
+    store = _with_base_debate(tmp_path)
+    db = store.path
+    store.close()
+    data = json.loads(_report(db, "--json"))
+    assert [(f["debate"], f["society"], f["iteration"], f["answers"], f["wrong_to_right"], f["right_to_wrong"])
+            for f in data["flips"]] == [("eval-0", "base", 0, 9, 0, 0), ("eval-1", "maft", 1, 9, 3, 2)]
+    assert (data["flips"][1]["wrong_to_right_rate"], data["flips"][1]["right_to_wrong_rate"]) == (3 / 9, 2 / 9)
+
+    out = _report(db, "--out", str(tmp_path / "reports"))
+    table = out.split("debate flip rates")[1]
+    rows = [[c.strip() for c in line.split("│")[1:-1]] for line in table.splitlines() if line.startswith("│")]
+    assert rows == [["base", "9", "0 (0.0 %)", "0 (0.0 %)"],
+                    ["multiagent FT, iteration 1", "9", "3 (33.3 %)", "2 (22.2 %)"]]

@@ -8,7 +8,9 @@ from typing import Any
 
 from orchestrator.config import RunConfig
 from orchestrator.names import DebateName
+from orchestrator.report.flips import flip_lines
 from orchestrator.report.labels import BACKEND_SECTIONS, method_order, when_seconds
+from orchestrator.report.samples import eval_debate_names
 from orchestrator.societies import BASE, DISTILL, STUDENTS
 from orchestrator.store import DebateTruncation, EvaluationRow, JobRow, RunRow, Store
 
@@ -123,6 +125,20 @@ def status_data(store: Store, run: RunRow, now: float | None = None) -> dict[str
     }
 
 
+def flips_data(store: Store, run: RunRow) -> list[dict[str, Any]]:
+    """The debates' flip rates (`orchestrator.report.flips`) by the society's stored name, in the accuracy table's
+    order (iteration, the base society first, then society), so the terminal's rows line up with the accuracy
+    rows above them; rates are shares of `answers`, as accuracy is a share of problems."""
+    rows = []
+    for line in flip_lines(store, run.id, eval_debate_names(store, run.id), run.task):
+        rows.append({
+            "debate": line.debate, "society": line.society_id, "iteration": line.iteration, "answers": line.answers,
+            "wrong_to_right": line.wrong_to_right, "wrong_to_right_rate": line.wrong_to_right / line.answers,
+            "right_to_wrong": line.right_to_wrong, "right_to_wrong_rate": line.right_to_wrong / line.answers,
+        })
+    return sorted(rows, key=lambda f: (f["iteration"], f["society"] != BASE, f["society"]))
+
+
 def report_data(store: Store, run: RunRow) -> dict[str, Any]:
     config = RunConfig.model_validate_json(run.config)
     return {
@@ -137,4 +153,5 @@ def report_data(store: Store, run: RunRow) -> dict[str, Any]:
         ],
         "diversity": [d.model_dump(exclude={"run_id", "created_at"}) for d in store.get_diversity(run.id)],
         "debates": [t.model_dump() for t in store.truncation(run.id)],
+        "flips": flips_data(store, run),
     }

@@ -22,6 +22,7 @@ from orchestrator.store import Store
 class FlipLine:
     debate: str
     society: str  # as the report names it: "base society", "multiagent FT, iteration 2", ...
+    society_id: str  # as the store names it: "base", "maft", "star", ... (what `--json` and the terminal key on)
     iteration: int
     answers: int  # (problem, agent) pairs with a round-1 and a final-round answer
     wrong_to_right: int
@@ -61,6 +62,7 @@ def flip_lines(store: Store, run_id: str, names: Sequence[str], task_spec: str) 
                 fixed += not before and after
                 broken += before and not after
         if answers:
-            lines.append(FlipLine(debate=name, society=debate_society(name), iteration=parsed[1], answers=answers,
+            lines.append(FlipLine(debate=name, society=debate_society(name), society_id=parsed[0],
+                                  iteration=parsed[1], answers=answers,
                                   wrong_to_right=fixed, right_to_wrong=broken))
     return lines

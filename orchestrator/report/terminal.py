@@ -1,6 +1,6 @@
 """The terminal's tables, drawn with rich from the plain dicts of `orchestrator.report.data` (so a table and
-`--json` cannot disagree): runs, a run's status, its jobs, accuracy and the paper's Table 1, finetuning data,
-the dry run's estimate and the cost ledger."""
+`--json` cannot disagree): runs, a run's status, its jobs, accuracy and the paper's Table 1, the debates' flip
+rates, finetuning data, the dry run's estimate and the cost ledger."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ from orchestrator.report.labels import (
     acc_text,
     answers_once,
     kept_row,
+    pct,
     society_label,
     society_method,
     society_name,
@@ -55,6 +56,21 @@ def accuracy_table(evaluations: list[dict[str, Any]], title: str) -> Table:
     if any(e.get("truncated") for e in evaluations):
         notes.append("(k cut): k of the no-answers because a reply stopped at max_tokens")
     table.caption = "; ".join(notes) or None
+    return table
+
+
+def flips_table(flips: list[dict[str, Any]], title: str) -> Table:
+    """Per evaluation debate of two rounds or more: how many agents' answers the debate corrected, and how many
+    it talked out of a right one (a debate helps where the first is larger)."""
+    table = Table(title=title, caption="answers: each agent's round 1 vs its final round, per held-out problem; "
+                                       "unreadable or cut = not right")
+    table.add_column("society")
+    for col in ("answers", "wrong → right", "right → wrong"):
+        table.add_column(col, justify="right")
+    for f in flips:
+        table.add_row(society_label(f["society"], f["iteration"]), str(f["answers"]),
+                      f"{f['wrong_to_right']} ({pct(f['wrong_to_right_rate'])} %)",
+                      f"{f['right_to_wrong']} ({pct(f['right_to_wrong_rate'])} %)")
     return table
 
 
