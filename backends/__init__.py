@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from backends.base import Backend, BackendState, TrainingParams
+from backends.cluster_settings import ClusterConfig
 from backends.local_settings import LocalConfig
 from backends.openai_settings import OpenAIConfig
 from backends.settings import BackendSettings, BackendSetup
@@ -85,6 +86,7 @@ def create_backend(
     state: BackendState,
     show_progress: bool = True,
     training: TrainingParams | None = None,
+    cluster: ClusterConfig | None = None,
 ) -> Backend:
     """The backend `name` with its settings (None: their defaults). Its module is imported only now, so `--help`
     and `status` never load torch or an SDK."""
@@ -93,7 +95,8 @@ def create_backend(
     if not isinstance(settings, entry.settings):
         raise TypeError(f"the {name} backend takes {entry.settings.__name__}, not {type(settings).__name__}")
     setup = BackendSetup(model=model, settings=settings, workdir=Path(workdir), state=state,
-                         show_progress=show_progress, training=training or TrainingParams())
+                         show_progress=show_progress, training=training or TrainingParams(),
+                         cluster=cluster or ClusterConfig())
     cls = entry.backend_class()
     from_setup = getattr(cls, "from_setup", None)
     backend: Backend = from_setup(setup) if from_setup is not None else cls(

@@ -19,6 +19,7 @@ from pydantic.fields import FieldInfo
 from pydantic_core import PydanticUndefined
 
 from backends.base import BackendState, TrainingParams
+from backends.cluster_settings import ClusterConfig
 
 
 def operational(default: Any = PydanticUndefined, **kwargs: Any) -> Any:
@@ -70,3 +71,4 @@ class BackendSetup(Generic[SettingsT]):
     state: BackendState  # durable key-value state (the provider's ids of uploaded files and started jobs)
     show_progress: bool = True
     training: TrainingParams = field(default_factory=TrainingParams)  # the run's finetuning (estimates read it)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)  # where the local backend's finetunes run

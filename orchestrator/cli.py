@@ -242,7 +242,7 @@ def _run_locked(store: Store, config: RunConfig, request: RunRequest, stop: Grac
     work = request.workdir or store.path.resolve().parent / "maft-runs" / run_id
     backend_obj = create_backend(config.backend, config.model, config.backend_settings(), workdir=work,
                                  state=StoreState(store, config.backend), show_progress=not request.quiet,
-                                 training=config.training)
+                                 training=config.training, cluster=config.cluster)
     try:
         # Bad input (an unpriced model under --max-cost, a missing API key) is refused before the run is
         # recorded: nothing is left behind but the message.

@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 
 from backends import DEFAULT_BACKEND, backend_entries, backend_entry, backend_names
 from backends.base import BackendInfo, Objective, TrainingParams
+from backends.cluster_settings import ClusterConfig
 from backends.local_settings import DEFAULT_MODEL
 from backends.settings import BackendSettings, operational, operational_fields
 from foundation.added_later import OmitsAddedDefaults, added_later
@@ -136,6 +137,9 @@ class RunConfig(_WithBackendSections):
 
     diversity: DiversityConfig = operational(default_factory=DiversityConfig)  # measured after the fact
     preference: PreferenceConfig = added_later(default_factory=PreferenceConfig)  # pairs for objective dpo
+    # where the local backend finetunes (Ray): operational, and left out of the dump of a run without it
+    cluster: ClusterConfig = Field(default_factory=ClusterConfig,
+                                   json_schema_extra={"operational": True, "added_later": True})
 
     @model_validator(mode="before")
     @classmethod
