@@ -20,13 +20,15 @@ from backends.base import MemoryState
 from backends.local_settings import DEFAULT_MODEL
 from foundation.crashpoints import crashpoint
 from foundation.errors import RunStopped, UserError
-from orchestrator.config import RunConfig, build_config, read_toml
+from orchestrator.config import RunConfig, baselines_problem, build_config, read_toml
 from orchestrator.costs import Ledger, run_pricing
 from orchestrator.distill import DistillRequest
+from orchestrator.evaluate import MATCHED_MAJORITY
 from orchestrator.failures import CommandContext, debug_requested, finish
 from orchestrator.interrupts import GracefulStop, StopRequested
 from orchestrator.locks import RunLock
-from orchestrator.societies import BASELINES, baselines_help
+from orchestrator.matched import MATCHED_HELP
+from orchestrator.societies import BASELINES, PAPER_BASELINES, baselines_help
 from orchestrator.store import Store, StoreState
 from orchestrator.tasks import TASK_SPECS_HELP, get_task
 
@@ -34,13 +36,18 @@ DB_HELP = "SQLite file that tracks every run (default: ./maft.db, or $MAFT_DB)."
 
 
 
+# what --baselines takes: the societies, and the compute-matched majority vote of every evaluated one
+BASELINE_CHOICES = (*BASELINES, MATCHED_MAJORITY)
+
+
 def parse_baselines(text: str | None) -> tuple[str, ...]:
     if not text:
         return ()
-    names = BASELINES if text.strip() == "all" else tuple(n.strip() for n in text.split(",") if n.strip())
-    unknown = [n for n in names if n not in BASELINES]
+    names = PAPER_BASELINES if text.strip() == "all" else tuple(n.strip() for n in text.split(",") if n.strip())
+    unknown = [n for n in names if n not in BASELINE_CHOICES]
     if unknown:
-        raise UserError(f"baseline '{unknown[0]}' is unknown: use {', '.join(BASELINES)} or all")
+        raise UserError(f"baseline '{unknown[0]}' is unknown: use {', '.join(BASELINE_CHOICES)} or all (the "
+                        "paper's baselines and ablations)")
     return names
 
 
@@ -133,7 +140,8 @@ def _enter(command: str, db: str | None, run_id: str | None = None, *, folder: P
 @click.option("--prices", type=click.Path(path_type=Path), help="TOML file of prices that replace the packaged "
               "table model by model (see orchestrator/prices.toml). [default: $MAFT_PRICES]")
 @click.option("--baselines", metavar="LIST", help=f"After the run, also train and evaluate these, comma-separated: "
-              f"{', '.join(BASELINES)}, or all. {baselines_help()}")
+              f"{', '.join(BASELINE_CHOICES)}, or all (the paper's baselines and ablations). "
+              f"{baselines_help({MATCHED_MAJORITY: MATCHED_HELP})}")
 @click.option("--distill", "distill", is_flag=True, help="After the last iteration, distil its society into one "
               "model that answers in a single pass (as `orchestrator distill` does).")
 def run(config_file: Path | None, backend: str | None, model: str | None, task: str | None, agents: int | None,
@@ -196,6 +204,8 @@ def _dry_run(config: RunConfig, prices: Path | None, baselines: tuple[str, ...] 
                              workdir=Path("maft-runs") / "dry-run", state=MemoryState(), show_progress=False,
                              training=config.training)
     info = backend.describe()  # describing never loads a model or calls the network
+    if (problem := baselines_problem(baselines, config.training.objective, info)) is not None:
+        raise UserError(problem)
     lines = estimate_run(config, task, run_pricing(info, prices), info, baselines, distill=distill)
     Console().print(estimate_table(lines, f"dry run · {config.backend} · {config.model} · {config.task} · "
                                           f"{config.agents} agents × {config.rounds} rounds × "
@@ -249,6 +259,8 @@ def _run_locked(store: Store, config: RunConfig, request: RunRequest, stop: Grac
         info = backend_obj.describe()
         pricing = run_pricing(info, request.prices, max_cost=max_cost, console=console)
         if (problem := objective_problem(config.training.objective, info)) is not None:  # no such method: asks nobody
+            raise UserError(problem)
+        if (problem := baselines_problem(request.baselines, config.training.objective, info)) is not None:
             raise UserError(problem)
         if isinstance(backend_obj, NeedsCredentials):
             backend_obj.check_credentials()
@@ -565,7 +577,8 @@ def jobs_cancel(run_id: str, db: str | None) -> None:
 @cli.command("eval")
 @click.argument("run_id", metavar="RUN")
 @click.option("--baselines", metavar="LIST", help=f"Train and evaluate these on RUN's problems, comma-separated: "
-              f"{', '.join(BASELINES)}, or all. {baselines_help()}")
+              f"{', '.join(BASELINE_CHOICES)}, or all (the paper's baselines and ablations). "
+              f"{baselines_help({MATCHED_MAJORITY: MATCHED_HELP})}")
 @click.option("--task", "tasks", multiple=True, metavar="TASK",
               help=f"Zero-shot transfer: evaluate every society of RUN (base, each iteration, each baseline) on "
                    f"this task's held-out problems; repeatable. {TASK_SPECS_HELP}")

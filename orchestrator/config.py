@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import tomllib
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, TypeAlias, cast
 
@@ -24,6 +25,7 @@ from backends.local_settings import DEFAULT_MODEL
 from backends.settings import BackendSettings, operational, operational_fields
 from foundation.added_later import OmitsAddedDefaults, added_later
 from foundation.errors import UserError
+from orchestrator.societies import OBJECTIVES, SOCIETIES
 from orchestrator.tasks import task_defaults
 
 
@@ -70,6 +72,22 @@ def objective_problem(objective: Objective, info: BackendInfo) -> str | None:
     works = " or ".join(f'"{o}"' for o in info.objectives)
     return (f"[training] objective \"{objective}\" does not run on the {info.name} backend: use objective {works} "
             "there, or a backend that trains it (local and vllm train all three)")
+
+
+def baselines_problem(baselines: Sequence[str], objective: Objective, info: BackendInfo) -> str | None:
+    """Why an objective variant asked for by `--baselines` cannot run beside this run (None: all can): the run's
+    own objective (its multiagent society is that variant already), or one the backend cannot train."""
+    for name in baselines:
+        wanted = SOCIETIES[name].objective if name in SOCIETIES else None
+        if wanted is None:
+            continue
+        if wanted == objective:
+            others = ", ".join(n for n in OBJECTIVES if SOCIETIES[n].objective != objective)
+            return (f"baseline {name} trains by objective \"{wanted}\", as this run does already (its multiagent "
+                    f"society is that variant): drop it from --baselines, or ask for {others}")
+        if (problem := objective_problem(wanted, info)) is not None:
+            return f"baseline {name}: {problem}"
+    return None
 
 
 def _default_training(max_length: int = 512) -> TrainingParams:

@@ -16,10 +16,11 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from backends.base import BackendInfo, ChatRequest, ChatResult, FinetuneSpec, JobRef, JobState, Usage
+from backends.base import BackendInfo, ChatRequest, ChatResult, FinetuneSpec, JobRef, JobState, Objective, Usage
 from orchestrator.config import RunConfig
 from orchestrator.costs import Ledger, Pricing, estimate_tokens, request_prompt_tokens
 from orchestrator.debate import DebateOutcome, DebateRunner, DebateSettings, Society
+from orchestrator.evaluate import MATCHED_MAJORITY
 from orchestrator.names import DebateName
 from orchestrator.societies import DISTILL, MAJORITY_FT, NO_SUMMARY, SOCIETIES, SOUP, STAR, STUDENTS
 from orchestrator.store import RunRow, Store, UsageRow
@@ -258,6 +259,52 @@ def _baseline_lines(society: dict[tuple[str, int], EstimateLine], rows: list[Usa
     return lines
 
 
+def _matched_lines(lines: list[EstimateLine], config: RunConfig) -> list[EstimateLine]:
+    """The compute-matched majority vote: N (M - 1) more round-1 answers per held-out problem for each society's
+    evaluation (a student's aside), a share of its evaluation line (a round-1 answer is about as long as a
+    critic's), summed per iteration."""
+    n, m = config.agents, config.rounds
+    share = n * (m - 1) / (n * m + (n * (m - 1) if config.summarize else 0))
+    students = tuple(f"{s} · " for s in STUDENTS)
+    out: dict[int, EstimateLine] = {}
+    for line in lines:
+        if not line.stage.endswith("evaluation") or line.stage.startswith(students) or share == 0:
+            continue
+        total = out.setdefault(line.iteration, EstimateLine(
+            stage=f"{MATCHED_MAJORITY} · evaluation", iteration=line.iteration, calls=0, prompt_tokens=0,
+            completion_tokens=0, trained_tokens=0, expected_usd=0.0, at_most_usd=0.0))
+        total.calls += round(line.calls * share)
+        total.prompt_tokens += round(line.prompt_tokens * share)
+        total.completion_tokens += round(line.completion_tokens * share)
+        total.expected_usd += line.expected_usd * share
+        total.at_most_usd += line.at_most_usd * share
+    return list(out.values())
+
+
+def _objective_lines(society: dict[tuple[str, int], EstimateLine], config: RunConfig, task: Task, pricing: Pricing,
+                     info: BackendInfo, baseline: str, objective: Objective) -> list[EstimateLine]:
+    """An objective variant's cost: the run simulated again under that objective (its pair files, its extra
+    samples), every iteration's lines but the base evaluation; its first training debate is the base society's,
+    answered from the store, so only what that objective adds to it (the extra samples) is counted."""
+    variant = config.model_copy(update={"training": config.training.model_copy(update={"objective": objective})})
+    expected, _ = _simulate(variant, task, pricing, info, 0.5)
+    at_most, _ = _simulate(variant, task, pricing, info, 1.0)
+    lines = []
+    for (stage, iteration), line in _aggregate(expected, at_most).items():
+        if iteration == 0:
+            continue
+        if (stage, iteration) == ("debate", 1) and (shared := society.get(("debate", 1))) is not None:
+            line = EstimateLine(stage=stage, iteration=iteration, calls=line.calls - shared.calls,
+                                prompt_tokens=line.prompt_tokens - shared.prompt_tokens,
+                                completion_tokens=line.completion_tokens - shared.completion_tokens,
+                                trained_tokens=0, expected_usd=max(0.0, line.expected_usd - shared.expected_usd),
+                                at_most_usd=max(0.0, line.at_most_usd - shared.at_most_usd))
+            if line.calls <= 0:
+                continue
+        lines.append(line.model_copy(update={"stage": f"{baseline} · {stage}"}))
+    return lines
+
+
 def _student_lines(expected: list[UsageRow], at_most: list[UsageRow]) -> list[EstimateLine]:
     """`run --distill`'s own lines, by society and stage: the teacher's debate on the training problems
     ("distill · debate"), the student's one finetune, and one answer per held-out problem by the student (and,
@@ -276,6 +323,14 @@ def estimate_run(config: RunConfig, task: Task, pricing: Pricing, info: BackendI
     society = _aggregate(expected, at_most)
     lines = list(society.values()) + _student_lines(expected_student, at_most_student)
     for baseline in baselines:
-        lines += _baseline_lines(society, at_most, config, baseline)
+        objective = SOCIETIES[baseline].objective if baseline in SOCIETIES else None
+        if baseline == MATCHED_MAJORITY:
+            continue
+        if objective is None:
+            lines += _baseline_lines(society, at_most, config, baseline)
+        else:
+            lines += _objective_lines(society, config, task, pricing, info, baseline, objective)
+    if MATCHED_MAJORITY in baselines:  # every society evaluated above, the baselines' included
+        lines += _matched_lines(lines, config)
     order = {"debate": 0, "training": 1, "evaluation": 2}
     return sorted(lines, key=lambda e: (e.iteration, e.stage not in order, order.get(e.stage, 3), e.stage))

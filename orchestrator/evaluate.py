@@ -17,7 +17,7 @@ from backends.base import Backend, SupportsScoring
 from foundation.errors import UserError
 from orchestrator.config import DiversityConfig
 from orchestrator.costs import Ledger
-from orchestrator.debate import AgentTranscript, DebateOutcome, Society
+from orchestrator.debate import AgentTranscript, DebateOutcome, Society, readable_answer, truncated
 from orchestrator.diversity import (
     CRITIC_NLL,
     MINILM_MAX_TOKENS,
@@ -29,9 +29,11 @@ from orchestrator.diversity import (
     embedding_dissimilarity,
     minilm_dir,
 )
-from orchestrator.store import DiversityRow, EvaluationRow
+from orchestrator.store import DiversityRow, EvaluationRow, ResponseRow
 from orchestrator.tasks import Task
 from orchestrator.voting import majority_vote
+
+MATCHED_MAJORITY = "majority-matched"  # the compute-matched majority vote's method (`orchestrator.matched`)
 
 
 def accuracy(correct: int, n: int) -> tuple[float, float]:
@@ -113,6 +115,19 @@ def evaluate(
         _row(run_id, society, iteration, "debate", final, [any(_cut(a, -1) for a in o.agents) for o in outcomes],
              outcomes, task),
     ]
+
+
+def matched_majority_row(run_id: str, society: str, iteration: int, outcomes: Sequence[DebateOutcome],
+                         extra: Sequence[Sequence[ResponseRow]], task: Task, seed: int) -> EvaluationRow:
+    """The compute-matched majority vote (`orchestrator.matched`): per problem, its N round-1 answers and the
+    `extra` round-1 samples vote (a cut reply votes for nothing); unanswered counts as for the plain majority."""
+    answers, cut = [], []
+    for o, more in zip(outcomes, extra, strict=True):
+        votes = [a.answers[0] for a in o.agents] + [readable_answer(r) for r in more]
+        rng = random.Random(f"{seed}:{MATCHED_MAJORITY}:{o.problem.id}")
+        answers.append(majority_vote(votes, task.equivalent, rng).final)
+        cut.append(any(_cut(a, 0) for a in o.agents) or any(truncated(r) for r in more))
+    return _row(run_id, society, iteration, MATCHED_MAJORITY, answers, cut, outcomes, task)
 
 
 def _cut(transcript: AgentTranscript, round_index: int) -> bool:

@@ -34,9 +34,10 @@ from orchestrator.config import RunConfig
 from orchestrator.costs import Ledger
 from orchestrator.debate import DebateOutcome, DebateRunner, DebateSettings, Society, readable_answer
 from orchestrator.distill import Distillation, DistillRequest, check_student
-from orchestrator.evaluate import DiversityMeter, evaluate
+from orchestrator.evaluate import MATCHED_MAJORITY, DiversityMeter, evaluate
 from orchestrator.finetune import FinetunePlan, run_jobs
 from orchestrator.interrupts import StopRequested, never
+from orchestrator.matched import run_matched_majority
 from orchestrator.names import DebateName, DebateStage, JobKey
 from orchestrator.preference import (
     ExtraSample,
@@ -51,7 +52,7 @@ from orchestrator.preference import (
     write_local_jsonl,
 )
 from orchestrator.progress import RetryColumn
-from orchestrator.societies import ABLATIONS, MAFT, SOCIETIES
+from orchestrator.societies import MAFT, SOCIETIES, VARIANTS
 from orchestrator.store import AgentRow, DatasetRow, JobRow, ProblemRow, RunRow, RunStatus, Store
 from orchestrator.tasks import Problem, Task, get_task
 from orchestrator.training_data import Example, build_agent_data, write_jsonl
@@ -90,11 +91,13 @@ def stored_config(store: Store, run_id: str) -> RunConfig:
 
 
 class Variant(BaseModel):
-    """One way of finetuning a society with debate data: the method itself, or one of the paper's ablations."""
+    """One way of finetuning a society with debate data: the method itself, one of the paper's ablations, or the
+    method trained by another objective (`objective`; None: the run's `[training] objective`)."""
 
     society: str = MAFT
     summarize: bool = True
     train_critics: bool = True
+    objective: Objective | None = None
 
     def debate(self, stage: DebateStage, iteration: int) -> str:
         return str(DebateName(stage=stage, iteration=iteration, society=self.society))
@@ -207,15 +210,22 @@ class Pipeline:
             self.evaluate(evaluated, iteration, outcomes, society, task)
 
     def run_baselines(self, names: Sequence[str], train: list[Problem], held_out: list[Problem]) -> None:
+        """The societies asked for, then (`majority-matched`) the compute-matched vote of every society evaluated,
+        theirs included."""
         for name in names:
-            if name in ABLATIONS:
+            if name == MATCHED_MAJORITY:
+                continue
+            if name in VARIANTS:
+                spec = SOCIETIES[name]
                 variant = Variant(society=name, summarize=self.society_settings(name).summarize,
-                                  train_critics=SOCIETIES[name].train_critics)
+                                  train_critics=spec.train_critics, objective=spec.objective)
                 society = self.stored_society(MAFT, 0) or Society.base(self.config.agents)
                 for iteration in range(1, self.config.iterations + 1):
                     society = self._iteration(variant, iteration, society, train, held_out)
             else:
                 SINGLE_MODEL_METHODS[name](self).run(train, held_out)
+        if MATCHED_MAJORITY in names:
+            run_matched_majority(self, held_out)
 
     @contextmanager
     def _status(self) -> Iterator[None]:
@@ -243,7 +253,8 @@ class Pipeline:
             crashpoint("pipeline.datasets_written")  # files and rows written, no job started
             self.console.rule(f"[bold]{label}iteration {iteration}/{total}: finetuning {len(datasets)} models")
             starts = {(d.agent, d.role): previous.model(d.agent, d.role) for d in datasets}
-            models = self.finetune(variant.society, iteration, datasets, starts, key=variant.job_key)
+            models = self.finetune(variant.society, iteration, datasets, starts, key=variant.job_key,
+                                   objective=variant.objective)
             society = previous.replaced(models)
             finished = self.save_society(variant.society, iteration, society, previous, models)
         self.console.rule(f"[bold]{label}iteration {iteration}/{total}: the finetuned society on held-out problems")
@@ -349,7 +360,7 @@ class Pipeline:
         First the extra round-1 samples at temperature 1, only where they can become a generator pair's rejected
         side (`extra_sample_slots`), asked as agent n of the training debate and stored like its answers
         (`{problem}/r1/a{n}/extra{k}`), so a resumed run asks none of them twice."""
-        if self.config.training.objective == "sft":
+        if (variant.objective or self.config.training.objective) == "sft":
             return None
         equivalent = self.task.equivalent
         slots = extra_sample_slots(outcomes, equivalent)

@@ -11,7 +11,10 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict
 
-SocietyKind = Literal["base", "multiagent", "single-model", "ablation", "student"]
+from backends.base import Objective
+
+# "objective": the multiagent society trained on the same debates by another `[training] objective`
+SocietyKind = Literal["base", "multiagent", "single-model", "ablation", "objective", "student"]
 
 
 class SocietySpec(BaseModel):
@@ -27,6 +30,7 @@ class SocietySpec(BaseModel):
     paper_rank: int  # the paper's Table 1 order: baselines first, then ours and its ablations
     summarize: bool | None = None  # an ablation's summary setting; None: the run's own
     train_critics: bool = True  # False: an ablation that finetunes only the generators
+    objective: Objective | None = None  # an objective variant's training objective; None: the run's own
     trained_roles: Literal["first-generator", "generators", "all"] = "all"  # what the cost estimate scales by
     color: str
     line: Any = "-"  # a matplotlib line style
@@ -40,6 +44,9 @@ MAJORITY_FT = "majority-ft"
 SINGLE_FT = "single-ft"
 NO_SUMMARY = "no-summary"
 NO_CRITIC = "no-critic"
+MAFT_SFT = "maft-sft"
+MAFT_DPO = "maft-dpo"
+MAFT_SFT_DPO = "maft-sft-dpo"
 DISTILL = "distill"  # one student distilled from a finetuned society, answering in a single pass
 SOUP = "soup"  # the society's generator adapters averaged into one, no training (local backend)
 
@@ -61,25 +68,41 @@ SOCIETIES: dict[str, SocietySpec] = {s.name: s for s in (
     SocietySpec(name=NO_CRITIC, kind="ablation", label="multiagent FT, no critic", paper_rank=6, color="#17becf",
                 line=(0, (3, 1, 1, 1)), marker="P", train_critics=False, trained_roles="generators",
                 help="multiagent FT with only generators finetuned"),
-    SocietySpec(name=DISTILL, kind="student", label="distilled student", paper_rank=7, color="#bcbd22",
+    SocietySpec(name=MAFT_SFT, kind="objective", label="multiagent FT, SFT", paper_rank=7, color="#2ca02c",
+                line=(0, (4, 2)), marker="h", objective="sft",
+                help="multiagent FT trained by SFT (beside a run whose objective is dpo or sft-then-dpo)"),
+    SocietySpec(name=MAFT_DPO, kind="objective", label="multiagent FT, DPO", paper_rank=8, color="#ff7f0e",
+                line=(0, (6, 2)), marker="<", objective="dpo",
+                help="multiagent FT trained by DPO + NLL on preference pairs from the same debates"),
+    SocietySpec(name=MAFT_SFT_DPO, kind="objective", label="multiagent FT, SFT then DPO", paper_rank=9,
+                color="#98df8a", line=(0, (6, 1, 1, 1)), marker=">", objective="sft-then-dpo",
+                help="multiagent FT trained by SFT, then DPO on preference pairs from the same debates"),
+    SocietySpec(name=DISTILL, kind="student", label="distilled student", paper_rank=10, color="#bcbd22",
                 line=(0, (1, 1)), marker="*", trained_roles="first-generator",
                 help="one model finetuned on the society's consensus chains, answering once (`orchestrator distill`)"),
-    SocietySpec(name=SOUP, kind="student", label="society soup", paper_rank=8, color="#aec7e8",
+    SocietySpec(name=SOUP, kind="student", label="society soup", paper_rank=11, color="#aec7e8",
                 line=(0, (2, 2)), marker="x", trained_roles="first-generator",
                 help="the generators' LoRA adapters averaged into one, answering once (`distill`, local backend)"),
 )}
 
-# the societies `--baselines` may ask for beside the multiagent one: the paper's baselines, then its ablations;
-# each one's debates and jobs carry its name as a prefix
-BASELINES = tuple(sorted((s.name for s in SOCIETIES.values() if s.kind in ("single-model", "ablation")),
+# the societies `--baselines` may ask for beside the multiagent one: the paper's baselines, then its ablations, then
+# the multiagent society trained by the other objectives; each one's debates and jobs carry its name as a prefix
+BASELINES = tuple(sorted((s.name for s in SOCIETIES.values() if s.kind in ("single-model", "ablation", "objective")),
                          key=lambda name: SOCIETIES[name].paper_rank))
 ABLATIONS = tuple(name for name in BASELINES if SOCIETIES[name].kind == "ablation")
+OBJECTIVES = tuple(name for name in BASELINES if SOCIETIES[name].kind == "objective")
+# what `--baselines all` asks for: the paper's baselines and ablations (an objective variant is asked by its name)
+PAPER_BASELINES = tuple(name for name in BASELINES if name not in OBJECTIVES)
+# the multiagent society with one setting changed: debated, finetuned and evaluated by the pipeline's own iteration
+VARIANTS = ABLATIONS + OBJECTIVES
 # models distilled from a society (`orchestrator distill`), evaluated answering once
 STUDENTS = tuple(s.name for s in SOCIETIES.values() if s.kind == "student")
 # every society whose debates and jobs carry its name as a prefix
 PREFIXED = BASELINES + STUDENTS
 
 
-def baselines_help() -> str:
-    """`--baselines`' description of each choice, from the registry."""
-    return "; ".join(f"{s.name}: {s.help}" for name in BASELINES if (s := SOCIETIES[name]).help) + "."
+def baselines_help(more: dict[str, str] | None = None) -> str:
+    """`--baselines`' description of each choice, from the registry, then of the choices that are no society
+    (`more`: name -> description)."""
+    said = [(s.name, s.help) for name in BASELINES if (s := SOCIETIES[name]).help] + list((more or {}).items())
+    return "; ".join(f"{name}: {text}" for name, text in said) + "."

@@ -12,10 +12,12 @@ import time
 from typing import Any
 
 from backends import backend_names
+from orchestrator.evaluate import MATCHED_MAJORITY
 from orchestrator.names import DebateName
 from orchestrator.societies import BASE, MAFT, SOCIETIES, STUDENTS
 
-METHOD_LABELS = {"single": "single agent", "majority": "majority vote", "debate": "debate"}
+METHOD_LABELS = {"single": "single agent", "majority": "majority vote", "debate": "debate",
+                 MATCHED_MAJORITY: "majority vote, N x M samples"}
 SOCIETY_LABELS = {name: spec.label for name, spec in SOCIETIES.items()}
 # Paper's Table 1 order: baselines first, then ours and its ablations; unknown societies follow by name.
 SOCIETY_ORDER = tuple(sorted(SOCIETIES, key=lambda name: SOCIETIES[name].paper_rank))
@@ -30,7 +32,7 @@ METRIC_LABELS = {
 BACKEND_SECTIONS = frozenset(backend_names())
 
 # How plots draw each method and society.
-METHOD_COLORS = {"single": "#1f77b4", "majority": "#ff7f0e", "debate": "#2ca02c"}
+METHOD_COLORS = {"single": "#1f77b4", "majority": "#ff7f0e", "debate": "#2ca02c", MATCHED_MAJORITY: "#9467bd"}
 SOCIETY_COLORS = {name: spec.color for name, spec in SOCIETIES.items()}
 SOCIETY_LINES: dict[str, Any] = {name: spec.line for name, spec in SOCIETIES.items() if spec.kind != "base"}
 SOCIETY_MARKERS = {name: spec.marker for name, spec in SOCIETIES.items()}
