@@ -43,8 +43,8 @@ class BackendEntry:
 
 
 REGISTRY: dict[str, BackendEntry] = {entry.name: entry for entry in (
-    BackendEntry("local", LocalConfig, "backends.local:LocalBackend", "transformers + PEFT LoRA on this machine "
-                 "(GPU in bf16 when present, else CPU)", runs_bundled_model=True),
+    BackendEntry("local", LocalConfig, "backends.local_cluster:RayLocalBackend", "transformers + PEFT LoRA on this "
+                 "machine (GPU in bf16 when present, else CPU)", runs_bundled_model=True),
     BackendEntry("openai", OpenAIConfig, "backends.openai:OpenAIBackend", "OpenAI, Azure OpenAI or an "
                  "OpenAI-compatible server (key from OPENAI_API_KEY or .env)"),
     BackendEntry("together", TogetherConfig, "backends.together:TogetherBackend", "Together AI's LoRA finetuning "
