@@ -139,7 +139,7 @@ class RayLocalBackend(LocalBackend):
             running = job.key in self._tasks
         # no record while a task of ours runs: between the worker's fresh staging dir and its first record
         state = JobState(status="queued") if not self._job_record(job.key) and running else super().poll(job)
-        if note is not None:  # the resubmission's event: the worker's fresh job.json will not hold it
+        if note is not None and note not in state.events:  # the worker's fresh job.json may not hold it
             state.events.insert(0, note)
         return state
 
@@ -207,20 +207,21 @@ class RayLocalBackend(LocalBackend):
         device, _, _ = resolve_device(self.device, self.dtype)
         return self.cluster.gpus(device.type)
 
-    def _submit(self, spec: FinetuneSpec, message: str) -> None:
+    def _submit(self, spec: FinetuneSpec, message: str, level: str = "info") -> JobEvent:
         """Record the job as queued in its staging dir (so a later driver can submit it again from its spec), then
-        hand it to Ray. The worker's `_run_job` starts that dir afresh."""
+        hand it to Ray; the event it recorded. The worker's `_run_job` starts that dir afresh."""
         self._connect()
         spec = self._shared_inputs(spec)
         staging = self.staging_path(spec.key)
         staging.mkdir(parents=True, exist_ok=True)
         record = _new_record(spec)
         record["status"] = "queued"
-        _append_event(record, message)
+        _append_event(record, message, level)
         _write_job(staging, record)
         ref = self._remote.options(num_cpus=self.cluster.cpus_per_job, num_gpus=self._gpus()).remote(
             self._worker(), spec.model_dump_json())
         self._tasks[spec.key] = _Task(ref=ref, spec=spec)
+        return JobEvent.model_validate(record["events"][-1])
 
     def _watch(self, key: str) -> JobEvent | None:
         """What the files cannot say yet: a task of ours that ended by raising is a failed job; a job no task of
@@ -248,8 +249,7 @@ class RayLocalBackend(LocalBackend):
         if not record or record.get("status") in TERMINAL_STATUSES or not isinstance(record.get("spec"), dict):
             return None
         message = "submitted again: the driver that started it is gone, and its Ray task with it"
-        self._submit(FinetuneSpec.model_validate(record["spec"]), message)
-        return JobEvent(created_at=time.time(), level="warning", message=message)
+        return self._submit(FinetuneSpec.model_validate(record["spec"]), message, "warning")
 
     def _record_failure(self, spec: FinetuneSpec, exc: BaseException) -> None:
         """Write a raised task's error into its job record, unless the job ended on its own terms first."""
