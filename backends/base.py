@@ -146,6 +146,9 @@ class JobState(BaseModel):
     # of `trained_tokens`, those a DPO stage trained (priced apart where the provider does); None: the backend does
     # not count them apart, and the bill splits the count as the job's files would
     dpo_tokens: int | None = None
+    # what the provider says it charged for the job, in dollars (Together's `total_price`, every stage's), which the
+    # bill takes over our price table's rate; None: priced from the table
+    billed_usd: float | None = None
     train_loss: float | None = None
     error: str | None = None
     events: list[JobEvent] = Field(default_factory=list)

@@ -63,6 +63,7 @@ from foundation.errors import UserError
 MIN_EXAMPLES = 1  # the SDK's MIN_SAMPLES
 MAX_SUFFIX_CHARS = 40  # "up to 40 character suffix" (SDK docstring of fine_tuning.create)
 MARKER_CHARS = 8  # hex digits of the key's hash at the end of the suffix
+NANODOLLARS_PER_DOLLAR = 1e9  # the unit of a job's `total_price`
 TOGETHER_RULES = ChatFileRules(
     provider="Together",
     example_keys=("messages",),
@@ -330,8 +331,9 @@ class TogetherJobs(HostedJobs[Together, TogetherConfig]):
         error = None
         if status == "failed":
             error = self.clients.scrubber.scrub(self._error(remote) or last_error or "no error given")
+        billed = self._billed(remote) if status in ("succeeded", "failed", "cancelled") else None
         return JobState(status=status, provider_status=raw, model_id=model_id, trained_tokens=trained,
-                        train_loss=train_loss, error=error, events=events)
+                        billed_usd=billed, train_loss=train_loss, error=error, events=events)
 
     @staticmethod
     def _error(remote: Any) -> str | None:
@@ -353,6 +355,17 @@ class TogetherJobs(HostedJobs[Together, TogetherConfig]):
         if isinstance(extra.get("trained_tokens"), int):
             return int(extra["trained_tokens"])
         return int(remote.token_count) if remote.token_count else None
+
+    @staticmethod
+    def _billed(remote: Any) -> float | None:
+        """What Together charged for an ended job, in dollars: its `total_price`, in nanodollars (the SDK's
+        `finetune_price_to_dollars` divides by 1e9), recorded with the token count. The bill takes it over our
+        table's rate: it is the only source of Together's DPO price, which its price page gives apart from SFT's.
+        None where the job carries none (not tokenized yet, or an older API)."""
+        price = getattr(remote, "total_price", None)
+        if isinstance(price, bool) or not isinstance(price, int | float) or price < 0:
+            return None
+        return float(price) / NANODOLLARS_PER_DOLLAR
 
     def _estimate(self, key: str, remote: Any) -> tuple[int, str]:
         """Trained tokens for a job that ended without Together's count: our count of the file times the epochs,

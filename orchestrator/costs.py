@@ -26,6 +26,7 @@ from orchestrator.store import JobRow, ResponseRow, Store, UsageRow
 
 ESTIMATE_CHARS_PER_TOKEN = 4  # for estimates and the budget's upper bounds only; bills use the provider's counts
 MESSAGE_OVERHEAD_TOKENS = 4  # role and separators per chat message
+PROVIDER_BILL = "the provider's bill for the job"  # price_source of a training line the provider priced itself
 
 
 class ModelPrice(BaseModel):
@@ -345,23 +346,26 @@ class Ledger:
             self._dpo_share[attempt_key(job.key, job.attempt)] = dpo_tokens / max(1, tokens)
         return tokens, dpo_tokens
 
-    def record_training(self, job: JobRow, dpo_tokens: int | None = None) -> None:
+    def record_training(self, job: JobRow, dpo_tokens: int | None = None, billed_usd: float | None = None) -> None:
         """The bill of an ended job, from the trained tokens the provider reports (none: nothing billed), its DPO
         stage's `dpo_tokens` at the DPO rate. Where the backend does not count them apart (None), a preference
-        job's tokens are split as its files are (`expect_training`)."""
+        job's tokens are split as its files are (`expect_training`). Where the provider says what it charged
+        (`billed_usd`: Together's `total_price`), that is the bill, whatever our table's rates say."""
         tokens = job.trained_tokens or 0
         if dpo_tokens is None:
             dpo_tokens = round(tokens * self._dpo_share.get(attempt_key(job.key, job.attempt), 0.0))
-        self._training_line(job, tokens, estimated=False, dpo_tokens=dpo_tokens)
+        self._training_line(job, tokens, estimated=False, dpo_tokens=dpo_tokens, billed_usd=billed_usd)
         if job.status == "succeeded" and job.model_id:
             self.pricing.learn(job.model_id, job.base_model_id)
 
-    def _training_line(self, job: JobRow, tokens: int, estimated: bool, dpo_tokens: int = 0) -> None:
-        cost = self.pricing.training(job.base_model_id, tokens, dpo_tokens)
+    def _training_line(self, job: JobRow, tokens: int, estimated: bool, dpo_tokens: int = 0,
+                       billed_usd: float | None = None) -> None:
+        cost = self.pricing.training(job.base_model_id, tokens, dpo_tokens) if billed_usd is None else billed_usd
+        source = self.pricing.source(job.base_model_id) if billed_usd is None else PROVIDER_BILL
         self.store.record_usage([UsageRow(
             run_id=self.run_id, stage="training", iteration=job.iteration, agent=job.agent, role=job.role,
             model=job.base_model_id, ref=attempt_key(job.key, job.attempt), billing="training", trained_tokens=tokens,
-            cost_usd=cost, estimated=int(estimated), price_source=self.pricing.source(job.base_model_id),
+            cost_usd=cost, estimated=int(estimated), price_source=source,
             # the bill leaves these empty, and the store keeps the estimate's
             estimated_tokens=tokens if estimated else None, estimated_usd=cost if estimated else None,
         )])

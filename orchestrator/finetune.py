@@ -100,7 +100,7 @@ class _Runner:
             return False
         if self.ledger is not None:
             # the bill replaces the estimate; a failed job bills what it reports
-            self.ledger.record_training(job, dpo_tokens=state.dpo_tokens)
+            self.ledger.record_training(job, dpo_tokens=state.dpo_tokens, billed_usd=state.billed_usd)
         self.done[job.key] = job
         return True
 

@@ -73,6 +73,10 @@ TRAINING_ROLES = ("system", "user", "assistant")
 FILE_PURPOSES = ("fine-tune", "eval", "batch-api", "calibration")
 TERMINAL = ("completed", "cancelled", "error", "user_error")
 NANODOLLARS = 1_000_000_000  # Together's `total_price` unit (the SDK's finetune_price_to_dollars divides by it)
+# The fake's own DPO rate, as a multiple of its SFT rate. Together prices DPO apart from SFT on its pricing page, whose
+# figure we could not read; what matters here is that the two differ, so a bill that priced a DPO job at the SFT
+# rate of our table instead of taking the job's `total_price` would show.
+DPO_PRICE_FACTOR = 2.5
 DEFAULT_SEED = 42  # what the server uses when a request has no random_seed
 MODEL_LIST_URL = "https://api.together.ai/models"
 KEYS_URL = "https://api.together.ai/settings/api-keys"
@@ -883,6 +887,8 @@ class FakeTogether(FakeLLMServer):
         """uploading -> completed: the output model exists, and the trained tokens are billed."""
         trained = state.file_tokens * job["n_epochs"]
         price = training_price(state.base, state.lora, trained)
+        if job["training_method"]["method"] == "dpo":
+            price *= DPO_PRICE_FACTOR
         name = job["model_output_name"]
         self._models[name] = _Model(name, state.base.name, state.depth, int(time.time()), USER, lora=state.lora)
         job.update(token_count=trained, total_price=round(price * NANODOLLARS))

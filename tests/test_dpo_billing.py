@@ -1,8 +1,9 @@
 """A preference job's bill: SFT tokens at the SFT rate, DPO tokens at the DPO rate, even for a re-attached job.
 
-Together bills sft-then-dpo as two jobs, the SFT stage's tokens and the DPO stage's, each at its own price. A run
-killed (SIGKILL, at a crash point) while a job runs is resumed by a new process that re-attaches to the job; its
-ledger line must still price each stage's tokens at that stage's rate, as a job watched from start to end does.
+Together bills sft-then-dpo as two jobs, the SFT stage's tokens and the DPO stage's, each at its own price, and
+says what it charged for each (`total_price`). A run killed (SIGKILL, at a crash point) while a job runs is resumed
+by a new process that re-attaches to the job; its ledger line must still be both stages' charges, as a job watched
+from start to end is. (How our table prices the stages when a provider says nothing: tests/test_hosted_dpo.py.)
 """
 
 from __future__ import annotations
@@ -15,8 +16,9 @@ from pathlib import Path
 import pytest
 
 from foundation import crashpoints
+from orchestrator.costs import PROVIDER_BILL
 from orchestrator.store import Store
-from tests.fake_together import LLAMA_8B, FakeTogether
+from tests.fake_together import DPO_PRICE_FACTOR, LLAMA_8B, MODELS, NANODOLLARS, FakeTogether
 from tests.test_hosted_dpo import together_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -73,7 +75,12 @@ def test_a_reattached_sft_then_dpo_job_bills_each_stage_at_its_own_rate(tmp_path
         sft = sum(j["token_count"] for j in ran if j["training_method"]["method"] == "sft")
         dpo = sum(j["token_count"] for j in ran if j["training_method"]["method"] == "dpo")
         assert bills[key].trained_tokens == sft + dpo > 0
-        assert bills[key].cost_usd == pytest.approx((sft * SFT_RATE + dpo * DPO_RATE) / 1e6, rel=1e-12, abs=0), key
+        # Together's own charge for both stages (their total_price), each at its rate: the fake's, not our table's
+        charged = sum(j["total_price"] for j in ran) / NANODOLLARS
+        fake_rate = MODELS[LLAMA_8B].lora_price
+        assert charged == pytest.approx((sft + dpo * DPO_PRICE_FACTOR) * fake_rate / 1e6)  # type: ignore[operator]
+        assert bills[key].cost_usd == pytest.approx(charged, rel=1e-12, abs=0), key
+        assert bills[key].price_source == PROVIDER_BILL
     both = [key for key, ran in stages.items() if len(ran) == 2]
     assert started.key in both and len(both) > 1  # re-attached and watched from the start, both priced so
     store.close()

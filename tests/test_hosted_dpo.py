@@ -21,9 +21,10 @@ import pytest
 from click.testing import CliRunner, Result
 
 from orchestrator.cli import cli as command
+from orchestrator.costs import PROVIDER_BILL
 from orchestrator.store import Store
 from tests.fake_openai import FakeOpenAI
-from tests.fake_together import LLAMA_8B, FakeTogether
+from tests.fake_together import DPO_PRICE_FACTOR, LLAMA_8B, MODELS, NANODOLLARS, FakeTogether
 
 MINI = "gpt-4.1-mini-2025-04-14"
 
@@ -86,6 +87,12 @@ def test_objective_dpo_on_together_makes_dpo_jobs_on_the_pairs_it_counts(tmp_pat
     assert {j.status for j in store.get_jobs("r") if j.status != "skipped"} == {"succeeded"}
     trained = [u for u in store.get_usage("r") if u.billing == "training" and not u.estimated]
     assert sum(u.trained_tokens for u in trained) == fake_together.usage[LLAMA_8B]["trained_tokens"] > 0
+    # the bill is Together's own price of each job (its total_price, at its DPO rate), not our table's SFT rate
+    charged = sum(job["total_price"] for job in jobs) / NANODOLLARS
+    table_rate = sum(u.trained_tokens for u in trained) * MODELS[LLAMA_8B].lora_price / 1e6  # type: ignore[operator]
+    assert sum(u.cost_usd for u in trained) == pytest.approx(charged)
+    assert charged == pytest.approx(DPO_PRICE_FACTOR * table_rate)
+    assert {u.price_source for u in trained} == {PROVIDER_BILL}
     store.close()
 
 

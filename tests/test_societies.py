@@ -23,7 +23,7 @@ def test_every_baseline_has_a_way_to_train_it() -> None:
 
 def test_baselines_follow_the_papers_table_order() -> None:
     assert PAPER_BASELINES == ("star", "majority-ft", "single-ft", "no-summary", "no-critic")
-    assert BASELINES == (*PAPER_BASELINES, "maft-sft", "maft-dpo", "maft-sft-dpo")
+    assert BASELINES[:5] == PAPER_BASELINES and BASELINES[5:] == ("maft-sft", "maft-dpo", "maft-sft-dpo")
     assert SOCIETY_ORDER == ("base", "star", "majority-ft", "single-ft", MAFT, "no-summary", "no-critic", "maft-sft",
                              "maft-dpo", "maft-sft-dpo", "distill", "soup")
     assert parse_baselines("all") == PAPER_BASELINES

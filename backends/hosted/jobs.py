@@ -174,6 +174,9 @@ class HostedJobs(ABC, Generic[ClientT, SettingsT]):
         reused = bool(plan.get("sft_reused"))
         counts = [t for t in (None if reused else first.trained_tokens, second.trained_tokens) if t is not None]
         trained = sum(counts) if counts else None
+        # the provider's bill of both stages, only when it gave one for each it charges this attempt for
+        bills = [second.billed_usd] if reused else [first.billed_usd, second.billed_usd]
+        billed = None if any(b is None for b in bills) else sum(b for b in bills if b is not None)
         note = []
         if (self.state.get(f"then-dpo-noted:{job.key}") or {}).get("job_id") != ref.provider_job_id:
             done = (f"SFT stage: {first.model_id} of job {job.provider_job_id}, trained by an earlier attempt (not "
@@ -182,7 +185,7 @@ class HostedJobs(ABC, Generic[ClientT, SettingsT]):
             self.state.put(f"then-dpo-noted:{job.key}", {"job_id": ref.provider_job_id})
         return second.model_copy(update={
             "events": [*first.events, *note, *second.events], "trained_tokens": trained,
-            "dpo_tokens": None if trained is None else second.trained_tokens or 0,
+            "dpo_tokens": None if trained is None else second.trained_tokens or 0, "billed_usd": billed,
             "error": None if second.error is None else f"DPO stage (job {ref.provider_job_id}): {second.error}"})
 
     def cancel(self, job: JobRef) -> None:
