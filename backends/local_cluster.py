@@ -193,9 +193,23 @@ class RayLocalBackend(LocalBackend):
                     for sig, handler in handlers.items():
                         signal.signal(sig, handler)
                 self._started_ray = True
+            try:
+                self._check_resources(ray.cluster_resources())
+            except UserError:
+                if self._started_ray:
+                    ray.shutdown()
+                    self._started_ray = False
+                raise
             self._remote = ray.remote(max_retries=0)(train_on_worker)  # a died worker is a failed job, not a rerun
             self._ray = ray
             return ray
+
+    def _check_resources(self, resources: dict[str, float]) -> None:
+        """A task that asks for more than the whole cluster has waits forever, silently: refuse it now."""
+        for name, key, wanted in (("CPUs", "CPU", self.cluster.cpus_per_job), ("GPUs", "GPU", self._gpus())):
+            if wanted > resources.get(key, 0):
+                raise UserError(f"[cluster] asks {wanted:g} {name} per job but the Ray cluster has "
+                                f"{resources.get(key, 0):g}: lower {key.lower()}s_per_job, or add nodes that have them")
 
     def _worker(self) -> WorkerSetup:
         gpus = self._gpus()

@@ -34,6 +34,7 @@ from backends.cluster_settings import ClusterConfig  # noqa: E402
 from backends.local import LocalBackend, _new_record, _write_job  # noqa: E402
 from backends.local_cluster import RAY_MISSING, RayLocalBackend  # noqa: E402
 from foundation import crashpoints  # noqa: E402
+from foundation.errors import UserError  # noqa: E402
 from tests.test_crash import RUN, Snapshot, build_answering_model, local_settings, write_config  # noqa: E402
 from tests.tiny_model import build_tiny_model  # noqa: E402
 
@@ -113,7 +114,7 @@ def record(backend: LocalBackend, spec: FinetuneSpec) -> dict:
 
 
 def test_jobs_train_side_by_side_and_equal_the_in_process_ones(cluster: None, tiny: Path, tmp_path: Path) -> None:
-    jobs = specs(tmp_path / "data", 3)
+    jobs = specs(tmp_path / "data", 2)
     here = LocalBackend(str(tiny), workdir=tmp_path / "here", device="cpu", show_progress=False)
     expected = []
     for spec in jobs:
@@ -127,7 +128,7 @@ def test_jobs_train_side_by_side_and_equal_the_in_process_ones(cluster: None, ti
     states = wait_all(backend, started)
     backend.close()
 
-    assert [s.status for s in states] == ["succeeded"] * 3, [s.error for s in states]
+    assert [s.status for s in states] == ["succeeded"] * 2, [s.error for s in states]
     for spec, mine, theirs in zip(jobs, states, expected, strict=True):
         assert mine.train_loss == theirs.train_loss and mine.trained_tokens == theirs.trained_tokens
         assert mine.model_id == str(backend.adapter_path(spec.key))
@@ -183,6 +184,17 @@ def test_a_dead_drivers_jobs_are_submitted_again_and_finished_ones_never(cluster
     assert not list(workdir.glob("adapters/.*.partial"))
 
 
+def test_a_job_larger_than_the_cluster_is_refused_before_it_waits_forever(cluster: None, tiny: Path,
+                                                                        tmp_path: Path) -> None:
+    backend = on_ray(tiny, tmp_path / "w", CLUSTER.model_copy(update={"gpus_per_job": 3}))
+    (spec,) = specs(tmp_path / "data", 1)
+    with pytest.raises(UserError, match=r"asks 3 GPUs per job but the Ray cluster has 2"):
+        backend.start_finetune(spec)
+    backend.close()
+    assert ray.is_initialized()  # the module's cluster, not this backend's to stop
+    assert not backend.staging_path(spec.key).exists()
+
+
 def test_data_files_off_the_storage_are_copied_onto_it(cluster: None, tiny: Path, tmp_path: Path) -> None:
     storage = tmp_path / "shared"
     backend = on_ray(tiny, tmp_path / "maft-runs" / "r", CLUSTER.model_copy(update={"storage": storage}))
@@ -225,8 +237,8 @@ def _kill_group(pgid: int) -> None:
 
 
 def cluster_settings(model: Path) -> dict:
-    return {**local_settings(model, iterations=1), "cluster": {"address": "local", "num_cpus": 2, "num_gpus": 2,
-                                                                "gpus_per_job": 1}}
+    cluster = {"address": "local", "num_cpus": 2, "num_gpus": 2, "gpus_per_job": 1}
+    return {**local_settings(model, iterations=1, agents=2), "cluster": cluster}
 
 
 def finished_adapters(workdir: Path) -> dict[str, bytes]:
@@ -264,7 +276,7 @@ def answering(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_a_driver_killed_mid_iteration_resumes_without_training_a_job_twice(answering: Path,
                                                                             tmp_path: Path) -> None:
     reference = tmp_path / "in-process"
-    write_config(reference, local_settings(answering, iterations=1))
+    write_config(reference, local_settings(answering, iterations=1, agents=2))
     proc = run_cli(reference)
     assert proc.returncode == 0, proc.stderr[-3000:]
 
