@@ -139,6 +139,9 @@ class RayLocalBackend(LocalBackend):
             running = job.key in self._tasks
         # no record while a task of ours runs: between the worker's fresh staging dir and its first record
         state = JobState(status="queued") if not self._job_record(job.key) and running else super().poll(job)
+        if running and state.status == "succeeded" and not self._succeeded(job.key):
+            # recorded in its staging dir, not yet renamed into place: its model id would name nothing yet
+            state = state.model_copy(update={"status": "running", "model_id": None})
         if note is not None and note not in state.events:  # the worker's fresh job.json may not hold it
             state.events.insert(0, note)
         return state

@@ -32,7 +32,7 @@ import ray  # noqa: E402
 from backends.base import TERMINAL_STATUSES, FinetuneSpec, JobEvent, JobRef, JobState, TrainingParams  # noqa: E402
 from backends.cluster_settings import ClusterConfig  # noqa: E402
 from backends.local import LocalBackend, _new_record, _write_job  # noqa: E402
-from backends.local_cluster import RAY_MISSING, RayLocalBackend  # noqa: E402
+from backends.local_cluster import RAY_MISSING, RayLocalBackend, _Task  # noqa: E402
 from foundation import crashpoints  # noqa: E402
 from foundation.errors import UserError  # noqa: E402
 from tests.test_crash import RUN, Snapshot, build_answering_model, local_settings, write_config  # noqa: E402
@@ -104,6 +104,10 @@ def wait_all(backend: LocalBackend, refs: list[JobRef], limit: float = 300) -> l
                     for s, e in zip(states, seen, strict=True)]
         time.sleep(0.1)
     raise AssertionError(f"jobs did not end: {[s.status for s in states]}")
+
+
+def sleep(seconds: float) -> None:
+    time.sleep(seconds)
 
 
 def record(backend: LocalBackend, spec: FinetuneSpec) -> dict:
@@ -182,6 +186,28 @@ def test_a_dead_drivers_jobs_are_submitted_again_and_finished_ones_never(cluster
     assert not any(e.message.startswith("submitted again") for s in (states[0], states[2]) for e in s.events)
     assert record(second, saved)["pid"] == os.getpid()  # renamed into place, not trained on a worker
     assert not list(workdir.glob("adapters/.*.partial"))
+
+
+def test_a_job_recorded_but_not_yet_renamed_into_place_is_still_running(cluster: None, tiny: Path,
+                                                                        tmp_path: Path) -> None:
+    """The worker records success in its staging dir, then renames it: a poll in between must not hand out a model
+    id that names no folder yet. Once no task of ours runs for it, the driver finishes the rename itself."""
+    (spec,) = specs(tmp_path / "data", 1)
+    here = LocalBackend(str(tiny), workdir=tmp_path / "here", device="cpu", show_progress=False)
+    here.start_finetune(spec)
+    here.close()
+    backend = on_ray(tiny, tmp_path / "w")
+    backend.staging_path(spec.key).parent.mkdir(parents=True)
+    os.replace(here.adapter_path(spec.key), backend.staging_path(spec.key))  # as the worker leaves it, renaming
+    backend.check_server(finetuning=True)
+    backend._tasks[spec.key] = _Task(ref=ray.remote(num_cpus=0)(sleep).remote(60), spec=spec)  # its task runs
+    state = backend.poll(ref(spec))
+    assert (state.status, state.model_id) == ("running", None)
+    backend.cancel(ref(spec))  # the task is gone; the record it wrote stays as it was
+    state = backend.poll(ref(spec))
+    backend.close()
+    assert state.status == "succeeded" and Path(str(state.model_id)) == backend.adapter_path(spec.key)
+    assert (backend.adapter_path(spec.key) / "adapter_model.safetensors").is_file()
 
 
 def test_a_job_larger_than_the_cluster_is_refused_before_it_waits_forever(cluster: None, tiny: Path,
