@@ -31,3 +31,9 @@ def test_local_generation_bench_runs() -> None:
     out = bench("local_generation.py", "--workload", "short", "--prompts", "3", "--max-tokens", "8",
                 "--naive-prompts", "3", "--accuracy-problems", "3", "--no-bf16")
     assert "naive and batched texts equal: 3/3" in out and "speed-up:" in out
+
+
+def test_cluster_finetune_bench_runs() -> None:
+    pytest.importorskip("ray", reason="needs the [cluster] extra: scripts/setup --dev installs it")
+    out = bench("cluster_finetune.py", "--smoke")
+    assert out.count("  alone bench/") == 4 and "4 at once on K = 2" in out and "wall / (sum / K) = " in out
