@@ -18,7 +18,8 @@ _REMOTE = re.compile(r"^(ray://)?[A-Za-z0-9][A-Za-z0-9.-]*:[0-9]{1,5}$")
 
 
 class ClusterConfig(BaseModel):
-    """Ray settings for the local backend's finetunes. With no address, jobs train in this process as before."""
+    """Ray settings for the local backend's finetunes (and, with `generation_workers`, its generation). With no
+    address, everything runs in this process as before."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -34,6 +35,9 @@ class ClusterConfig(BaseModel):
     # for "local" only: the resources of the cluster it starts (None: Ray counts this machine's)
     num_cpus: int | None = Field(None, ge=1)
     num_gpus: int | None = Field(None, ge=0)
+    # 0: debates and evaluations generate in this process; K >= 1: on K Ray actors, each asking a job's CPUs and
+    # GPUs and holding its own copy of the model (`backends.local_cluster_chat`)
+    generation_workers: int = Field(0, ge=0, le=1024)
 
     @field_validator("address")
     @classmethod

@@ -24,15 +24,26 @@ import shutil
 import signal
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
-from backends.base import TERMINAL_STATUSES, FinetuneSpec, JobEvent, JobRef, JobState
+from backends.base import (
+    TERMINAL_STATUSES,
+    ChatRequest,
+    ChatResult,
+    FinetuneSpec,
+    JobEvent,
+    JobRef,
+    JobState,
+    ResultCallback,
+)
 from backends.cluster_settings import ClusterConfig
 from backends.local import LocalBackend, _append_event, _new_record, _read_job, _write_job, provider_job_id
+from backends.local_cluster_chat import ChatWorkers, ChatWorkerSetup
 from backends.local_model import resolve_device
 from backends.local_settings import LocalConfig
 from backends.settings import BackendSetup
@@ -85,7 +96,8 @@ class _Task(BaseModel):
 
 
 class RayLocalBackend(LocalBackend):
-    """`LocalBackend` whose `start_finetune` submits a Ray task and returns at once; chat and scoring stay here.
+    """`LocalBackend` whose `start_finetune` submits a Ray task and returns at once; chat too runs on Ray actors
+    when `[cluster] generation_workers` asks for them (`local_cluster_chat`), scoring stays here.
 
     No job limit (`describe().max_concurrent_jobs` is None): all 2N are submitted and Ray queues what does not fit
     the cluster's CPUs and GPUs. `poll` is called from the job poller's threads, hence the lock."""
@@ -116,14 +128,31 @@ class RayLocalBackend(LocalBackend):
         self._started_ray = False  # whether this process started the Ray it uses (so it also shuts it down)
         self._remote: Any = None
         self._tasks: dict[str, _Task] = {}  # key -> the task this driver submitted for it, until it ended
+        self._generation: ChatWorkers | None = None  # the generation actors' driver side, once a chat needs them
         self._lock = threading.RLock()
 
     # -- Backend protocol -----------------------------------------------------------------------------------
 
     def check_server(self, *, finetuning: bool) -> None:
         """ChecksServer: reach the cluster (or start the local one) before the run spends anything."""
-        if finetuning:
+        if finetuning or self.cluster.generation_workers:
             self._connect()
+
+    def chat(self, requests: Sequence[ChatRequest], on_result: ResultCallback | None = None) -> list[ChatResult]:
+        """On the generation actors when `[cluster] generation_workers` asks for them (started on the first call,
+        kept until a finetune needs their CPUs and GPUs or the backend closes), else in this process."""
+        if not self.cluster.generation_workers:
+            return super().chat(requests, on_result)
+        ray = self._connect()
+        with self._lock:
+            if self._generation is None:
+                setup = self._worker()
+                self._generation = ChatWorkers(
+                    ray, ChatWorkerSetup(model=setup.model, workdir=setup.workdir, device=setup.device,
+                                         dtype=setup.dtype, batch_size=self.batch_size, threads=setup.threads),
+                    workers=self.cluster.generation_workers, cpus=self.cluster.cpus_per_job, gpus=self._gpus())
+            generation = self._generation
+        return generation.chat(requests, on_result)
 
     def start_finetune(self, spec: FinetuneSpec) -> JobRef:
         """Submit the job unless its key already succeeded or is running as a task of this driver."""
@@ -154,10 +183,12 @@ class RayLocalBackend(LocalBackend):
         super().cancel(job)
 
     def close(self) -> None:
-        """Stop this driver's tasks (a resumed run submits them again) and the Ray this process started."""
+        """Stop this driver's tasks (a resumed run submits them again), its generation actors, and the Ray this
+        process started."""
         with self._lock:
             tasks, self._tasks = list(self._tasks.values()), {}
             ray = self._ray
+            self._stop_generation()
             if ray is not None:
                 for task in tasks:
                     ray.cancel(task.ref, force=True)
@@ -207,6 +238,12 @@ class RayLocalBackend(LocalBackend):
             self._ray = ray
             return ray
 
+    def _stop_generation(self) -> None:
+        with self._lock:
+            generation, self._generation = self._generation, None
+        if generation is not None:
+            generation.close()
+
     def _check_resources(self, resources: dict[str, float]) -> None:
         """A task that asks for more than the whole cluster has waits forever, silently: refuse it now."""
         for name, key, wanted in (("CPUs", "CPU", self.cluster.cpus_per_job), ("GPUs", "GPU", self._gpus())):
@@ -226,8 +263,11 @@ class RayLocalBackend(LocalBackend):
 
     def _submit(self, spec: FinetuneSpec, message: str, level: str = "info") -> JobEvent:
         """Record the job as queued in its staging dir (so a later driver can submit it again from its spec), then
-        hand it to Ray; the event it recorded. The worker's `_run_job` starts that dir afresh."""
+        hand it to Ray; the event it recorded. The worker's `_run_job` starts that dir afresh. The generation
+        actors go first: their CPUs and GPUs are the jobs' now (kept, they could leave a job waiting forever), and
+        the society they held changes with these jobs anyway."""
         self._connect()
+        self._stop_generation()
         spec = self._shared_inputs(spec)
         staging = self.staging_path(spec.key)
         staging.mkdir(parents=True, exist_ok=True)
