@@ -245,11 +245,18 @@ class RayLocalBackend(LocalBackend):
             generation.close()
 
     def _check_resources(self, resources: dict[str, float]) -> None:
-        """A task that asks for more than the whole cluster has waits forever, silently: refuse it now."""
+        """A task that asks for more than the whole cluster has waits forever, silently: refuse it now; so is the
+        last of K generation actors that together ask more."""
+        workers = self.cluster.generation_workers
         for name, key, wanted in (("CPUs", "CPU", self.cluster.cpus_per_job), ("GPUs", "GPU", self._gpus())):
-            if wanted > resources.get(key, 0):
+            have = resources.get(key, 0)
+            if wanted > have:
                 raise UserError(f"[cluster] asks {wanted:g} {name} per job but the Ray cluster has "
-                                f"{resources.get(key, 0):g}: lower {key.lower()}s_per_job, or add nodes that have them")
+                                f"{have:g}: lower {key.lower()}s_per_job, or add nodes that have them")
+            if workers * wanted > have:
+                raise UserError(f"[cluster] generation_workers = {workers} ask {workers * wanted:g} {name} "
+                                f"({wanted:g} each, as a job) but the Ray cluster has {have:g}: lower "
+                                f"generation_workers or {key.lower()}s_per_job, or add nodes")
 
     def _worker(self) -> WorkerSetup:
         gpus = self._gpus()

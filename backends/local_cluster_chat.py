@@ -205,15 +205,8 @@ class ChatWorkers:
     # -- inside ---------------------------------------------------------------------------------------------
 
     def _start(self) -> list[Any]:
-        """K actors, each asking a job's CPUs and GPUs; refused at once when K of them cannot fit the cluster
-        (the last would wait forever, silently), and waited for, so one that cannot start fails here."""
-        resources = self._ray.cluster_resources()
-        for name, key, each in (("CPUs", "CPU", self._cpus), ("GPUs", "GPU", self._gpus)):
-            have = resources.get(key, 0)
-            if each and self._workers * each > have:
-                raise UserError(f"[cluster] generation_workers = {self._workers} ask {self._workers * each:g} "
-                                f"{name} ({each:g} each) but the Ray cluster has {have:g}: lower generation_workers "
-                                f"or {key.lower()}s_per_job, or add nodes")
+        """K actors, each asking a job's CPUs and GPUs (that K fit the cluster is checked when it is joined), waited
+        for, so one that cannot start fails here."""
         remote = self._ray.remote(max_restarts=0, max_task_retries=0)(ChatWorker)
         actors = [remote.options(num_cpus=self._cpus, num_gpus=self._gpus).remote(n, self._setup)
                   for n in range(self._workers)]

@@ -30,12 +30,12 @@ from backends.local_cluster import RayLocalBackend  # noqa: E402
 from backends.local_cluster_chat import ChatWorkers, shard  # noqa: E402
 from foundation.errors import RunStopped  # noqa: E402
 from tests.test_cluster import cluster_settings, run_cli, same_results, specs, wait_all  # noqa: E402
-from tests.test_crash import Snapshot, build_answering_model, local_settings, write_config  # noqa: E402
+from tests.test_crash import Snapshot, local_settings, write_config  # noqa: E402
 from tests.tiny_model import build_random_adapter, build_tiny_model  # noqa: E402
 
 CLUSTER = ClusterConfig(address="local", gpus_per_job=1, generation_workers=2)  # joins the module's cluster
-PROMPTS = ("Hi", "What is 17+25?", "abc", "What is the result of 3+4*5+6-7*8? State your answer at the end.",
-           "Here are a list of opinions from different agents: one agent response: 7.", "0123456789 + - * / = ( )")
+PROMPTS = ("Hi", "What is 17+25?", "What is the result of 3+4*5+6-7*8? State your answer at the end.",
+           "0123456789 + - * / = ( )")
 
 
 @pytest.fixture(scope="module")
@@ -79,14 +79,15 @@ def requests(models: list[str], prefix: str = "q") -> list[ChatRequest]:
 def expected(tiny: Path, models: list[str], tmp_path_factory: pytest.TempPathFactory) -> dict[str, ChatResult]:
     """What the in-process backend answers, by key."""
     here = LocalBackend(str(tiny), workdir=tmp_path_factory.mktemp("here"), device="cpu", dtype="float32",
-                        batch_size=3, show_progress=False)
+                        batch_size=16, show_progress=False)
     try:
         return {r.key: r for r in here.chat(requests(models))}
     finally:
         here.close()
 
 
-def on_ray(model: Path, workdir: Path, config: ClusterConfig = CLUSTER, batch_size: int = 4) -> RayLocalBackend:
+def on_ray(model: Path, workdir: Path, config: ClusterConfig = CLUSTER, batch_size: int = 5) -> RayLocalBackend:
+    """Another batch size than the in-process reference's: in float32 a row's answer does not depend on it."""
     backend = RayLocalBackend(str(model), workdir=workdir, device="cpu", dtype="float32", batch_size=batch_size,
                               show_progress=False)
     backend.attach(config)
@@ -124,21 +125,25 @@ def test_shards_balance_the_work_and_keep_identical_conversations_together() -> 
 # -- the backend against the module's cluster ----------------------------------------------------------------------
 
 
+@pytest.fixture(scope="module")
+def sharded(cluster: None, tiny: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RayLocalBackend]:
+    """One backend on two actors for the tests that follow in turn: its actors start once for all of them."""
+    backend = on_ray(tiny, tmp_path_factory.mktemp("sharded"))
+    yield backend
+    backend.close()
+
+
 def test_sharded_chat_equals_in_process_and_streams_into_the_calling_thread(
-    cluster: None, tiny: Path, models: list[str], expected: dict[str, ChatResult], tmp_path: Path
+    sharded: RayLocalBackend, models: list[str], expected: dict[str, ChatResult]
 ) -> None:
-    backend = on_ray(tiny, tmp_path / "w")
     asked = requests(models)
     seen: list[tuple[str, int]] = []
-    try:
-        got = backend.chat(asked, on_result=lambda r: seen.append((r.key, threading.get_ident())))
-        first = [id(a) for a in workers_of(backend).actors]
-        before = stats(backend)
-        again = backend.chat(asked[::-1])  # the same actors, the society already loaded
-        after = stats(backend)
-        assert [id(a) for a in workers_of(backend).actors] == first
-    finally:
-        backend.close()
+    got = sharded.chat(asked, on_result=lambda r: seen.append((r.key, threading.get_ident())))
+    first = [id(a) for a in workers_of(sharded).actors]
+    before = stats(sharded)
+    again = sharded.chat(asked[::-1])  # the same actors, the society already loaded
+    after = stats(sharded)
+    assert [id(a) for a in workers_of(sharded).actors] == first
 
     assert [r.key for r in got] == [r.key for r in asked]  # request order
     assert [r.model_dump() for r in got] == [expected[r.key].model_dump() for r in asked]
@@ -154,73 +159,78 @@ def test_sharded_chat_equals_in_process_and_streams_into_the_calling_thread(
     assert all(s["adapters"] == loaded for s in after), after  # each adapter once per actor
 
 
-def test_a_finetune_takes_the_actors_resources_and_the_next_chat_uses_its_adapter(
-    cluster: None, tiny: Path, models: list[str], expected: dict[str, ChatResult], tmp_path: Path
+def test_a_lost_actor_stops_the_call_naming_it_and_the_next_call_starts_afresh(
+    sharded: RayLocalBackend, models: list[str], expected: dict[str, ChatResult]
 ) -> None:
-    """Two actors hold the cluster's 2 CPUs: a job could never start beside them, so submitting one stops them."""
-    backend = on_ray(tiny, tmp_path / "w")
-    try:
-        backend.chat(requests(models)[:3])
-        old = {s["pid"] for s in stats(backend)}
-        (spec,) = specs(tmp_path / "data", 1)
-        (state,) = wait_all(backend, [backend.start_finetune(spec)])
-        assert backend._generation is None
-        assert state.status == "succeeded" and state.model_id is not None
-        trained = [r.model_copy(update={"model": state.model_id, "key": f"t{i}"}) for i, r in
-                   enumerate(requests(models)[:6])]
-        got = backend.chat(trained)
-        new = {s["pid"] for s in stats(backend)}
-    finally:
-        backend.close()
-    here = LocalBackend(str(tiny), workdir=tmp_path / "here", device="cpu", dtype="float32", show_progress=False)
+    asked = requests(models)
+    seen: list[ChatResult] = []
+    sharded.chat(asked[:2])  # the actors are up (started by the test before, or now)
+    old = {s["pid"] for s in stats(sharded)}
+    ray.kill(workers_of(sharded).actors[0])
+    with pytest.raises(RunStopped, match=r"generation worker 1 of 2 \(a Ray actor\) died.*generation_workers"):
+        sharded.chat(asked, on_result=seen.append)
+    assert workers_of(sharded)._actors == []  # the other one killed too: its shard was decoding for nobody
+    got = sharded.chat(asked)
+    assert not old & {s["pid"] for s in stats(sharded)}
+    assert all(r.model_dump() == expected[r.key].model_dump() for r in seen)  # what arrived before is right
+    assert [r.model_dump() for r in got] == [expected[r.key].model_dump() for r in asked]
+
+
+def test_a_finetune_takes_the_actors_resources_and_the_next_chat_uses_its_adapter(
+    sharded: RayLocalBackend, tiny: Path, models: list[str], tmp_path: Path
+) -> None:
+    """The two actors hold the cluster's 2 CPUs: a job could never start beside them, so submitting one stops
+    them, and the next call starts fresh ones, which load the adapter the job wrote on the storage."""
+    sharded.chat(requests(models)[:2])
+    old = {s["pid"] for s in stats(sharded)}
+    (spec,) = specs(tmp_path / "data", 1)
+    (state,) = wait_all(sharded, [sharded.start_finetune(spec)])
+    assert sharded._generation is None
+    assert state.status == "succeeded" and state.model_id is not None
+    trained = [r.model_copy(update={"model": state.model_id, "key": f"t{i}"}) for i, r in
+               enumerate(requests(models)[:6])]
+    got = sharded.chat(trained)
+    assert not old & {s["pid"] for s in stats(sharded)}
+    here = LocalBackend(str(tiny), workdir=tmp_path / "here", device="cpu", dtype="float32", batch_size=16,
+                        show_progress=False)
     try:
         reference = here.chat(trained)
     finally:
         here.close()
-    assert not old & new
     assert [r.model_dump() for r in got] == [r.model_dump() for r in reference]
-
-
-def test_a_lost_actor_stops_the_call_naming_it_and_the_next_call_starts_afresh(
-    cluster: None, tiny: Path, models: list[str], expected: dict[str, ChatResult], tmp_path: Path
-) -> None:
-    backend = on_ray(tiny, tmp_path / "w")
-    asked = requests(models)
-    seen: list[ChatResult] = []
-    try:
-        backend.chat(asked[:2])
-        doomed = workers_of(backend).actors[0]
-        ray.kill(doomed)
-        with pytest.raises(RunStopped, match=r"generation worker 1 of 2 \(a Ray actor\) died.*generation_workers"):
-            backend.chat(asked, on_result=seen.append)
-        assert backend._generation is not None and workers_of(backend)._actors == []  # the other one killed too
-        got = backend.chat(asked)
-    finally:
-        backend.close()
-    assert all(r.model_dump() == expected[r.key].model_dump() for r in seen)  # what arrived before is right
-    assert [r.model_dump() for r in got] == [expected[r.key].model_dump() for r in asked]
+    assert any(r.text != b.text for r, b in zip(got, sharded.chat(requests(models)[:6]), strict=True))
 
 
 # -- the real command ----------------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def answering(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_answering_model(tmp_path_factory.mktemp("answering") / "model")
-
-
-def test_a_run_generating_on_two_actors_stores_what_an_in_process_run_stores(answering: Path,
-                                                                           tmp_path: Path) -> None:
+def test_a_run_generating_on_two_actors_stores_what_an_in_process_run_stores(tiny: Path, tmp_path: Path) -> None:
+    """The tiny random model answers nothing the task can parse, so no job has data and the run does not finetune:
+    its debates and evaluations are all generation, on the same two actors throughout (the test before covers a
+    finetune between them)."""
     reference = tmp_path / "in-process"
-    write_config(reference, local_settings(answering, iterations=1, agents=2))
+    write_config(reference, local_settings(tiny, iterations=1, agents=2))
     proc = run_cli(reference)
     assert proc.returncode == 0, proc.stderr[-3000:]
 
     sharded = tmp_path / "sharded"
-    settings = cluster_settings(answering)
+    settings = cluster_settings(tiny)
     write_config(sharded, {**settings, "cluster": {**settings["cluster"], "generation_workers": 2}})
     proc = run_cli(sharded)
     assert proc.returncode == 0, proc.stderr[-3000:]
     mine, theirs = Snapshot.read(sharded), Snapshot.read(reference)
-    assert mine.responses and mine.responses == theirs.responses
+    assert len(mine.responses) > 20 and mine.responses == theirs.responses
     assert same_results(mine, theirs) == []
+
+
+def test_more_generation_workers_than_the_cluster_holds_is_one_line_before_the_run_starts(tiny: Path,
+                                                                                        tmp_path: Path) -> None:
+    """Three actors of 1 CPU on a 2-CPU cluster: the third would wait forever, so the command refuses at once."""
+    settings = cluster_settings(tiny)
+    write_config(tmp_path, {**settings, "cluster": {**settings["cluster"], "generation_workers": 3}})
+    proc = run_cli(tmp_path)
+    # Ray's own start-up warnings (token authentication) may come first: ours is the one line after them
+    lines = [line for line in proc.stderr.strip().splitlines() if " WARNING " not in line]
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr[-3000:]
+    assert "generation_workers = 3 ask 3 CPUs" in lines[0] and "the Ray cluster has 2" in lines[0], lines
+    assert not (tmp_path / "maft-runs").exists()
