@@ -28,7 +28,7 @@ from backends.cluster_settings import ClusterConfig  # noqa: E402
 from backends.local import LocalBackend  # noqa: E402
 from backends.local_cluster import RayLocalBackend  # noqa: E402
 from backends.local_cluster_chat import ChatWorkers, shard  # noqa: E402
-from foundation.errors import RunStopped  # noqa: E402
+from foundation.errors import RunStopped, UserError  # noqa: E402
 from tests.test_cluster import cluster_settings, run_cli, same_results, specs, wait_all  # noqa: E402
 from tests.test_crash import Snapshot, local_settings, write_config  # noqa: E402
 from tests.tiny_model import build_random_adapter, build_tiny_model  # noqa: E402
@@ -174,6 +174,16 @@ def test_a_lost_actor_stops_the_call_naming_it_and_the_next_call_starts_afresh(
     assert not old & {s["pid"] for s in stats(sharded)}
     assert all(r.model_dump() == expected[r.key].model_dump() for r in seen)  # what arrived before is right
     assert [r.model_dump() for r in got] == [expected[r.key].model_dump() for r in asked]
+
+
+def test_a_request_the_model_cannot_take_is_the_users_error_as_in_process(
+    sharded: RayLocalBackend, models: list[str]
+) -> None:
+    """Raised in an actor, it reaches the driver as the same one-line UserError, not as Ray's wrapped traceback."""
+    long = ChatRequest(key="too-long", messages=(ChatMessage(role="user", content="7 " * 1200),), max_tokens=4)
+    with pytest.raises(UserError, match=r"request 'too-long' has a \d+-token prompt, beyond the model's 1024") as info:
+        sharded.chat([*requests(models)[:4], long])
+    assert type(info.value) is UserError and "Traceback" not in str(info.value)
 
 
 def test_a_finetune_takes_the_actors_resources_and_the_next_chat_uses_its_adapter(
