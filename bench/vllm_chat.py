@@ -29,6 +29,9 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=96)
     parser.add_argument("--dtype", default="bfloat16", help="vLLM's --dtype (the local engine runs float32 on CPU)")
     parser.add_argument("--skip-local", action="store_true")
+    parser.add_argument("--server-arg", action="append", default=[], metavar="FLAG",
+                        help="a further `vllm serve` flag ([vllm] server_args), e.g. "
+                             "--server-arg=--no-enable-chunked-prefill")
     args = parser.parse_args()
 
     from backends.base import MemoryState, TrainingParams
@@ -52,7 +55,7 @@ def main() -> None:
         rows.append(timing)
         local.close()
     settings = VLLMConfig(max_loras=max(4, args.agents), max_lora_rank=8, dtype=args.dtype, max_model_len=2048,
-                          concurrency=256)
+                          concurrency=256, server_args=args.server_arg)
     backend = VLLMBackend(DEFAULT_MODEL, settings, MemoryState(), workdir=work, show_progress=True,
                           training=TrainingParams(lora_rank=8))
     try:

