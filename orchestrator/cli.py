@@ -305,7 +305,7 @@ def _run_locked(store: Store, config: RunConfig, request: RunRequest, stop: Grac
                         f"then `{resume_cmd}`") from None
     finally:
         backend_obj.close()
-    data = report_data(store, run_row)
+    data = report_data(store, run_row, flips=False)
     console.print(datasets_table(data["datasets"]))
     console.print(accuracy_table(data["evaluations"], f"held-out accuracy · {config.task} · run {run_id}"))
     if len({(e["society"], e["task"]) for e in data["evaluations"]}) > 2:

@@ -231,6 +231,12 @@ def _training_share(rows: list[UsageRow], baseline: str, iteration: int) -> floa
     return sum(r.trained_tokens for r in mine if kept(r)) / total if total else 0.0
 
 
+def _calls_per_problem(config: RunConfig) -> int:
+    """A debate's requests per problem: N answers a round, and N summaries in each later round when summarizing."""
+    n, m = config.agents, config.rounds
+    return n * m + (n * (m - 1) if config.summarize else 0)
+
+
 def _baseline_lines(society: dict[tuple[str, int], EstimateLine], rows: list[UsageRow], config: RunConfig,
                     baseline: str) -> list[EstimateLine]:
     """A baseline's cost, scaled from the society's own lines (approximate, on the safe side).
@@ -239,8 +245,7 @@ def _baseline_lines(society: dict[tuple[str, int], EstimateLine], rows: list[Usa
     debate is the base society's, answered from the store for free, except STaR's (one answer and at most one
     rationalization per problem) and no-summary's critic rounds; later iterations debate with its own models.
     """
-    n, m = config.agents, config.rounds
-    per_problem = n * m + (n * (m - 1) if config.summarize else 0)
+    n, per_problem = config.agents, _calls_per_problem(config)
     later = {STAR: 2 / per_problem, MAJORITY_FT: n / per_problem}.get(baseline, 1.0)
     first = {STAR: 2 / per_problem, NO_SUMMARY: 1 - n / per_problem}.get(baseline, 0.0)
     lines = []
@@ -263,8 +268,7 @@ def _matched_lines(lines: list[EstimateLine], config: RunConfig) -> list[Estimat
     """The compute-matched majority vote: N (M - 1) more round-1 answers per held-out problem for each society's
     evaluation (a student's aside), a share of its evaluation line (a round-1 answer is about as long as a
     critic's), summed per iteration."""
-    n, m = config.agents, config.rounds
-    share = n * (m - 1) / (n * m + (n * (m - 1) if config.summarize else 0))
+    share = config.agents * (config.rounds - 1) / _calls_per_problem(config)
     students = tuple(f"{s} · " for s in STUDENTS)
     out: dict[int, EstimateLine] = {}
     for line in lines:

@@ -35,6 +35,7 @@ from backends.local import LocalBackend, _new_record, _write_job  # noqa: E402
 from backends.local_cluster import RAY_MISSING, RayLocalBackend, _Task  # noqa: E402
 from foundation import crashpoints  # noqa: E402
 from foundation.errors import UserError  # noqa: E402
+from tests.ray_cluster import start_test_cluster  # noqa: E402
 from tests.test_crash import RUN, Snapshot, build_answering_model, local_settings, write_config  # noqa: E402
 from tests.tiny_model import build_tiny_model  # noqa: E402
 
@@ -46,8 +47,7 @@ CLUSTER = ClusterConfig(address="local", gpus_per_job=1)  # the module's cluster
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[None]:
     """The module's Ray cluster, its two workers started (torch imported) before any test times a job."""
-    ray.init(num_cpus=2, num_gpus=2, object_store_memory=200 * 1024**2, include_dashboard=False,
-             log_to_driver=False, logging_level="WARNING")
+    start_test_cluster()
 
     @ray.remote(num_cpus=1)
     def warm() -> int:

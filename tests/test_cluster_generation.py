@@ -29,6 +29,7 @@ from backends.local import LocalBackend  # noqa: E402
 from backends.local_cluster import RayLocalBackend  # noqa: E402
 from backends.local_cluster_chat import ChatWorkers, shard  # noqa: E402
 from foundation.errors import RunStopped, UserError  # noqa: E402
+from tests.ray_cluster import start_test_cluster  # noqa: E402
 from tests.test_cluster import cluster_settings, run_cli, same_results, specs, wait_all  # noqa: E402
 from tests.test_crash import Snapshot, local_settings, write_config  # noqa: E402
 from tests.tiny_model import build_random_adapter, build_tiny_model  # noqa: E402
@@ -40,8 +41,7 @@ PROMPTS = ("Hi", "What is 17+25?", "What is the result of 3+4*5+6-7*8? State you
 
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[None]:
-    ray.init(num_cpus=2, num_gpus=2, object_store_memory=200 * 1024**2, include_dashboard=False,
-             log_to_driver=False, logging_level="WARNING")
+    start_test_cluster()
     try:
         yield
     finally:

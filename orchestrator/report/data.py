@@ -139,7 +139,9 @@ def flips_data(store: Store, run: RunRow) -> list[dict[str, Any]]:
     return sorted(rows, key=lambda f: (f["iteration"], f["society"] != BASE, f["society"]))
 
 
-def report_data(store: Store, run: RunRow) -> dict[str, Any]:
+def report_data(store: Store, run: RunRow, *, flips: bool = True) -> dict[str, Any]:
+    """Everything `report` shows; `flips=False` leaves out the flip rates (read and graded from every evaluation
+    debate's responses), for the summary at the end of `run`, which does not show them."""
     config = RunConfig.model_validate_json(run.config)
     return {
         "run": {"id": run.id, "status": run.status, "iterations_done": run.iterations_done},
@@ -153,5 +155,5 @@ def report_data(store: Store, run: RunRow) -> dict[str, Any]:
         ],
         "diversity": [d.model_dump(exclude={"run_id", "created_at"}) for d in store.get_diversity(run.id)],
         "debates": [t.model_dump() for t in store.truncation(run.id)],
-        "flips": flips_data(store, run),
+        "flips": flips_data(store, run) if flips else [],
     }
